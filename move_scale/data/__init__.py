@@ -1,0 +1,1 @@
+"""Shards: writing (`move-shard`), streaming, transforms and synthetic scenes."""

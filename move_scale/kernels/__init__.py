@@ -1,0 +1,1 @@
+"""Fused ops for the hot path, each beside its eager reference."""

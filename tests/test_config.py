@@ -1,0 +1,89 @@
+"""Config: YAML + dotted overrides into frozen dataclasses, with clear errors."""
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from move_scale.config import (
+    Config,
+    ConfigError,
+    config_from_dict,
+    dump_config,
+    flatten,
+    load_config,
+)
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.rglob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads_and_round_trips(path, tmp_path):
+    cfg = load_config(path)
+    out = tmp_path / "resolved.yaml"
+    dump_config(cfg, out)
+    assert load_config(out) == cfg
+
+
+def test_paper_config_holds_the_paper_values():
+    cfg = load_config(CONFIGS / "paper_duts.yaml")
+    assert cfg.objective.shift_range == 0.125
+    assert (cfg.objective.theta_min, cfg.objective.lambda_min) == (0.05, 100.0)
+    assert (cfg.objective.lambda_bin, cfg.objective.bin_ramp_steps) == (12.5, 2500)
+    assert cfg.optim.seg.betas == (0.9, 0.95) and cfg.optim.disc.betas == (0.0, 0.99)
+    assert cfg.optim.seg.lr == cfg.optim.disc.lr == 2e-4
+    assert (cfg.data.batch_size, cfg.train.epochs, cfg.data.image_size) == (32, 80, 224)
+    assert cfg.data.crop_scale == (0.9, 1.0)
+    assert cfg.model.segmenter.widths == (192, 128, 128, 128)
+    assert load_config(CONFIGS / "imagenet100.yaml").model.segmenter.convs_per_block == 2
+
+
+def test_dotted_overrides_apply_with_types():
+    cfg = load_config(CONFIGS / "debug.yaml", ["optim.seg.lr=1e-4", "data.batch_size=7",
+                                               "objective.real_inputs=[autoencoded]",
+                                               "train.precision=bf16"])
+    assert cfg.optim.seg.lr == pytest.approx(1e-4) and isinstance(cfg.optim.seg.lr, float)
+    assert cfg.data.batch_size == 7
+    assert cfg.objective.real_inputs == ("autoencoded",)
+    assert cfg.train.precision == "bf16"
+    # the file's other values survive
+    assert cfg.model.features.embed_dim == 32
+
+
+def test_config_is_frozen():
+    cfg = Config()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.seed = 3
+
+
+def test_unknown_key_names_it_and_suggests_the_nearest():
+    with pytest.raises(ConfigError, match=r"'optim\.seg\.lrr'.*did you mean 'optim\.seg\.lr'"):
+        load_config(None, ["optim.seg.lrr=1e-4"])
+    with pytest.raises(ConfigError, match=r"unknown config key 'objectiv'.*'objective'"):
+        config_from_dict({"objectiv": {}})
+
+
+def test_wrong_type_names_key_value_and_type():
+    with pytest.raises(ConfigError, match=r"data\.batch_size: expected an integer, got 'many'"):
+        load_config(None, ["data.batch_size=many"])
+    with pytest.raises(ConfigError, match=r"optim\.seg\.betas: expected 2 values"):
+        load_config(None, ["optim.seg.betas=[0.9]"])
+    with pytest.raises(ConfigError, match=r"objective\.min_loss: expected true or false"):
+        load_config(None, ["objective.min_loss=3"])
+
+
+def test_bad_override_and_missing_file_are_clear(tmp_path):
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(None, ["optim.seg.lr"])
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(bad)
+
+
+def test_flatten_gives_dotted_leaves():
+    flat = flatten(Config())
+    assert flat["optim.disc.weight_decay"] == 0.01
+    assert flat["model.features.layer"] == 10
+    assert all(not isinstance(v, dict) for v in flat.values())
