@@ -1,0 +1,319 @@
+"""Train MOVE: config → Accelerator → networks, optimizers, stream → alternating steps → checkpoints.
+
+    python -m move_scale.train --config configs/paper_duts.yaml data.train=shards/duts/manifest.json
+    accelerate launch --config_file launch/8gpu.yaml -m move_scale.train --config configs/imagenet100.yaml
+
+Everything is built here; `engine.py` does the steps. The trainable networks (segmenter head with
+its LayerNorm, discriminator heads) go through `accelerator.prepare` (DDP on several processes);
+the frozen networks are not wrapped, and the shard stream is not prepared either (each rank already
+reads its own shards and gets the same number of batches). The D phase calls the segmenter under
+no_grad and the segmenter phase calls D under `no_sync`, so DDP never waits for gradients that a
+phase does not produce. A run survives preemption: checkpoints every N steps, every M minutes, on
+SIGTERM and at the end; `train.resume=auto` continues bit-exactly into the same MLflow run.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import signal
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list, gather_object
+
+from move_scale.checkpoint import (
+    CheckpointPolicy,
+    capture_rng_state,
+    export_segmenter,
+    load_checkpoint,
+    load_latest_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
+from move_scale.config import Config, ConfigError, dump_config, flatten, load_config
+from move_scale.data.stream import build_train_loader
+from move_scale.engine import NonFiniteLossError, disc_step, effective_precision, make_adamw, seg_step
+from move_scale.gallery import save_mask_gallery
+from move_scale.objective import MoveObjective, build_objective
+from move_scale.progress import ProgressMeter, format_duration
+from move_scale.tracking import start_tracker
+
+log = logging.getLogger("move_scale.train")
+
+EXAMPLES = """\
+examples:
+  python -m move_scale.train --config configs/debug.yaml data.train=shards/demo/train/manifest.json
+  python -m move_scale.train --config configs/paper_duts.yaml optim.seg.lr=1e-4 train.resume=never
+  accelerate launch --config_file launch/1gpu.yaml -m move_scale.train --config configs/paper_duts.yaml
+
+Overrides are dotted keys of the config (see move_scale/config.py), e.g. data.batch_size=16,
+objective.shift_range=0.0625, objective.real_inputs=[autoencoded], tracking.uri=http://host:5000.
+"""
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m move_scale.train",
+        description="Train the MOVE segmenter (Bielski & Favaro 2022) on WebDataset shards. Runs on "
+                    "one process or under `accelerate launch` on many GPUs and nodes.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", required=True, help="experiment YAML (configs/*.yaml)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="dotted config overrides, applied after the file")
+    return parser.parse_args(argv)
+
+
+class TrainState:
+    """Counters that a checkpoint carries: batches done, steps of each phase, the data position."""
+
+    def __init__(self) -> None:
+        self.step = self.disc_steps = self.seg_steps = 0
+        self.epoch = self.batches_in_epoch = 0
+
+
+def _rank_generator(seed: int, rank: int) -> torch.Generator:
+    """Per-rank generator for shifts and DiffAugment (CPU, so runs replay on any device)."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + 7919 * rank + 1)
+
+
+def _build(cfg: Config, accelerator: Accelerator):
+    torch.manual_seed(cfg.seed)  # frozen networks with random weights are identical on every rank
+    objective = build_objective(cfg).to(accelerator.device)
+    opt_seg = make_adamw(objective.segmenter, lr=cfg.optim.seg.lr, betas=cfg.optim.seg.betas,
+                         weight_decay=cfg.optim.seg.weight_decay)
+    opt_disc = make_adamw(objective.discriminator, lr=cfg.optim.disc.lr, betas=cfg.optim.disc.betas,
+                          weight_decay=cfg.optim.disc.weight_decay)
+    return objective, opt_seg, opt_disc
+
+
+def _resume(cfg: Config, objective: MoveObjective, opt_seg, opt_disc, state: TrainState,
+            generator: torch.Generator, accelerator: Accelerator) -> str | None:
+    """Load the checkpoint `train.resume` points at into unwrapped modules; returns its MLflow run id."""
+    if cfg.train.resume == "never":
+        return None
+    if cfg.train.resume == "auto":
+        found = load_latest_checkpoint(cfg.run_dir)
+        if found is None:
+            return None
+        path, ckpt = found
+    else:
+        path, ckpt = Path(cfg.train.resume), load_checkpoint(cfg.train.resume)
+    objective.segmenter.load_state_dict(ckpt["segmenter"])
+    objective.discriminator.load_state_dict(ckpt["discriminator"])
+    opt_seg.load_state_dict(ckpt["optim_seg"])
+    opt_disc.load_state_dict(ckpt["optim_disc"])
+    state.step, state.disc_steps, state.seg_steps = ckpt["step"], ckpt["disc_steps"], ckpt["seg_steps"]
+    data = ckpt["data"]
+    state.epoch, state.batches_in_epoch = data["epoch"], data["batches_in_epoch"]
+    rank, world = accelerator.process_index, accelerator.num_processes
+    if data.get("world_size", world) == world:
+        restore_rng_state(ckpt["rng"][rank], {"train": generator})
+    else:  # a different number of processes cannot replay exactly; keep the data position roughly
+        log.warning("checkpoint %s was written by %d processes, resuming with %d: the data position "
+                    "is rescaled and random streams are re-seeded", path, data["world_size"], world)
+        state.batches_in_epoch = state.batches_in_epoch * data["world_size"] // world
+        generator.manual_seed(cfg.seed + 7919 * rank + state.step)
+    log.info("resumed from %s at step %d (epoch %d, batch %d of the epoch)", path, state.step,
+             state.epoch, state.batches_in_epoch)
+    return ckpt.get("mlflow_run_id")
+
+
+def _save(cfg: Config, accelerator: Accelerator, objective: MoveObjective, opt_seg, opt_disc,
+          state: TrainState, generator: torch.Generator, run_id: str | None) -> None:
+    """All ranks gather their RNG states; the main process writes the checkpoint."""
+    rng = gather_object([capture_rng_state({"train": generator})])
+    if accelerator.is_main_process:
+        save_checkpoint(cfg.run_dir, state.step, {
+            "disc_steps": state.disc_steps, "seg_steps": state.seg_steps,
+            "segmenter": accelerator.unwrap_model(objective.segmenter).state_dict(),
+            "discriminator": accelerator.unwrap_model(objective.discriminator).state_dict(),
+            "optim_seg": opt_seg.state_dict(), "optim_disc": opt_disc.state_dict(), "rng": rng,
+            "data": {"epoch": state.epoch, "batches_in_epoch": state.batches_in_epoch,
+                     "world_size": accelerator.num_processes},
+            "config": dump_config(cfg), "mlflow_run_id": run_id,
+        }, cfg.train.keep_last)
+    accelerator.wait_for_everyone()
+
+
+def _gallery(cfg: Config, accelerator: Accelerator, objective: MoveObjective, images: torch.Tensor,
+             step: int, tracker, background: torch.Tensor | None) -> None:
+    """Input | mask | inpainted background | shifted composite for a few images of this batch.
+
+    Runs in eval mode with its own generator: training RNG and BatchNorm statistics are untouched.
+    """
+    segmenter = accelerator.unwrap_model(objective.segmenter)
+    view = MoveObjective(features=objective.features, segmenter=segmenter, mae=objective.mae,
+                         discriminator=accelerator.unwrap_model(objective.discriminator),
+                         shift_range=objective.shift_range, inpainter=objective.inpainter,
+                         true_background=objective.true_background,
+                         hard_tile_mask=objective.hard_tile_mask)
+    was_training = segmenter.training
+    segmenter.eval()
+    try:
+        with torch.no_grad():
+            rows = images[:4]
+            comp = view.compose(rows, torch.Generator().manual_seed(step), ("composite_shifted",),
+                                None if background is None else background[:4])
+            path = save_mask_gallery(Path(cfg.run_dir) / "gallery" / f"step-{step:08d}.png", rows,
+                                     comp.mask, comp.inpainted_background,
+                                     comp.input_for("composite_shifted"))
+    finally:
+        segmenter.train(was_training)
+    tracker.log_image(path)
+
+
+class _StopFlag:
+    """Set by SIGTERM/SIGINT (preemption): the loop checkpoints at the next step and stops."""
+
+    def __init__(self) -> None:
+        self.raised = False
+
+    def __call__(self, signum, frame) -> None:
+        log.warning("received signal %d: checkpointing and stopping after this step", signum)
+        self.raised = True
+
+
+def _log_line(state: TrainState, total: int, meter: ProgressMeter, means: dict[str, float]) -> str:
+    losses = " ".join(f"{k.split('/', 1)[1]}={means[k]:.4f}" for k in
+                      ("loss/disc/total", "loss/seg/adv", "loss/seg/total", "mask/area") if k in means)
+    return (f"step {state.step}/{total} epoch {state.epoch} | {meter.images_per_second:.1f} img/s "
+            f"| data wait {100 * meter.data_wait_share:.0f}% | eta "
+            f"{format_duration(meter.eta_seconds(state.step))} | {losses}")
+
+
+def train(cfg: Config, accelerator: Accelerator) -> dict[str, float]:
+    """The whole run; returns the last logged metric means (main process) or {}."""
+    rank, world = accelerator.process_index, accelerator.num_processes
+    device = accelerator.device
+    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+    objective, opt_seg, opt_disc = _build(cfg, accelerator)
+    state, generator = TrainState(), _rank_generator(cfg.seed, rank)
+    run_id = _resume(cfg, objective, opt_seg, opt_disc, state, generator, accelerator)
+    tracker = start_tracker(is_main=accelerator.is_main_process, run_dir=cfg.run_dir,
+                            uri=cfg.tracking.uri, experiment=cfg.tracking.experiment,
+                            run_name=cfg.tracking.run_name or cfg.name, run_id=run_id)
+    if accelerator.is_main_process and run_id is None:
+        tracker.log_params(flatten(cfg))
+        tracker.log_text(dump_config(cfg), "config.yaml")
+    run_id = broadcast_object_list([getattr(tracker, "run_id", None)])[0]
+
+    objective.segmenter, objective.discriminator, opt_seg, opt_disc = accelerator.prepare(
+        objective.segmenter, objective.discriminator, opt_seg, opt_disc)
+    storage = {"endpoint_url": cfg.data.endpoint_url} if cfg.data.endpoint_url else None
+    loader = build_train_loader(
+        cfg.data.train, batch_size=cfg.data.batch_size, image_size=cfg.data.image_size,
+        crop_scale=cfg.data.crop_scale, crop_ratio=cfg.data.crop_ratio, hflip=cfg.data.hflip,
+        workers=cfg.data.workers, shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.seed, rank=rank,
+        world_size=world, resampled=cfg.data.resampled, epoch=state.epoch,
+        skip_batches=state.batches_in_epoch, storage_options=storage,
+        extra_keys=("background",) if cfg.objective.true_background else (),
+        pin_memory=device.type == "cuda")
+    total = cfg.train.max_steps or cfg.train.epochs * len(loader)
+    precision = effective_precision(device, cfg.train.precision)
+    log.info("training %d steps (%d batches of %d per epoch per process, %d processes, %s, %s)",
+             total, len(loader), cfg.data.batch_size, world, device, precision)
+
+    policy = CheckpointPolicy(cfg.train.ckpt_every_steps, cfg.train.ckpt_every_minutes)
+    policy.mark_saved(state.step)
+    meter = ProgressMeter(cfg.data.batch_size * world, total)
+    stop = _StopFlag()
+    previous_handlers = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    sums: dict[str, float] = defaultdict(float)
+    counts: dict[str, int] = defaultdict(int)
+    means: dict[str, float] = {}
+    try:
+        while state.step < total and not stop.raised:
+            for batch in loader:
+                meter.data_ready()
+                images = batch["image"].to(device, non_blocking=True)
+                background = batch.get("background")
+                background = background.to(device, non_blocking=True) if background is not None else None
+                if state.step % 2 == 0:
+                    metrics = disc_step(objective, images, opt_disc, generator=generator, step=state.step,
+                                        accelerator=accelerator, precision=precision, background=background)
+                    state.disc_steps += 1
+                else:
+                    metrics = seg_step(objective, images, opt_seg, generator=generator, step=state.step,
+                                       segmenter_step=state.seg_steps, accelerator=accelerator,
+                                       precision=precision, background=background)
+                    state.seg_steps += 1
+                state.step += 1
+                state.batches_in_epoch += 1
+                meter.step_done()
+                for key, value in metrics.items():
+                    sums[key] += value
+                    counts[key] += 1
+                last = state.step >= total
+                if state.step % cfg.train.log_every == 0 or last:
+                    means = {k: sums[k] / counts[k] for k in sums}
+                    means.update({"lr/seg": opt_seg.param_groups[0]["lr"],
+                                  "lr/disc": opt_disc.param_groups[0]["lr"],
+                                  "perf/images_per_s": meter.images_per_second,
+                                  "perf/data_wait_share": meter.data_wait_share, "epoch": state.epoch})
+                    if accelerator.is_main_process:
+                        log.info(_log_line(state, total, meter, means))
+                        tracker.log_metrics({k: v for k, v in means.items() if math.isfinite(v)},
+                                            step=state.step)
+                    sums.clear()
+                    counts.clear()
+                if cfg.train.gallery_every and (state.step % cfg.train.gallery_every == 0 or last) \
+                        and accelerator.is_main_process:
+                    _gallery(cfg, accelerator, objective, images, state.step, tracker, background)
+                due = broadcast_object_list([policy.should_save(state.step, last or stop.raised)
+                                             if accelerator.is_main_process else None])[0]
+                if due:
+                    _save(cfg, accelerator, objective, opt_seg, opt_disc, state, generator, run_id)
+                    policy.mark_saved(state.step)
+                    meter.restart_clock()
+                if last or stop.raised:
+                    break
+            else:
+                state.epoch += 1
+                state.batches_in_epoch = 0
+    except NonFiniteLossError as err:
+        log.error("%s", err)
+        tracker.end("FAILED")
+        raise
+    finally:
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
+
+    if accelerator.is_main_process and state.step >= total:
+        export = export_segmenter(Path(cfg.run_dir) / "segmenter.pt",
+                                  accelerator.unwrap_model(objective.segmenter), cfg.model.features,
+                                  cfg.model.segmenter, cfg.data.image_size, mae_cfg=cfg.model.mae)
+        tracker.log_artifact(export)
+        log.info("done: %d steps; segmenter exported to %s", state.step, export)
+    tracker.end("FINISHED" if state.step >= total else "KILLED")
+    accelerator.wait_for_everyone()
+    return means if accelerator.is_main_process else {}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if not cfg.data.train:
+        print("error: data.train is empty: give shards, e.g. data.train=shards/x/manifest.json "
+              "(make them with `move-shard make`)", file=sys.stderr)
+        return 2
+    accelerator = Accelerator(mixed_precision="no")  # train.precision drives autocast (engine.py)
+    logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    try:
+        train(cfg, accelerator)
+    except NonFiniteLossError:
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
