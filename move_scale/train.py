@@ -14,6 +14,7 @@ SIGTERM and at the end; `train.resume=auto` continues bit-exactly into the same 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import math
 import signal
@@ -66,6 +67,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="dotted config overrides, applied after the file")
     return parser.parse_args(argv)
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What a finished (or stopped) run leaves: its position, last metrics, unwrapped networks."""
+
+    step: int
+    completed: bool
+    metrics: dict[str, float]
+    segmenter: torch.nn.Module
+    discriminator: torch.nn.Module
 
 
 class TrainState:
@@ -167,6 +179,19 @@ def _gallery(cfg: Config, accelerator: Accelerator, objective: MoveObjective, im
     tracker.log_image(path)
 
 
+def _sync_buffers(accelerator: Accelerator, *modules: torch.nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm statistics, spectral-norm vectors) to every rank.
+
+    DDP broadcasts them at the start of each forward, so training never sees a difference; this
+    makes the state each rank ends with identical too.
+    """
+    if accelerator.num_processes == 1:
+        return
+    for module in modules:
+        for buffer in accelerator.unwrap_model(module).buffers():
+            torch.distributed.broadcast(buffer.data, src=0)
+
+
 class _StopFlag:
     """Set by SIGTERM/SIGINT (preemption): the loop checkpoints at the next step and stops."""
 
@@ -186,8 +211,8 @@ def _log_line(state: TrainState, total: int, meter: ProgressMeter, means: dict[s
             f"{format_duration(meter.eta_seconds(state.step))} | {losses}")
 
 
-def train(cfg: Config, accelerator: Accelerator) -> dict[str, float]:
-    """The whole run; returns the last logged metric means (main process) or {}."""
+def train(cfg: Config, accelerator: Accelerator) -> TrainResult:
+    """The whole run on this process; metrics are the last logged means (all ranks)."""
     rank, world = accelerator.process_index, accelerator.num_processes
     device = accelerator.device
     Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
@@ -283,6 +308,7 @@ def train(cfg: Config, accelerator: Accelerator) -> dict[str, float]:
         for sig, handler in previous_handlers.items():
             signal.signal(sig, handler)
 
+    _sync_buffers(accelerator, objective.segmenter, objective.discriminator)
     if accelerator.is_main_process and state.step >= total:
         export = export_segmenter(Path(cfg.run_dir) / "segmenter.pt",
                                   accelerator.unwrap_model(objective.segmenter), cfg.model.features,
@@ -291,7 +317,9 @@ def train(cfg: Config, accelerator: Accelerator) -> dict[str, float]:
         log.info("done: %d steps; segmenter exported to %s", state.step, export)
     tracker.end("FINISHED" if state.step >= total else "KILLED")
     accelerator.wait_for_everyone()
-    return means if accelerator.is_main_process else {}
+    return TrainResult(state.step, state.step >= total, means,
+                       accelerator.unwrap_model(objective.segmenter),
+                       accelerator.unwrap_model(objective.discriminator))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -307,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     accelerator = Accelerator(mixed_precision="no")  # train.precision drives autocast (engine.py)
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         train(cfg, accelerator)
     except NonFiniteLossError:

@@ -1,0 +1,350 @@
+"""Training checkpoints (atomic, retained, resumable) and the inference export of the segmenter.
+
+A training checkpoint is one torch file `run_dir/ckpt-{step:08d}.pt` holding state dicts and plain
+values only (never pickled code; it loads with `weights_only=True`). The trainer assembles it; the
+keys are fixed here so that save and resume agree:
+
+    format           "move_scale.checkpoint/1" (added by `save_checkpoint`)
+    step             batches done (D and segmenter steps together; added by `save_checkpoint`)
+    disc_steps       D steps done
+    seg_steps        segmenter steps done (drives the λ_bin ramp, `losses.lambda_bin_at`)
+    segmenter        segmenter state_dict (LayerNorm + head), unwrapped from DDP
+    discriminator    discriminator state_dict (whole D; frozen random CCM/CSM included)
+    optim_seg        segmenter AdamW state_dict
+    optim_disc       discriminator AdamW state_dict
+    rng              list with one entry per rank, each `capture_rng_state(...)` of that rank
+    data             {"epoch": int, "batches_in_epoch": int, ...} — where the stream resumes
+    config           the resolved config as YAML text (`config.dump_config`)
+    mlflow_run_id    the MLflow run to resume into (str, or None without tracking)
+
+Writing: temporary file in the same directory → flush + fsync → `os.replace` to the final name →
+fsync of the directory, so `ckpt-*.pt` only ever names a complete file. Reading:
+`find_latest_checkpoint` returns the newest checkpoint that loads, skipping truncated or corrupt
+ones (and interrupted temporary files) with a WARNING that names them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import random
+import re
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "move_scale.checkpoint/1"
+EXPORT_FORMAT = "move_scale.segmenter/1"
+CHECKPOINT_KEYS = (
+    "disc_steps", "seg_steps", "segmenter", "discriminator", "optim_seg", "optim_disc",
+    "rng", "data", "config", "mlflow_run_id",
+)
+_NAME = re.compile(r"^ckpt-(\d{8,})\.pt$")
+_TEMP = re.compile(r"^\.ckpt-\d{8,}\.pt\.\d+\.tmp$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint or export file that cannot be written, read or used."""
+
+
+def checkpoint_path(run_dir: str | Path, step: int) -> Path:
+    return Path(run_dir) / f"ckpt-{step:08d}.pt"
+
+
+# ----------------------------------------------------------------------------- atomic write
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> Path:
+    """torch.save to a temporary name beside `path`, fsync, then rename: `path` is whole or absent."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.parent / f".{path.name}.{os.getpid()}.tmp"  # _TEMP matches it for ckpt-*.pt
+    try:
+        with open(temp, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def save_checkpoint(run_dir: str | Path, step: int, state: dict, keep_last: int) -> Path:
+    """Write `state` atomically as `run_dir/ckpt-{step:08d}.pt`, then keep only the last `keep_last`.
+
+    `state` must hold every key of CHECKPOINT_KEYS (see the module docstring); `format` and `step`
+    are added here. `keep_last=0` keeps every checkpoint. Only the main process should call this.
+    """
+    missing = [key for key in CHECKPOINT_KEYS if key not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint state for step {step} lacks keys {missing}; "
+                              f"expected {list(CHECKPOINT_KEYS)}")
+    if keep_last < 0:
+        raise ValueError(f"keep_last must be >= 0 (0 keeps all), got {keep_last}")
+    path = checkpoint_path(run_dir, step)
+    start = time.perf_counter()
+    atomic_torch_save({**state, "format": CHECKPOINT_FORMAT, "step": step}, path)
+    log.info("saved checkpoint %s (%.1f MB, %.1fs)", path, path.stat().st_size / 2**20,
+             time.perf_counter() - start)
+    _apply_retention(Path(run_dir), keep_last, just_written=path)
+    return path
+
+
+def _listed_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """(step, path) of every `ckpt-*.pt` in run_dir, newest first."""
+    if not run_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := _NAME.match(p.name))]
+    return sorted(found, reverse=True)
+
+
+def _stray_temp_files(run_dir: Path) -> list[Path]:
+    if not run_dir.is_dir():
+        return []
+    return sorted(p for p in run_dir.iterdir() if _TEMP.match(p.name))
+
+
+def _apply_retention(run_dir: Path, keep_last: int, just_written: Path) -> None:
+    for stray in _stray_temp_files(run_dir):  # left by an interrupted save; only one writer runs
+        log.warning("removing %s: temporary file of an interrupted checkpoint save", stray)
+        stray.unlink(missing_ok=True)
+    if keep_last == 0:
+        return
+    others = [p for _, p in _listed_checkpoints(run_dir) if p != just_written]
+    for old in others[max(keep_last - 1, 0):]:
+        log.info("removing old checkpoint %s (keep_last=%d)", old, keep_last)
+        old.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------- read
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """Read a training checkpoint; CheckpointError says what is wrong with the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path} (train.resume takes 'auto', 'never' "
+                              "or the path of a ckpt-*.pt file)")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # truncated zip, bad pickle, wrong file type: all unusable
+        if "Weights only load failed" in str(err):
+            raise CheckpointError(f"{path} holds objects other than tensors and plain values, "
+                                  f"which checkpoints must not (numpy arrays, classes): {err}") from err
+        raise CheckpointError(f"{path} is truncated or not a torch checkpoint "
+                              f"({type(err).__name__}: {err})") from err
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(f"{path} is not a move_scale training checkpoint "
+                              f"(format {found!r}, expected {CHECKPOINT_FORMAT!r})")
+    missing = [key for key in ("step", *CHECKPOINT_KEYS) if key not in state]
+    if missing:
+        raise CheckpointError(f"{path} lacks keys {missing}")
+    return state
+
+
+def load_latest_checkpoint(run_dir: str | Path, map_location: str | torch.device = "cpu"
+                           ) -> tuple[Path, dict] | None:
+    """(path, state) of the newest checkpoint in run_dir that loads, or None when there is none.
+
+    Truncated or corrupt checkpoints and interrupted temporary files are skipped with a WARNING.
+    """
+    run_dir = Path(run_dir)
+    for stray in _stray_temp_files(run_dir):
+        log.warning("ignoring %s: temporary file of an interrupted checkpoint save", stray)
+    for _, path in _listed_checkpoints(run_dir):
+        try:
+            return path, load_checkpoint(path, map_location)
+        except CheckpointError as err:
+            log.warning("skipping checkpoint %s, falling back to the previous one: %s", path, err)
+    return None
+
+
+def find_latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """Path of the newest complete checkpoint in run_dir that loads (see load_latest_checkpoint)."""
+    found = load_latest_checkpoint(run_dir)
+    return found[0] if found else None
+
+
+# ----------------------------------------------------------------------------- policy
+
+
+class CheckpointPolicy:
+    """Decides when to save: every `every_steps` batches, every `every_minutes`, and at the end.
+
+    The minute criterion reads this process's clock, so ranks may disagree: decide on the main
+    process and broadcast the answer (all ranks take part in gathering RNG states).
+    `every_steps=0` / `every_minutes=0` switch that criterion off.
+    """
+
+    def __init__(self, every_steps: int, every_minutes: float,
+                 clock: Callable[[], float] = time.monotonic):
+        if every_steps < 0 or every_minutes < 0:
+            raise ValueError(f"checkpoint intervals must be >= 0, got every_steps={every_steps}, "
+                             f"every_minutes={every_minutes}")
+        self.every_steps = every_steps
+        self.every_seconds = every_minutes * 60.0
+        self._clock = clock
+        self._last_time = clock()
+        self._last_step: int | None = None
+
+    def should_save(self, step: int, is_last: bool = False) -> bool:
+        """`step`: batches done so far. True when a checkpoint is due after this step."""
+        if step == self._last_step:
+            return False  # already saved at this step
+        if is_last:
+            return True
+        if self.every_steps and step % self.every_steps == 0:
+            return True
+        return bool(self.every_seconds) and self._clock() - self._last_time >= self.every_seconds
+
+    def mark_saved(self, step: int) -> None:
+        self._last_step = step
+        self._last_time = self._clock()
+
+
+# ----------------------------------------------------------------------------- RNG states
+
+
+def capture_rng_state(generators: dict[str, torch.Generator] | None = None) -> dict:
+    """This process's RNG states as tensors and plain values (loadable with weights_only=True)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
+                  "has_gauss": has_gauss, "cached_gaussian": cached},
+        "python": random.getstate(),
+        "generators": {name: g.get_state() for name, g in (generators or {}).items()},
+    }
+
+
+def restore_rng_state(state: dict, generators: dict[str, torch.Generator] | None = None) -> None:
+    """Inverse of capture_rng_state for this process (pass the entry of this rank)."""
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    npy = state["numpy"]
+    np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"],
+                         npy["has_gauss"], npy["cached_gaussian"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    for name, generator in (generators or {}).items():
+        if name not in state["generators"]:
+            raise CheckpointError(f"checkpoint has no state for generator '{name}' "
+                                  f"(has {sorted(state['generators'])})")
+        generator.set_state(state["generators"][name])
+
+
+# ----------------------------------------------------------------------------- segmenter export
+
+
+def _config_fields(section: Any) -> dict:
+    """A config dataclass (or a dict) as a plain dict with lists in place of tuples."""
+    data = dataclasses.asdict(section) if dataclasses.is_dataclass(section) else dict(section)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
+
+
+def export_segmenter(path: str | Path, segmenter: torch.nn.Module, features_cfg: Any,
+                     segmenter_cfg: Any, image_size: int, mae_cfg: Any = None) -> Path:
+    """Write the segmenter alone for inference: head + LayerNorm weights and how to rebuild the
+    features network (the FeaturesConfig fields, incl. the name or path of its weights; the
+    MAEConfig fields too when features.kind == "mae"). Pass the module unwrapped from DDP."""
+    state_dict = {k: v.detach().cpu() for k, v in segmenter.state_dict().items()}
+    if any(key.startswith("module.") for key in state_dict):
+        raise CheckpointError("export_segmenter got a DDP-wrapped segmenter; pass "
+                              "accelerator.unwrap_model(segmenter)")
+    features = _config_fields(features_cfg)
+    if features.get("kind") == "mae" and mae_cfg is None:
+        raise CheckpointError("features.kind is 'mae': export_segmenter needs mae_cfg")
+    export = {
+        "format": EXPORT_FORMAT,
+        "segmenter": state_dict,
+        "features": features,
+        "segmenter_cfg": _config_fields(segmenter_cfg),
+        "image_size": int(image_size),
+    }
+    if features.get("kind") == "mae":
+        export["mae"] = _config_fields(mae_cfg)
+    atomic_torch_save(export, path)
+    log.info("exported segmenter to %s (features: %s, weights %s)", path, features.get("kind"),
+             features.get("weights"))
+    return Path(path)
+
+
+def read_segmenter_export(path: str | Path) -> dict:
+    """The raw export dict, checked; CheckpointError when the file is not a segmenter export."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"segmenter export not found: {path}")
+    try:
+        export = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise CheckpointError(f"{path} is truncated or not a torch file "
+                              f"({type(err).__name__}: {err})") from err
+    found = export.get("format") if isinstance(export, dict) else type(export).__name__
+    if found != EXPORT_FORMAT:
+        hint = (" (it is a training checkpoint: export it with export_segmenter)"
+                if found == CHECKPOINT_FORMAT else "")
+        raise CheckpointError(f"{path} is not a move_scale segmenter export: format {found!r}, "
+                              f"expected {EXPORT_FORMAT!r}{hint}")
+    missing = [k for k in ("segmenter", "features", "segmenter_cfg", "image_size")
+               if k not in export]
+    if missing:
+        raise CheckpointError(f"{path} lacks keys {missing}")
+    return export
+
+
+def load_segmenter(path: str | Path, device: str | torch.device = "cpu",
+                   weights_cache: str | None = None) -> tuple[torch.nn.Module, torch.nn.Module, dict]:
+    """(features network, Segmenter, meta) from an export, on `device`, in eval mode.
+
+    The features network is a FrozenViT, or the MAE when features.kind == "mae" (its encoder
+    serves); its weights are resolved by name or path through `weights_cache` (config default
+    when None). `meta` is the export without the segmenter weights.
+    """
+    from move_scale.config import ConfigError, config_from_dict
+    from move_scale.models.build import build_features, build_mae, build_segmenter
+
+    export = read_segmenter_export(path)
+    model_tree = {"features": export["features"], "segmenter": export["segmenter_cfg"]}
+    if "mae" in export:
+        model_tree["mae"] = export["mae"]
+    if weights_cache is not None:
+        model_tree["weights_cache"] = weights_cache
+    try:
+        model_cfg = config_from_dict({"model": model_tree}).model  # every key and type checked
+    except ConfigError as err:
+        raise CheckpointError(f"{path}: the export's model description does not fit this "
+                              f"version of move_scale: {err}") from err
+    image_size = export["image_size"]
+    if model_cfg.features.kind == "mae":
+        features_net = build_mae(model_cfg, image_size)
+        in_dim = model_cfg.mae.embed_dim
+    else:
+        features_net = build_features(model_cfg, image_size)
+        in_dim = model_cfg.features.embed_dim
+    segmenter = build_segmenter(model_cfg, in_dim)
+    try:
+        segmenter.load_state_dict(export["segmenter"], strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(f"{path}: segmenter weights do not fit segmenter_cfg "
+                              f"{export['segmenter_cfg']}: {err}") from err
+    meta = {k: v for k, v in export.items() if k != "segmenter"}
+    return features_net.to(device).eval(), segmenter.to(device).eval(), meta

@@ -1,0 +1,178 @@
+"""`move-shard`: make WebDataset shards from images, show a manifest, verify shard hashes.
+
+    move-shard make SRC... OUT [options]     images -> OUT/{name}-000000.tar ... + manifest.json
+    move-shard info MANIFEST                 the manifest as a table
+    move-shard verify MANIFEST               re-hash every shard; exit 1 on any mismatch
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import sys
+
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from move_scale.data.images import DEFAULT_MAX_PIXELS, IMAGE_FORMATS
+from move_scale.data.manifest import format_table, human_bytes, load_manifest, verify_manifest
+from move_scale.data.storage import DataError, storage_options_for
+from move_scale.data.write import DEFAULT_MAX_COUNT, DEFAULT_MAX_SIZE, write_shards
+
+log = logging.getLogger("move_scale.data.cli")
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
+
+MAKE_EXAMPLES = """examples:
+  move-shard make data/DUTS-TR/DUTS-TR-Image shards/duts-tr --shuffle --seed 0 --resize 448
+  move-shard make imagenet100/train s3://bucket/in100 --endpoint-url http://minio:9000 \\
+      --format jpg --quality 90 --max-count 2000 --max-size 500M --workers 16
+  move-shard make ECSSD/images shards/ecssd --masks ECSSD/ground_truth_mask --workers 4
+  move-shard make VOC2007/JPEGImages shards/voc07 --boxes VOC2007/Annotations
+  move-shard make 'photos/**/*.jpg' list_of_urls.txt shards/mixed --resume
+
+OUT is a folder (local path or fsspec URL); shards are named {name}-000000.tar, next to
+manifest.json and report.jsonl (one JSON line per skipped input with its reason).
+Every image is decoded; unreadable, truncated, empty, non-image and too-large files are skipped
+and counted, the run goes on. Stored images always decode to 8-bit RGB in display orientation.
+"""
+
+
+def parse_size(text: str) -> int:
+    """'500M' -> 500_000_000, '1GiB' -> 2**30, '0' -> 0 (no limit)."""
+    match = _SIZE.match(str(text))
+    if not match:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size; use e.g. 500M, 1G, 1GiB, 200000000")
+    number, unit, binary = match.groups()
+    power = "kmgt".find(unit.lower()) + 1 if unit else 0
+    return int(float(number) * (1024 if binary else 1000) ** power)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} must be >= 0")
+    return value
+
+
+def _add_make(commands, common) -> None:
+    make = commands.add_parser(
+        "make", help="write image files as WebDataset shards + manifest",
+        usage="move-shard make [options] SRC [SRC ...] OUT",
+        description="Decode, convert to 8-bit RGB, optionally resize/re-encode, and write images "
+                    "as reproducible WebDataset tar shards with a manifest.",
+        epilog=MAKE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter, parents=[common])
+    make.add_argument("paths", nargs="+", metavar="SRC ... OUT",
+                      help="SRC: image folder (recursive), text file of paths/URLs, or a glob "
+                           "(quote it); the last path is OUT, a folder or URL (s3://bucket/prefix)")
+    add = make.add_argument
+    add("--name", help="shard name prefix (default: last component of OUT), e.g. --name duts-tr")
+    add("--max-count", type=_positive_int, default=DEFAULT_MAX_COUNT,
+        help=f"images per shard (default {DEFAULT_MAX_COUNT}), e.g. --max-count 2000")
+    add("--max-size", type=parse_size, default=DEFAULT_MAX_SIZE,
+        help="bytes per shard; a shard closes before the image that would pass it (default 1G; "
+             "0: no limit), e.g. --max-size 500M")
+    add("--resize", type=_positive_int, default=0, metavar="PIXELS",
+        help="shrink so the shorter side is PIXELS (bicubic; smaller images kept; default 0: keep "
+             "size), e.g. --resize 448")
+    add("--format", dest="image_format", choices=IMAGE_FORMATS, default="keep",
+        help="keep: store original bytes when already 8-bit RGB upright JPEG/PNG/WebP at the "
+             "target size, else re-encode (JPEG sources as jpg at --quality, others as lossless "
+             "png); jpg/webp/png: re-encode all (default keep), e.g. --format jpg")
+    add("--quality", type=_positive_int, default=95, help="JPEG/WebP quality 1-100 (default 95), e.g. --format webp --quality 90")
+    add("--shuffle", action="store_true", help="shuffle the input order with --seed before sharding")
+    add("--seed", type=int, default=0, help="shuffle seed (default 0), e.g. --shuffle --seed 1")
+    add("--workers", type=_positive_int, default=os.cpu_count() or 1,
+        help="decode/encode processes (default: all cores; 0: in this process); the output does "
+             "not depend on it, e.g. --workers 8")
+    add("--resume", action="store_true",
+        help="continue an interrupted run into the same OUT with the same SRC and options: "
+             "finished shards are kept, the rest is redone identically")
+    add("--overwrite", action="store_true", help="replace a finished or unfinished dataset in OUT")
+    add("--masks", metavar="DIR",
+        help="ground-truth masks matched by file stem (img/0001.jpg <-> DIR/0001.png), stored as "
+             "8-bit L mask.png; images without one are skipped as missing_mask")
+    add("--boxes", metavar="PATH",
+        help="boxes from a folder of VOC XML (matched by stem) or a COCO JSON file, stored as "
+             "boxes.json [[x0,y0,x1,y1],...] in stored-image pixels")
+    add("--max-pixels", type=_positive_int, default=DEFAULT_MAX_PIXELS,
+        help=f"skip images with more pixels as too_many_pixels (default {DEFAULT_MAX_PIXELS}), "
+             "e.g. --max-pixels 40000000")
+    add("--endpoint-url", help="S3-compatible endpoint for s3:// SRC and OUT, e.g. http://127.0.0.1:9000")
+    add("--no-progress", action="store_true", help="no progress bar on stderr")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser = argparse.ArgumentParser(prog="move-shard", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{make,info,verify}")
+    _add_make(commands, common)
+    for command, text in (("info", "print a manifest as a table"),
+                          ("verify", "re-hash every shard; exit 1 on a mismatch or a missing shard")):
+        sub = commands.add_parser(command, help=text, description=text, parents=[common])
+        sub.add_argument("manifest", metavar="MANIFEST",
+                         help="manifest.json or its folder (local or URL), e.g. shards/duts-tr")
+        sub.add_argument("--endpoint-url", help="S3-compatible endpoint for s3:// URLs")
+        if command == "info":
+            sub.add_argument("--all", action="store_true", help="list every shard")
+    return parser
+
+
+def _make(args) -> int:
+    if len(args.paths) < 2:
+        raise DataError("make needs at least one SRC and an OUT: move-shard make SRC... OUT")
+    *sources, out = args.paths
+    manifest = write_shards(
+        sources, out, name=args.name, max_count=args.max_count, max_size=args.max_size,
+        resize=args.resize, image_format=args.image_format, quality=args.quality,
+        shuffle=args.shuffle, seed=args.seed, workers=args.workers, resume=args.resume,
+        overwrite=args.overwrite, masks=args.masks, boxes=args.boxes, max_pixels=args.max_pixels,
+        storage_options=storage_options_for(out, args.endpoint_url) or _sources_options(sources, args),
+        progress=not args.no_progress)
+    print(f"{len(manifest.shards)} shards, {manifest.samples} images, {human_bytes(manifest.bytes)}; "
+          f"skipped {manifest.skipped} (see {manifest.report}) -> {out}")
+    return 0
+
+
+def _sources_options(sources, args) -> dict:
+    return next((storage_options_for(src, args.endpoint_url) for src in sources
+                 if storage_options_for(src, args.endpoint_url)), {})
+
+
+def _verify(args) -> int:
+    manifest, problems = verify_manifest(args.manifest, storage_options_for(args.manifest, args.endpoint_url),
+                                         progress=sys.stderr.isatty())
+    for problem in problems:
+        print(f"MISMATCH {problem.shard}: {problem.kind}: {problem.detail}")
+    print(f"verified {len(manifest.shards)} shards: {len(problems)} problem(s)")
+    return 1 if problems else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        if args.command == "make":
+            with logging_redirect_tqdm():
+                return _make(args)
+        if args.command == "info":
+            manifest = load_manifest(args.manifest, storage_options_for(args.manifest, args.endpoint_url))
+            print(format_table(manifest, limit=0 if args.all else 20))
+            return 0
+        return _verify(args)
+    except DataError as err:
+        print(f"move-shard {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"move-shard {args.command}: interrupted; rerun with --resume to continue", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

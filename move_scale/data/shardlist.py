@@ -1,0 +1,128 @@
+"""Which shards a source names, how many samples each holds, and how shards are split.
+
+A source is a manifest (`.../manifest.json`, or a folder/prefix holding one), a brace pattern
+(`shards/x-{000000..000009}.tar`) or a list of shard URLs; local paths or fsspec URLs
+(`s3://`, `gs://`, `https://`). Sample counts come from the manifest. For a pattern or a list the
+`manifest.json` beside the shards is used when it lists them; otherwise every shard is read once
+to count its samples (a warning says so: pass the manifest to avoid it).
+
+The manifest format is the writer's (`move_scale/data/manifest.py`); it is read through it.
+"""
+from __future__ import annotations
+
+import heapq
+import logging
+import posixpath
+import tarfile
+from dataclasses import dataclass
+from typing import Sequence
+
+import braceexpand
+import fsspec
+
+from move_scale.data.manifest import MANIFEST_NAME, load_manifest, manifest_url
+from move_scale.data.storage import DataError
+
+log = logging.getLogger(__name__)
+
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+
+@dataclass(frozen=True)
+class Shard:
+    url: str  # local path or fsspec URL
+    count: int  # samples in the shard
+
+
+def _join(base: str, name: str) -> str:
+    if "://" in name or name.startswith("/"):
+        return name
+    return posixpath.join(base, name)
+
+
+def read_manifest(url: str, storage_options: dict | None = None) -> list[Shard]:
+    """The shards listed by the manifest at `url` (file or folder), with absolute URLs."""
+    url = manifest_url(url)
+    manifest = load_manifest(url, storage_options)  # DataError naming the file when absent/invalid
+    urls = manifest.shard_urls(url)
+    return [Shard(u, record.samples) for u, record in zip(urls, manifest.shards)]
+
+
+def count_tar_samples(url: str, storage_options: dict | None = None) -> int:
+    """Distinct sample keys in one tar (reads the headers; for remote shards, the whole file)."""
+    keys = set()
+    with fsspec.open(url, "rb", **(storage_options or {})) as f:
+        with tarfile.open(fileobj=f, mode="r|*") as tar:
+            for member in tar:
+                if member.isfile():
+                    keys.add(split_member_name(member.name)[0])
+    return len(keys)
+
+
+def split_member_name(name: str) -> tuple[str, str]:
+    """`dir/abc.mask.png` -> (`dir/abc`, `mask.png`): the WebDataset key/extension convention."""
+    folder, base = posixpath.split(name)
+    stem, _, ext = base.partition(".")
+    return posixpath.join(folder, stem) if folder else stem, ext
+
+
+def _counts_beside(urls: list[str], storage_options: dict | None) -> dict[str, int]:
+    """Counts of `urls` from the manifest in each shard's folder, where one lists the shard."""
+    counts: dict[str, int] = {}
+    for folder in sorted({posixpath.dirname(u) for u in urls}):
+        url = _join(folder, MANIFEST_NAME) if folder else MANIFEST_NAME
+        fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+        if not fs.exists(path):
+            continue
+        listed = {posixpath.basename(s.url): s.count for s in read_manifest(url, storage_options)}
+        for u in urls:
+            if posixpath.dirname(u) == folder and posixpath.basename(u) in listed:
+                counts[u] = listed[posixpath.basename(u)]
+    return counts
+
+
+def resolve_shards(source: str | Sequence[str], storage_options: dict | None = None) -> list[Shard]:
+    """Turn a manifest, folder, brace pattern or list into shards with sample counts."""
+    if isinstance(source, str):
+        if source.endswith(".json"):
+            return _non_empty(read_manifest(source, storage_options), source)
+        if not source.endswith(TAR_SUFFIXES) and "{" not in source:  # a folder holding the manifest
+            return _non_empty(read_manifest(source, storage_options), source)
+        urls = list(braceexpand.braceexpand(source))
+    else:
+        urls = [str(u) for u in source]
+    if not urls:
+        raise DataError("empty shard list: give a manifest, a brace pattern or shard URLs")
+    counts = _counts_beside(urls, storage_options)
+    missing = [u for u in urls if u not in counts]
+    if missing:
+        log.warning(
+            "no manifest lists %d of %d shards (e.g. %s): reading them once to count samples; "
+            "pass the manifest.json instead to skip this", len(missing), len(urls), missing[0]
+        )
+        for u in missing:
+            counts[u] = count_tar_samples(u, storage_options)
+    return _non_empty([Shard(u, counts[u]) for u in urls], source)
+
+
+def _non_empty(shards: list[Shard], source) -> list[Shard]:
+    if not shards or sum(s.count for s in shards) == 0:
+        raise DataError(f"{source!r} names no samples (empty shard list or all counts 0)")
+    return shards
+
+
+def balanced_split(counts: Sequence[int], parts: int, order: Sequence[int]) -> list[list[int]]:
+    """Split item indices into `parts` groups of nearly equal total count (greedy LPT).
+
+    Items are taken in `order` (a permutation, e.g. shuffled per epoch), stably sorted by count,
+    largest first, each to the group with the smallest total so far (ties: lowest group). The
+    group totals depend only on the multiset of counts, never on `order`, so the batch count
+    computed from them is the same in every epoch while the shard-to-group mapping changes.
+    """
+    ranked = sorted(order, key=lambda i: -counts[i])
+    groups: list[list[int]] = [[] for _ in range(parts)]
+    heap = [(0, p) for p in range(parts)]  # (total, group): the least-loaded group on top
+    for i in ranked:
+        total, g = heapq.heappop(heap)
+        groups[g].append(i)
+        heapq.heappush(heap, (total + counts[i], g))
+    return groups

@@ -1,0 +1,150 @@
+"""Turn SRC arguments into an ordered list of inputs with unique sample keys.
+
+A SRC is one of:
+- a folder (local or fsspec URL): every file below it with an image extension, recursively;
+- a text file of paths or URLs, one per line (blank lines and ``#`` comments ignored; relative
+  paths are relative to the list file's folder);
+- a glob (``photos/**/*.jpg``, ``s3://bucket/imgs/*.png``);
+- a single image file.
+
+Order is deterministic: SRCs in the order given, files sorted within each. The key of a sample is
+its path relative to the folder (or glob base), without extension, with every character outside
+``[A-Za-z0-9_-]`` replaced by ``_`` (WebDataset splits keys at dots); list entries and single files
+use the file name. Clashes get ``_1``, ``_2``, ... in listing order.
+Only paths are held in memory (about 200 bytes per input), never image bytes.
+"""
+from __future__ import annotations
+
+import glob as globlib
+import logging
+import os
+import posixpath
+import re
+from dataclasses import dataclass
+from typing import Iterator
+
+import fsspec
+
+from move_scale.data.storage import DataError
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jfif", ".png", ".webp", ".bmp", ".tif", ".tiff",
+                              ".gif"})
+_GLOB_CHARS = re.compile(r"[*?\[]")
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    """One input: where its bytes are, its sample key, and its annotations when given."""
+
+    source: str  # local path or URL
+    key: str
+    mask: str | None = None  # path of the ground-truth mask
+    boxes: tuple | None = None  # ((x0, y0, x1, y1), ...) already parsed (COCO)
+    boxes_file: str | None = None  # VOC XML to parse when processing
+    missing: str | None = None  # "missing_mask" / "missing_boxes": known at planning, skipped
+
+
+def is_url(path: str) -> bool:
+    return "://" in path and not path.startswith("file://")
+
+
+def stem_of(path: str) -> str:
+    return os.path.splitext(posixpath.basename(path.rstrip("/")))[0]
+
+
+def _is_image_name(path: str) -> bool:
+    return os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS
+
+
+def _strip_ext(relative: str) -> str:
+    return os.path.splitext(relative)[0]
+
+
+def _files_below(fs, root: str, local: bool) -> list[str]:
+    if local:
+        found = []
+        for folder, dirs, files in os.walk(root):
+            dirs.sort()
+            found += [os.path.join(folder, name) for name in files]
+        return sorted(found)
+    return sorted(fs.find(root))
+
+
+def _with_protocol(fs, path: str, original: str) -> str:
+    if not is_url(original):
+        return path
+    return fs.unstrip_protocol(path)
+
+
+def _list_file(fs, path: str, original: str) -> list[tuple[str, str]]:
+    with fs.open(path, "rb") as handle:
+        text = handle.read().decode("utf-8", errors="replace")
+    base = os.path.dirname(path)
+    entries = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if not is_url(line) and not os.path.isabs(line):
+            line = _with_protocol(fs, posixpath.join(base, line), original) if is_url(original) \
+                else os.path.join(base, line)
+        entries.append((line, stem_of(line)))
+    return entries
+
+
+def expand_source(src: str, storage_options: dict | None = None) -> list[tuple[str, str]]:
+    """(path or URL, key stem) for every input named by one SRC, in deterministic order."""
+    try:
+        fs, path = fsspec.core.url_to_fs(src, **(storage_options or {}))
+    except (ValueError, ImportError) as err:
+        raise DataError(f"SRC {src!r} is not a usable path or URL: {err}") from err
+    local = not is_url(src)
+    if _GLOB_CHARS.search(src):
+        base = _GLOB_CHARS.split(path, 1)[0].rsplit("/", 1)[0]
+        matches = sorted(globlib.glob(path, recursive=True)) if local else sorted(fs.glob(path))
+        matches = [m for m in matches if (os.path.isfile(m) if local else fs.isfile(m))]
+        return [(_with_protocol(fs, m, src), _strip_ext(os.path.relpath(m, base))) for m in matches]
+    if not fs.exists(path):
+        raise DataError(f"SRC {src!r} does not exist; give an image folder, a list file or a glob")
+    if fs.isdir(path):
+        files = _files_below(fs, path, local)
+        images = [f for f in files if _is_image_name(f)]
+        if len(images) != len(files):
+            log.info("%s: ignored %d files without an image extension (%s)", src,
+                     len(files) - len(images), ", ".join(sorted(IMAGE_EXTENSIONS)))
+        return [(_with_protocol(fs, f, src), _strip_ext(os.path.relpath(f, path))) for f in images]
+    if _is_image_name(path):
+        return [(src, stem_of(src))]
+    return _list_file(fs, path, src)
+
+
+def sanitize_key(name: str) -> str:
+    key = re.sub(r"[^A-Za-z0-9_-]+", "_", name).strip("_")
+    return key or "sample"
+
+
+def list_inputs(sources: list[str], storage_options: dict | None = None) -> Iterator[tuple[str, str]]:
+    """(path or URL, unique key) for all SRCs, in order."""
+    if not sources:
+        raise DataError("no SRC given; name at least one image folder, list file or glob")
+    seen: set[str] = set()
+    for src in sources:
+        for path, name in expand_source(src, storage_options):
+            base = key = sanitize_key(name)
+            clash = 0
+            while key in seen:
+                clash += 1
+                key = f"{base}_{clash}"
+            seen.add(key)
+            yield path, key
+
+
+def read_source(path: str, storage_options: dict | None = None) -> bytes:
+    """The bytes of one input (local path or URL)."""
+    if not is_url(path):
+        with open(path, "rb") as handle:
+            return handle.read()
+    with fsspec.open(path, "rb", **(storage_options or {})) as handle:
+        return handle.read()

@@ -1,0 +1,343 @@
+"""Evaluate a segmenter export on saliency (Acc, IoU, maxFβ) or single-object discovery (CorLoc).
+
+    python -m move_scale.evaluate --checkpoint runs/duts/segmenter.pt --task saliency \\
+        --data DUTS-TE/DUTS-TE-Image --gt DUTS-TE/DUTS-TE-Mask --out duts_te.json
+    python -m move_scale.evaluate --checkpoint seg.pt --task corloc --data VOCdevkit/VOC2007
+    python -m move_scale.evaluate --checkpoint seg.pt --task corloc --data train2014 --gt coco20k.json
+    python -m move_scale.evaluate --checkpoint seg.pt --task saliency --data shards/ecssd/manifest.json
+
+Under `accelerate launch` / `torchrun` every process scores its share of the images and the
+metric sums are added across processes before the main process reports.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import sys
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from move_scale.boxes import largest_box, mask_to_boxes
+from move_scale.inference import InferenceError, list_images, load_predictor, read_image
+from move_scale.metrics import CorLocMeter, SaliencyMeter
+
+logger = logging.getLogger(__name__)
+
+
+class GroundTruthError(ValueError):
+    """Evaluation data or ground truth that cannot be used; the message names the file."""
+
+
+@dataclass
+class EvalSource:
+    name: str  # dataset name for the table and MLflow keys
+    samples: Iterator[dict]  # {"key", "image" uint8 (H,W,3), "mask" bool (H,W)|None, "boxes" (K,4)|None}
+    count: int | None  # samples on this process, when known
+
+
+# ----------------------------------------------------------------------------- ground truth
+
+
+def _read_mask(path: Path, decoded) -> np.ndarray:
+    """Mask file → bool (H, W) aligned with the decoded image (png/255 > 0.5)."""
+    from move_scale.data.images import BadImage, prepare_mask
+
+    try:
+        png = prepare_mask(path.read_bytes(), decoded, decoded.image.size)
+    except BadImage as err:
+        raise GroundTruthError(f"{path}: unusable mask ({err})") from err
+    return np.asarray(Image.open(io.BytesIO(png)).convert("L")) > 127
+
+
+def _mask_pairs(images_dir: Path, masks_dir: Path) -> list[tuple[Path, Path]]:
+    masks = {p.stem: p for p in list_images(masks_dir)}
+    images = list_images(images_dir)
+    pairs = [(image, masks[image.stem]) for image in images if image.stem in masks]
+    if not pairs:
+        raise GroundTruthError(f"no image in {images_dir} has a mask of the same stem in {masks_dir} "
+                               f"({len(images)} images, {len(masks)} masks)")
+    if len(pairs) < len(images):
+        logger.warning("%d of %d images in %s have no mask in %s and are left out",
+                       len(images) - len(pairs), len(images), images_dir, masks_dir)
+    return pairs
+
+
+def parse_voc_xml(path: Path) -> tuple[str, np.ndarray]:
+    """(image file name, boxes (K, 4)) of a VOC annotation. VOC corners are 1-based and
+    inclusive; they become half-open pixel coordinates [xmin - 1, ymin - 1, xmax, ymax]."""
+    try:
+        root = ET.parse(path).getroot()
+    except ET.ParseError as err:
+        raise GroundTruthError(f"{path}: not a VOC XML annotation ({err})") from err
+    boxes = []
+    for box in root.iter("bndbox"):
+        try:
+            xmin, ymin, xmax, ymax = (float(box.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax"))
+        except (TypeError, ValueError) as err:
+            raise GroundTruthError(f"{path}: a bndbox lacks xmin/ymin/xmax/ymax numbers") from err
+        boxes.append([xmin - 1, ymin - 1, xmax, ymax])
+    return root.findtext("filename") or f"{path.stem}.jpg", np.asarray(boxes, np.float32).reshape(-1, 4)
+
+
+def _voc_items(images_dir: Path, xml_files: list[Path]) -> list[tuple[Path, np.ndarray]]:
+    items = []
+    for xml in xml_files:
+        file_name, boxes = parse_voc_xml(xml)
+        image = images_dir / file_name
+        if not image.is_file():
+            image = images_dir / f"{xml.stem}.jpg"
+        if not image.is_file():
+            raise GroundTruthError(f"{xml}: its image {file_name} is not in {images_dir}")
+        items.append((image, boxes))
+    if not items:
+        raise GroundTruthError(f"no VOC annotations found for {images_dir}")
+    return items
+
+
+def _voc_root_items(root: Path) -> list[tuple[Path, np.ndarray]]:
+    split = root / "ImageSets" / "Main" / "trainval.txt"
+    if split.is_file():
+        ids = [line.split()[0] for line in split.read_text().splitlines() if line.strip()]
+        xml_files = [root / "Annotations" / f"{i}.xml" for i in ids]
+    else:
+        xml_files = sorted((root / "Annotations").glob("*.xml"))
+    return _voc_items(root / "JPEGImages", xml_files)
+
+
+def _coco_items(images_dir: Path, json_path: Path) -> list[tuple[Path, np.ndarray]]:
+    """COCO bbox [x, y, w, h] → [x, y, x + w, y + h]; every listed image, boxes or not."""
+    try:
+        coco = json.loads(json_path.read_text())
+        boxes: dict[int, list] = {im["id"]: [] for im in coco["images"]}
+        for ann in coco.get("annotations", []):
+            x, y, w, h = ann["bbox"]
+            boxes.setdefault(ann["image_id"], []).append([x, y, x + w, y + h])
+        files = [(im["id"], im["file_name"]) for im in coco["images"]]
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        raise GroundTruthError(f"{json_path}: not a COCO detection JSON ({type(err).__name__}: {err})") from err
+    if not files:
+        raise GroundTruthError(f"{json_path} lists no images")
+    return [(images_dir / name, np.asarray(boxes[i], np.float32).reshape(-1, 4)) for i, name in files]
+
+
+def _folder_samples(items: list[tuple[Path, object]], kind: str) -> Iterator[dict]:
+    for image_path, truth in items:
+        decoded = read_image(image_path)
+        image = np.asarray(decoded.image)
+        mask = _read_mask(truth, decoded) if kind == "mask" else None
+        boxes = truth if kind == "boxes" else None
+        yield {"key": image_path.stem, "image": image, "mask": mask, "boxes": boxes}
+
+
+def open_eval_source(data: str, gt: str | None, *, rank: int = 0, world_size: int = 1,
+                     endpoint_url: str | None = None) -> EvalSource:
+    """Pick the reader from what `data` and `gt` are (see the CLI epilog); this rank's share."""
+    data_path, gt_path = Path(data).expanduser(), Path(gt).expanduser() if gt else None
+    name = data_path.name if data_path.name not in ("manifest.json", "") else data_path.parent.name
+    if gt_path is None and (data_path / "JPEGImages").is_dir() and (data_path / "Annotations").is_dir():
+        items, kind = _voc_root_items(data_path), "boxes"
+    elif gt_path is not None:
+        if not data_path.is_dir():
+            raise GroundTruthError(f"--data {data} must be an images folder when --gt is given")
+        if gt_path.is_file() and gt_path.suffix == ".json":
+            items, kind = _coco_items(data_path, gt_path), "boxes"
+        elif gt_path.is_dir() and any(gt_path.glob("*.xml")):
+            items, kind = _voc_items(data_path, sorted(gt_path.glob("*.xml"))), "boxes"
+        elif gt_path.is_dir():
+            items, kind = _mask_pairs(data_path, gt_path), "mask"
+        else:
+            raise GroundTruthError(f"--gt {gt}: expected a masks folder, a VOC XML folder or a COCO JSON file")
+    elif data_path.is_dir() and not (data_path / "manifest.json").is_file():
+        raise GroundTruthError(f"--data {data} is a folder without shards: give its ground truth with "
+                               "--gt (masks folder, VOC XML folder or COCO JSON)")
+    else:
+        return _shard_source(data, name, rank, world_size, endpoint_url)
+    share = items[rank::world_size]
+    return EvalSource(name, _folder_samples(share, kind), len(share))
+
+
+def _shard_source(data: str, name: str, rank: int, world_size: int, endpoint_url: str | None) -> EvalSource:
+    from move_scale.data.storage import storage_options_for
+    from move_scale.data.stream import build_eval_loader
+
+    try:
+        loader = build_eval_loader(data, rank=rank, world_size=world_size,
+                                   storage_options=storage_options_for(data, endpoint_url))
+    except (ValueError, OSError) as err:
+        raise GroundTruthError(f"--data {data}: cannot open evaluation shards ({err})") from err
+    return EvalSource(name, iter(loader), None)
+
+
+def evaluate(predictor, samples: Iterator[dict], task: str, *, batch_size: int = 1,
+             bilateral: bool = False, progress: bool = True, total: int | None = None
+             ) -> tuple[SaliencyMeter | CorLocMeter, int]:
+    """Score every sample that has the ground truth `task` needs → (this process's meter, skipped).
+
+    samples: dicts {"key", "image" uint8 (H,W,3), "mask" bool (H,W) | None, "boxes" (K,4) | None}.
+    """
+    needed = "mask" if task == "saliency" else "boxes"
+    meter = SaliencyMeter() if task == "saliency" else CorLocMeter()
+    skipped = 0
+
+    def prepared():
+        nonlocal skipped
+        for sample in samples:
+            if sample.get(needed) is None:
+                skipped += 1
+                continue
+            yield predictor.prepare(sample["key"], sample["image"], payload=sample)
+
+    refine = _bilateral_refiner() if bilateral else None
+    bar = tqdm(total=total, desc=f"evaluate {task}", unit="img", disable=not progress)
+    for item, mask in predictor.predict_stream(prepared(), batch_size):
+        sample = item.payload
+        if refine is not None:
+            mask = refine(sample["image"], mask)
+        if task == "saliency":
+            meter.update([mask], [sample["mask"]])
+        else:
+            box = largest_box(mask_to_boxes(mask))
+            meter.update([box.xyxy() if box else None], [np.asarray(sample["boxes"])])
+        bar.update(1)
+    bar.close()
+    if skipped:
+        logger.warning("%d images had no %s ground truth and were skipped", skipped, needed)
+    return meter, skipped
+
+
+def _bilateral_refiner():
+    from move_scale.bilateral import refine_mask
+
+    return refine_mask
+
+
+def _distributed() -> tuple[int, int, torch.device]:
+    """(rank, world_size, device) from accelerate's process state (initialises torch.distributed
+    when launched by accelerate / torchrun)."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():  # accelerate reports 1 process on CPU torchrun
+        return dist.get_rank(), dist.get_world_size(), state.device
+    return state.process_index, state.num_processes, state.device
+
+
+def _sum_over_processes(value: int, device: torch.device) -> int:
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    total = torch.tensor([value], dtype=torch.int64,
+                         device=device if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(total)
+    return int(total.item())
+
+
+def format_table(name: str, metrics: dict) -> str:
+    keys = [k for k in metrics if k != "images"]
+    header = ["dataset", "images", *keys]
+    row = [name, str(metrics["images"]), *(f"{metrics[k]:.4f}" for k in keys)]
+    widths = [max(len(h), len(v)) for h, v in zip(header, row)]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths]), line(row)])
+
+
+def log_to_mlflow(run_id: str, tracking_uri: str | None, name: str, metrics: dict) -> None:
+    """Log `eval/<name>/<metric>` into an existing MLflow run."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri or None)
+    for key, value in metrics.items():
+        client.log_metric(run_id, f"eval/{name}/{key}", float(value))
+    logger.info("logged %d metrics to MLflow run %s", len(metrics), run_id)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m move_scale.evaluate",
+        description="Evaluate a MOVE segmenter export: saliency (Acc, IoU, maxFβ; paper Table 1) "
+                    "or single-object discovery (CorLoc; paper Table 3).",
+        epilog="Ground truth: --data IMAGES --gt MASKS_DIR (masks matched by file stem; "
+               "png/255 > 0.5), --data IMAGES --gt ANNOTATIONS_DIR (VOC XML boxes), --data IMAGES "
+               "--gt instances.json (COCO boxes), --data VOC_ROOT (JPEGImages + Annotations "
+               "[+ ImageSets/Main/trainval.txt]), or --data SHARDS (manifest.json, .tar, brace "
+               "pattern or URL of evaluation shards with mask.png / boxes.json).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--checkpoint", required=True, help="segmenter export (export_segmenter)")
+    parser.add_argument("--data", required=True, help="images folder, VOC root, or evaluation shards")
+    parser.add_argument("--gt", default=None, help="masks folder, VOC XML folder or COCO JSON file")
+    parser.add_argument("--task", required=True, choices=("saliency", "corloc"))
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--name", default=None, help="dataset name in the table / MLflow keys")
+    parser.add_argument("--short-side", type=int, default=448, help="inference shorter side (448)")
+    parser.add_argument("--batch-size", type=int, default=1, help="images per forward (same padded size)")
+    parser.add_argument("--bilateral", action="store_true",
+                        help="refine masks with the bilateral solver + hole filling")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda when available)")
+    parser.add_argument("--weights-cache", default=None, help="where named feature weights live")
+    parser.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint for s3:// shards")
+    parser.add_argument("--mlflow-run-id", default=None, help="log eval/<name>/<metric> to this run")
+    parser.add_argument("--tracking-uri", default=None, help="MLflow store (default $MLFLOW_TRACKING_URI)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def run(args: argparse.Namespace) -> dict | None:
+    """Evaluate as `args` say; returns the results dict on the main process, None elsewhere."""
+    rank, world_size, default_device = _distributed()
+    device = torch.device(args.device) if args.device else default_device
+    predictor, meta = load_predictor(args.checkpoint, device, args.short_side, args.weights_cache)
+    source = open_eval_source(args.data, args.gt, rank=rank, world_size=world_size,
+                              endpoint_url=args.endpoint_url)
+    meter, skipped = evaluate(predictor, source.samples, args.task, batch_size=args.batch_size,
+                              bilateral=args.bilateral, progress=rank == 0 and not args.no_progress,
+                              total=source.count)
+    meter.reduce(torch.distributed)  # sums over processes; nothing to do in a single process
+    skipped_total = _sum_over_processes(skipped, device)
+    if meter.count == 0:
+        needed = "masks" if args.task == "saliency" else "boxes"
+        raise GroundTruthError(f"no image of {args.data} has ground-truth {needed} for --task "
+                               f"{args.task} ({skipped_total} images without them)")
+    if rank != 0:
+        return None
+    metrics = meter.compute()
+    name = args.name or source.name
+    results = {
+        "task": args.task, "dataset": name, "data": args.data, "gt": args.gt,
+        "checkpoint": str(args.checkpoint), "short_side": args.short_side,
+        "bilateral": args.bilateral, "skipped_images": skipped_total,
+        "features": meta.get("features"), "metrics": metrics,
+    }
+    print(format_table(name, metrics))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(results, indent=2))
+        logger.info("wrote %s", args.out)
+    if args.mlflow_run_id:
+        log_to_mlflow(args.mlflow_run_id, args.tracking_uri, name, metrics)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        run(args)
+    except (InferenceError, GroundTruthError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

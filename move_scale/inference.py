@@ -1,0 +1,202 @@
+"""Mask inference as in the authors' evaluation (REFERENCE §5), shared by evaluate and predict.
+
+Per image: shorter side resized to `short_side` (448, bicubic, on the 8-bit pixels), ImageNet
+normalisation, reflect padding on the right and bottom to a multiple of the patch, frozen features
+(positional embeddings interpolated to the grid), segmenter, mask cropped back to the resized
+image and resized (bilinear) to the original size. Images that pad to the same size are batched.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, TypeVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+T = TypeVar("T")
+
+
+class InferenceError(ValueError):
+    """A checkpoint or input that inference cannot use; the message says what to do."""
+
+
+@dataclass
+class PreparedImage:
+    """One image ready for the network, plus what is needed to map the mask back."""
+
+    key: str
+    tensor: torch.Tensor  # (3, Hp, Wp) ImageNet-normalised, reflect-padded
+    resized_hw: tuple[int, int]  # (h, w) after the resize, before padding
+    original_hw: tuple[int, int]  # (H, W) of the input image
+    payload: Any = None  # whatever the caller carries along (ground truth, paths, the image)
+
+    @property
+    def padded_hw(self) -> tuple[int, int]:
+        return tuple(self.tensor.shape[-2:])
+
+
+def resized_hw(height: int, width: int, short_side: int) -> tuple[int, int]:
+    """(h, w) with the shorter side equal to `short_side`, aspect ratio kept (rounded)."""
+    scale = short_side / min(height, width)
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def prepare_image(key: str, image: np.ndarray, short_side: int, patch_size: int,
+                  payload: Any = None, square: int | None = None) -> PreparedImage:
+    """image: uint8 RGB (H, W, 3) → PreparedImage with a (3, Hp, Wp) tensor, Hp, Wp multiples of p.
+
+    `square`: resize to square×square instead (for a features network of one fixed input size).
+    """
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise InferenceError(f"{key}: expected an 8-bit RGB array (H, W, 3), "
+                             f"got {image.dtype} {image.shape}")
+    height, width = image.shape[:2]
+    new_h, new_w = (square, square) if square else resized_hw(height, width, short_side)
+    pil = Image.fromarray(image, "RGB")
+    if (new_h, new_w) != (height, width):
+        pil = pil.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    pixels = torch.from_numpy(np.asarray(pil).copy()).permute(2, 0, 1).float() / 255.0  # (3, h, w)
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    normalised = (pixels - mean) / std
+    pad_h = math.ceil(new_h / patch_size) * patch_size - new_h
+    pad_w = math.ceil(new_w / patch_size) * patch_size - new_w
+    if pad_h or pad_w:
+        # reflect needs pad < side; sides are ≥ short_side ≥ patch > pad (checked by MaskPredictor)
+        normalised = F.pad(normalised[None], (0, pad_w, 0, pad_h), mode="reflect")[0]
+    return PreparedImage(key, normalised, (new_h, new_w), (height, width), payload)
+
+
+class MaskPredictor:
+    """Frozen features + segmenter → soft masks at the input images' own sizes."""
+
+    def __init__(self, features_net: torch.nn.Module, segmenter: torch.nn.Module,
+                 device: str | torch.device = "cpu", short_side: int = 448):
+        self.features_net = features_net.eval()
+        self.segmenter = segmenter.eval()
+        self.device = torch.device(device)
+        self.patch_size = int(features_net.patch_size)
+        if short_side < self.patch_size:
+            raise InferenceError(f"--short-side {short_side} is smaller than the ViT patch "
+                                 f"{self.patch_size}; use at least {self.patch_size} (paper: 448)")
+        self.short_side = short_side
+        self.square = None
+        if hasattr(features_net, "encode"):  # MAE features: positions fixed to its training size
+            self.square = int(features_net.img_size)
+            logger.warning("MAE features take one input size: images are resized to %dx%d "
+                           "(aspect ratio not kept), --short-side is ignored", self.square, self.square)
+
+    def prepare(self, key: str, image: np.ndarray, payload: Any = None) -> PreparedImage:
+        return prepare_image(key, image, self.short_side, self.patch_size, payload, self.square)
+
+    def _tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, Hp, Wp) → patch tokens (B, N, C)."""
+        if hasattr(self.features_net, "encode"):  # the MAE encoder serves (features.kind == "mae")
+            return self.features_net.encode(pixels)[:, 1:]  # drop CLS
+        return self.features_net(pixels)
+
+    @torch.no_grad()
+    def predict_batch(self, batch: list[PreparedImage]) -> list[np.ndarray]:
+        """Images of one padded size → float32 masks in [0, 1], each (H, W) of its input image."""
+        padded = {item.padded_hw for item in batch}
+        if len(padded) != 1:
+            raise ValueError(f"predict_batch needs one padded size per batch, got {sorted(padded)}")
+        height, width = padded.pop()
+        pixels = torch.stack([item.tensor for item in batch]).to(self.device)  # (B, 3, Hp, Wp)
+        grid = (height // self.patch_size, width // self.patch_size)
+        masks = self.segmenter(self._tokens(pixels), grid)  # (B, 1, h·2^k, w·2^k)
+        if tuple(masks.shape[-2:]) != (height, width):
+            masks = F.interpolate(masks, size=(height, width), mode="bilinear", align_corners=False)
+        out = []
+        for item, mask in zip(batch, masks.float()):
+            crop = mask[:, : item.resized_hw[0], : item.resized_hw[1]]  # (1, h, w): un-pad
+            full = F.interpolate(crop[None], size=item.original_hw, mode="bilinear",
+                                 align_corners=False)[0, 0]  # (H, W)
+            out.append(full.clamp(0, 1).cpu().numpy())
+        return out
+
+    def predict_stream(self, items: Iterable[PreparedImage], batch_size: int
+                       ) -> Iterator[tuple[PreparedImage, np.ndarray]]:
+        """(item, mask) for every item, batched by padded size (order not kept)."""
+        for batch in bucketed(items, lambda item: item.padded_hw, batch_size):
+            yield from zip(batch, self.predict_batch(batch))
+
+
+def bucketed(items: Iterable[T], key: Callable[[T], Any], batch_size: int,
+             max_pending: int | None = None) -> Iterator[list[T]]:
+    """Group items with equal `key` into batches of up to `batch_size`.
+
+    A full bucket is released at once; when more than `max_pending` items wait (default
+    4·batch_size), the fullest bucket is released early, so memory stays bounded on data with
+    many different sizes. Every item comes out exactly once.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    max_pending = max_pending or 4 * batch_size
+    buckets: dict[Any, list[T]] = {}
+    pending = 0
+    for item in items:
+        bucket = buckets.setdefault(key(item), [])
+        bucket.append(item)
+        pending += 1
+        if len(bucket) == batch_size:
+            pending -= len(bucket)
+            yield buckets.pop(key(item))
+        elif pending > max_pending:
+            fullest = max(buckets, key=lambda k: len(buckets[k]))
+            pending -= len(buckets[fullest])
+            yield buckets.pop(fullest)
+    for bucket in buckets.values():
+        yield bucket
+
+
+def load_predictor(checkpoint: str | Path, device: str | torch.device, short_side: int,
+                   weights_cache: str | None = None) -> tuple[MaskPredictor, dict]:
+    """(MaskPredictor, export meta) from a segmenter export; InferenceError for a bad file."""
+    from move_scale.checkpoint import CheckpointError, load_segmenter
+    from move_scale.weights import WeightsError
+
+    path = Path(checkpoint).expanduser()
+    if not path.is_file():
+        raise InferenceError(f"checkpoint not found: {path} (pass the segmenter export written "
+                             "by training, e.g. runs/<name>/segmenter.pt)")
+    try:
+        features_net, segmenter, meta = load_segmenter(path, device, weights_cache)
+    except (CheckpointError, WeightsError) as err:
+        raise InferenceError(str(err)) from err
+    logger.info("loaded segmenter %s (features %s, weights %s)", path,
+                meta["features"].get("kind"), meta["features"].get("weights"))
+    return MaskPredictor(features_net, segmenter, device, short_side), meta
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm")
+
+
+def list_images(folder: str | Path, recursive: bool = True) -> list[Path]:
+    """Image files under `folder` (by suffix, case-insensitive), sorted."""
+    folder = Path(folder)
+    pattern = folder.rglob("*") if recursive else folder.glob("*")
+    return sorted(p for p in pattern if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def read_image(path: str | Path):
+    """Any image file → `data.images.DecodedImage` (8-bit RGB, EXIF orientation applied, 16-bit
+    scaled, alpha composited on white, CMYK / palette / grayscale converted)."""
+    from move_scale.data.images import BadImage, decode_rgb
+
+    path = Path(path)
+    try:
+        return decode_rgb(path.read_bytes())
+    except BadImage as err:
+        raise InferenceError(f"{path}: cannot read the image ({err})") from err
+    except OSError as err:
+        raise InferenceError(f"{path}: cannot read the file ({err})") from err

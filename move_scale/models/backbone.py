@@ -1,0 +1,52 @@
+"""Frozen DINO ViT features for the segmenter (paper §2.1 and §3, REFERENCE §3).
+
+MOVE feeds the segmenter with the patch tokens output by block 10 (the 11th of 12) of a
+self-supervised DINO ViT-S/8, CLS dropped and without DINO's final norm. The module is a timm
+`VisionTransformer` in the `vit_small_patch8_224` layout, so the official
+`dino_deitsmall8_pretrain.pth` (a plain state dict in the same names) loads strictly; the blocks
+after `layer` are kept for that strict load but never run.
+"""
+from __future__ import annotations
+
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+
+class FrozenViT(VisionTransformer):
+    """Frozen ViT feature extractor; any input side that is a multiple of the patch.
+
+    Positional embeddings are interpolated (timm's dynamic_img_size) when the input grid differs
+    from `img_size / patch_size`. `forward(x (B,3,H,W)) -> (B, H/p·W/p, C)`.
+    """
+
+    def __init__(self, embed_dim: int, depth: int, num_heads: int, patch_size: int, layer: int,
+                 img_size: int = 224):
+        if not 0 <= layer < depth:
+            raise ValueError(f"features layer {layer} is outside the {depth} blocks (0..{depth - 1})")
+        super().__init__(
+            img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
+            num_heads=num_heads, mlp_ratio=4.0, qkv_bias=True, num_classes=0, dynamic_img_size=True,
+        )  # norm layers default to LayerNorm(eps=1e-6), as DINO's
+        self.layer = layer
+        self.patch_size = patch_size
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> "FrozenViT":
+        """Frozen: stays in eval mode whatever the caller asks."""
+        return super().train(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Patch tokens after block `layer`: (B,3,H,W) → (B, H/p·W/p, C), CLS dropped, no final norm."""
+        _, _, height, width = x.shape
+        if height % self.patch_size or width % self.patch_size:
+            raise ValueError(
+                f"input size {height}x{width} is not a multiple of the ViT patch {self.patch_size}; "
+                f"resize or crop images to a multiple of {self.patch_size}"
+            )
+        tokens = self.patch_embed(x)  # (B, H/p, W/p, C): dynamic-size patch embed is NHWC
+        tokens = self._pos_embed(tokens)  # (B, 1+N, C), positions interpolated to the grid
+        tokens = self.norm_pre(tokens)
+        for block in self.blocks[: self.layer + 1]:
+            tokens = block(tokens)
+        return tokens[:, self.num_prefix_tokens:]  # (B, N, C)

@@ -1,0 +1,119 @@
+"""Config → networks: one `build_*` per family, each loading its weights through `weights.py`.
+
+Each takes the `ModelConfig` (its section plus `weights_cache`) and plain arguments, never the whole
+Config. Weights are a registered name, a file path, or "random" (tests and demos).
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+
+from ..config import ModelConfig
+from ..weights import RANDOM, load_strict, load_weights, read_state_dict, resolve_weights
+from .backbone import FrozenViT
+from .discriminator import ProjectedDiscriminator
+from .mae import MAE, sincos_pos_embed_2d
+from .segmenter import Segmenter
+
+log = logging.getLogger(__name__)
+
+
+def _check_image_size(image_size: int, patch_size: int, what: str) -> None:
+    if image_size % patch_size:
+        raise ValueError(
+            f"data.image_size {image_size} is not a multiple of the {what} patch {patch_size}; "
+            f"use a multiple of {patch_size}"
+        )
+
+
+def build_features(model_cfg: ModelConfig, image_size: int) -> FrozenViT | None:
+    """The frozen DINO ViT (paper §3), or None when `features.kind == "mae"` (the MAE encoder serves).
+
+    The positional table keeps the checkpoint's grid (224 for DINO ViT-S/8); other image sizes are
+    served by interpolation at run time.
+    """
+    cfg = model_cfg.features
+    if cfg.kind == "mae":
+        return None
+    if cfg.kind != "dino":
+        raise ValueError(f"model.features.kind must be 'dino' or 'mae', got {cfg.kind!r}")
+    _check_image_size(image_size, cfg.patch_size, "features ViT")
+    what = f"features ViT ({cfg.weights})"
+    if cfg.weights == RANDOM:
+        vit = FrozenViT(cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.patch_size, cfg.layer, img_size=image_size)
+        load_weights(vit, RANDOM, model_cfg.weights_cache, what)
+        return vit
+    state_dict = read_state_dict(resolve_weights(cfg.weights, model_cfg.weights_cache))
+    grid = _square_grid(state_dict.get("pos_embed"), image_size // cfg.patch_size)
+    vit = FrozenViT(cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.patch_size, cfg.layer,
+                    img_size=grid * cfg.patch_size)
+    load_strict(vit, state_dict, what)
+    log.info("loaded %s", what)
+    return vit
+
+
+def _square_grid(pos_embed: torch.Tensor | None, default: int) -> int:
+    """Token grid side of a (1, 1+side², C) positional table; `default` when it is not one."""
+    if pos_embed is None or pos_embed.ndim != 3:
+        return default
+    side = math.isqrt(pos_embed.shape[1] - 1)
+    return side if side * side == pos_embed.shape[1] - 1 and side > 0 else default
+
+
+def build_segmenter(model_cfg: ModelConfig, in_dim: int) -> Segmenter:
+    """The trainable head (LayerNorm + upsampling CNN, supplementary §D) on `in_dim` tokens."""
+    cfg = model_cfg.segmenter
+    return Segmenter(in_dim, cfg.widths, cfg.convs_per_block)
+
+
+def build_mae(model_cfg: ModelConfig, image_size: int) -> MAE:
+    """The frozen MAE inpainter on an `image_size` grid (paper §2.2).
+
+    The official checkpoints store fixed sin-cos positions for 224. At another size those rows are
+    replaced by the sin-cos table of the new grid, but only after checking they are exactly the
+    fixed table (learned positions would be a mismatch, reported as such).
+    """
+    cfg = model_cfg.mae
+    _check_image_size(image_size, cfg.patch_size, "MAE")
+    mae = MAE(image_size, cfg.patch_size, cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.decoder_embed_dim,
+              cfg.decoder_depth, cfg.decoder_num_heads, cfg.mlp_ratio, frozen=True)
+    what = f"MAE inpainter ({cfg.weights})"
+    if cfg.weights == RANDOM:
+        load_weights(mae, RANDOM, model_cfg.weights_cache, what)
+        return mae
+    state_dict = read_state_dict(resolve_weights(cfg.weights, model_cfg.weights_cache))
+    load_strict(mae, _regrid_fixed_positions(state_dict, mae), what)
+    log.info("loaded %s", what)
+    return mae
+
+
+def _regrid_fixed_positions(state_dict: dict[str, torch.Tensor], mae: MAE) -> dict[str, torch.Tensor]:
+    own = mae.state_dict()
+    state_dict = dict(state_dict)
+    for key in ("pos_embed", "decoder_pos_embed"):
+        stored = state_dict.get(key)
+        if stored is None or stored.shape == own[key].shape or stored.ndim != 3:
+            continue
+        side = _square_grid(stored, 0)
+        if side and stored.shape[-1] % 4 == 0:
+            table = sincos_pos_embed_2d(stored.shape[-1], side)[None]
+            if torch.allclose(stored.float(), table, atol=1e-4):
+                log.info("MAE %s: fixed sin-cos table regridded from %d² to %d² tokens", key, side, mae.grid[0])
+                state_dict[key] = own[key]
+    return state_dict
+
+
+def build_discriminator(model_cfg: ModelConfig, seed: int) -> ProjectedDiscriminator:
+    """The projected D (paper §2.3): frozen EfficientNet-lite0 + random CCM/CSM, trainable heads."""
+    cfg = model_cfg.disc
+    disc = ProjectedDiscriminator(cfg.resolution, cfg.diffaug, seed)
+    what = f"discriminator backbone ({cfg.weights})"
+    if cfg.weights == RANDOM:
+        load_weights(disc, RANDOM, model_cfg.weights_cache, what)
+        return disc
+    state_dict = read_state_dict(resolve_weights(cfg.weights, model_cfg.weights_cache))
+    disc.features.load_backbone(state_dict, what)
+    log.info("loaded %s", what)
+    return disc

@@ -1,0 +1,56 @@
+"""The trainable segmenter: LayerNorm on frozen tokens, then a small upsampling CNN (paper §3, supp. §D).
+
+Blocks (REFERENCE §3): `len(widths) - 1` blocks of nearest Upsample×2 → [Conv3×3 (pad 1) →
+BatchNorm → LeakyReLU(0.01)] × convs_per_block, one more block without upsampling, then Conv1×1 to
+one channel and a sigmoid. DINO ViT-S/8 at 224: widths (192,128,128,128), 28→56→112→224.
+MAE features (patch 16): widths (512,256,128,128,128), 14→...→224. ImageNet100: two convs per block.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _conv_block(in_ch: int, out_ch: int, upsample: bool, convs: int) -> nn.Sequential:
+    layers: list[nn.Module] = [nn.Upsample(scale_factor=2, mode="nearest")] if upsample else []
+    for i in range(convs):
+        layers += [
+            nn.Conv2d(in_ch if i == 0 else out_ch, out_ch, kernel_size=3, padding=1),
+            nn.BatchNorm2d(out_ch),
+            nn.LeakyReLU(0.01),
+        ]
+    return nn.Sequential(*layers)
+
+
+class Segmenter(nn.Module):
+    """Tokens (B,N,C) on an h×w grid → mask m (B,1,h·2^k,w·2^k) in [0,1], k = len(widths) - 1."""
+
+    def __init__(self, in_dim: int, widths: tuple[int, ...] | list[int], convs_per_block: int = 1):
+        super().__init__()
+        if len(widths) < 1 or convs_per_block < 1:
+            raise ValueError(
+                f"segmenter needs at least one width and one conv per block, "
+                f"got widths={tuple(widths)}, convs_per_block={convs_per_block}"
+            )
+        self.in_dim = in_dim
+        self.upsamplings = len(widths) - 1
+        self.norm = nn.LayerNorm(in_dim, eps=1e-6)  # new, trainable; not the backbone's own norm
+        channels = [in_dim, *widths]
+        self.blocks = nn.Sequential(*[
+            _conv_block(channels[i], channels[i + 1], upsample=i < self.upsamplings, convs=convs_per_block)
+            for i in range(len(widths))
+        ])
+        self.to_mask = nn.Conv2d(widths[-1], 1, kernel_size=1)
+
+    def forward(self, tokens: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
+        batch, count, dim = tokens.shape
+        height, width = grid_hw
+        if count != height * width or dim != self.in_dim:
+            raise ValueError(
+                f"segmenter expects tokens (B, {height}*{width}, {self.in_dim}) for grid {grid_hw}, "
+                f"got {tuple(tokens.shape)}"
+            )
+        features = self.norm(tokens)  # (B, N, C)
+        features = features.transpose(1, 2).reshape(batch, dim, height, width)  # (B, C, h, w)
+        logits = self.to_mask(self.blocks(features))  # (B, 1, h·2^k, w·2^k)
+        return torch.sigmoid(logits)

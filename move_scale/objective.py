@@ -1,0 +1,306 @@
+"""The MOVE objective (paper §2, eq. 1-8): forward pass, composites and the losses of both phases.
+
+`MoveObjective` holds the networks and the switches of the Table 5 ablations as plain arguments;
+`objective_from_config(objective_cfg, ...)` fills the switches from the `objective` config
+section; `build_objective(cfg)` also builds the networks from a full Config.
+
+Cost discipline (see DESIGN.md): the frozen MAE encoder runs at most twice per forward, once on x
+(serving AE(x), the inpainting, and the segmenter's tokens when features are the MAE encoder's)
+and once on shift(x) (serving x̌_δ = AE(shift(x))). Frozen work runs under no_grad; only the
+inpainting decoder pass, which carries the gradient to the mask through the tile mask, does not.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from move_scale import compose
+from move_scale.losses import (
+    MASK_LOSS_SCALES,
+    discriminator_hinge_loss,
+    lambda_bin_at,
+    mask_losses,
+    segmenter_adversarial_loss,
+    segmenter_total_loss,
+)
+from move_scale.models.build import build_discriminator, build_features, build_mae, build_segmenter
+
+AUTOENCODED_KINDS = ("autoencoded", "composite_noshift", "copy_paste")  # need x̌
+SHIFTED_KINDS = ("composite_shifted", "copy_paste")  # need x̌_δ
+BACKGROUND_KINDS = ("composite_noshift", "composite_shifted")  # need b̂
+
+
+@dataclass
+class Composition:
+    """Everything one forward produces; all images (B, 3, H, W), masks (B, 1, H, W)."""
+
+    image: Tensor  # x
+    shifts: Tensor  # (B, 2) int64, (dy, dx)
+    mask: Tensor  # m
+    mask_shifted: Tensor  # m_δ
+    tile_mask: Tensor  # m̂ (B, N), as fed to the inpainter (hardened in that ablation)
+    autoencoded: Tensor | None  # x̌ = AE(x), or x with the MSE inpainter
+    autoencoded_shifted: Tensor | None  # x̌_δ = AE(shift(x)), or shift(x) with the MSE inpainter
+    inpainted_background: Tensor | None  # b̂
+
+    def input_for(self, kind: str) -> Tensor:
+        """The D input of `kind` (see `compose.discriminator_input`)."""
+        return compose.discriminator_input(
+            kind,
+            image=self.image,
+            mask=self.mask,
+            mask_shifted=self.mask_shifted,
+            autoencoded=self.autoencoded,
+            autoencoded_shifted=self.autoencoded_shifted,
+            inpainted_background=self.inpainted_background,
+        )
+
+
+def _check_kinds(name: str, kinds: Sequence[str], valid: Sequence[str]) -> tuple[str, ...]:
+    kinds = tuple(kinds)
+    if not kinds or len(set(kinds)) != len(kinds) or any(k not in valid for k in kinds):
+        raise ValueError(
+            f"objective.{name} = {list(kinds)}: use a non-empty list of distinct values from {list(valid)}"
+        )
+    return kinds
+
+
+def _check_switches(shift_range, theta_min, lambda_min, lambda_bin, bin_ramp_steps, inpainter) -> None:
+    if not 0.0 <= shift_range < 1.0:
+        raise ValueError(f"objective.shift_range = {shift_range}: use a value in [0, 1) (paper: 0.125)")
+    if not 0.0 <= theta_min <= 1.0:
+        raise ValueError(f"objective.theta_min = {theta_min}: use a value in [0, 1] (paper: 0.05)")
+    if lambda_min < 0 or lambda_bin < 0:
+        raise ValueError(f"objective.lambda_min / lambda_bin = {lambda_min} / {lambda_bin}: use values ≥ 0")
+    if bin_ramp_steps < 0:
+        raise ValueError(f"objective.bin_ramp_steps = {bin_ramp_steps}: use a value ≥ 0 (paper: 2500)")
+    if inpainter not in ("gan", "mse"):
+        raise ValueError(f"objective.inpainter = {inpainter!r}: use 'gan' or 'mse'")
+
+
+class MoveObjective:
+    """The networks of MOVE plus the switches of its ablations; computes both phases' losses.
+
+    features: frozen ViT (tokens (B, N, C)) or None to read the MAE encoder's tokens (ablation).
+    segmenter, discriminator: trainable (may be DDP-wrapped by the caller); mae: frozen inpainter.
+    """
+
+    def __init__(
+        self,
+        *,
+        features: nn.Module | None,
+        segmenter: nn.Module,
+        mae: nn.Module,
+        discriminator: nn.Module,
+        shift_range: float = 0.125,
+        theta_min: float = 0.05,
+        lambda_min: float = 100.0,
+        lambda_bin: float = 12.5,
+        bin_ramp_steps: int = 2500,
+        min_loss: bool = True,
+        bin_loss: bool = True,
+        mask_loss_scales: Sequence[str] = MASK_LOSS_SCALES,
+        real_inputs: Sequence[str] = ("autoencoded", "composite_noshift"),
+        fake_inputs: Sequence[str] = ("composite_shifted", "copy_paste"),
+        hard_tile_mask: bool = False,
+        inpainter: str = "gan",
+        true_background: bool = False,
+    ) -> None:
+        _check_switches(shift_range, theta_min, lambda_min, lambda_bin, bin_ramp_steps, inpainter)
+        self.real_inputs = _check_kinds("real_inputs", real_inputs, compose.REAL_KINDS)
+        self.fake_inputs = _check_kinds("fake_inputs", fake_inputs, compose.FAKE_KINDS)
+        self.mask_loss_scales = tuple(mask_loss_scales)
+        if len(set(self.mask_loss_scales)) != len(self.mask_loss_scales) or any(
+            s not in MASK_LOSS_SCALES for s in self.mask_loss_scales
+        ):
+            raise ValueError(
+                f"objective.mask_loss_scales = {list(mask_loss_scales)}: use distinct values from "
+                f"{list(MASK_LOSS_SCALES)} (an empty list turns the mask losses off)"
+            )
+        self.features, self.segmenter, self.mae, self.discriminator = features, segmenter, mae, discriminator
+        self.shift_range, self.theta_min = shift_range, theta_min
+        self.lambda_min, self.lambda_bin, self.bin_ramp_steps = lambda_min, lambda_bin, bin_ramp_steps
+        self.min_loss, self.bin_loss = min_loss, bin_loss
+        self.hard_tile_mask, self.inpainter, self.true_background = hard_tile_mask, inpainter, true_background
+
+    # ------------------------------------------------------------------ modes and devices
+
+    def train_modes(self) -> None:
+        """Trainable parts in train mode (segmenter BatchNorm, D heads); frozen parts in eval.
+
+        As in the authors' code both stay in train mode in both phases: the D step's no-grad
+        segmenter pass uses (and updates) batch statistics, the segmenter step's D pass too.
+        """
+        self.segmenter.train()
+        self.discriminator.train()  # its frozen feature network keeps itself in eval
+        self.mae.eval()
+        if self.features is not None:
+            self.features.eval()
+
+    def to(self, device: torch.device | str) -> MoveObjective:
+        for net in (self.features, self.segmenter, self.mae, self.discriminator):
+            if net is not None:
+                net.to(device)
+        return self
+
+    # ------------------------------------------------------------------ forward
+
+    def compose(self, images: Tensor, generator: torch.Generator, kinds: Sequence[str],
+                background: Tensor | None = None) -> Composition:
+        """Mask, shift, tile mask, autoencodings and inpainted background for the D inputs `kinds`.
+
+        images (B, 3, H, W) ImageNet-normalised; `background` (B, 3, H, W) only with
+        true_background. Runs under the caller's grad mode except for the frozen passes.
+        """
+        batch, _, height, width = images.shape
+        needs_ae = any(k in AUTOENCODED_KINDS for k in kinds)
+        needs_ae_shifted = any(k in SHIFTED_KINDS for k in kinds)
+        needs_background = any(k in BACKGROUND_KINDS for k in kinds)
+        use_mae_background = needs_background and not self.true_background
+        latent = None  # encoder pass 1, on x
+        if self.features is None or use_mae_background or (needs_ae and self.inpainter == "gan"):
+            with torch.no_grad():
+                latent = self.mae.encode(images)  # (B, 1+N, D)
+        mask = self._predict_mask(images, latent)  # (B, 1, H, W)
+        shifts = compose.sample_shifts(batch, height, width, self.shift_range, generator, images.device)
+        mask_shifted = compose.translate(mask, shifts)  # (B, 1, H, W)
+        tiles = compose.tile_mask(compose.mask_union(mask, mask_shifted), self.mae.patch_size)  # (B, N)
+        if self.hard_tile_mask:
+            tiles = compose.harden_tile_mask(tiles)
+        autoencoded, autoencoded_shifted = self._autoencodings(
+            images, latent, shifts, needs_ae, needs_ae_shifted
+        )
+        inpainted = None
+        if needs_background:
+            inpainted = self._background(images, latent, tiles, background)
+        return Composition(
+            images, shifts, mask, mask_shifted, tiles, autoencoded, autoencoded_shifted, inpainted
+        )
+
+    def _predict_mask(self, images: Tensor, latent: Tensor | None) -> Tensor:
+        height, width = images.shape[-2:]
+        if self.features is None:  # MAE-encoder features (ablation): reuse encoder pass 1
+            patch = self.mae.patch_size
+            tokens = latent[:, 1:]  # (B, N, D), CLS dropped
+        else:
+            patch = self.features.patch_size
+            with torch.no_grad():
+                tokens = self.features(images)  # (B, N, C)
+        mask = self.segmenter(tokens, (height // patch, width // patch))  # (B, 1, H, W)
+        if mask.shape[-2:] != images.shape[-2:]:
+            raise ValueError(
+                f"segmenter output {tuple(mask.shape[-2:])} differs from the image size {(height, width)}: "
+                f"model.segmenter.widths needs log2(patch size {patch}) + 1 entries"
+            )
+        return mask
+
+    def _autoencodings(self, images, latent, shifts, needs_ae, needs_ae_shifted):
+        """x̌ = AE(x) from encoder pass 1 and x̌_δ = AE(shift(x)) from encoder pass 2 (no grad);
+        with the MSE inpainter, x and shift(x) themselves (no encoder pass on shift(x))."""
+        autoencoded = autoencoded_shifted = None
+        with torch.no_grad():
+            if self.inpainter == "mse":
+                autoencoded = images if needs_ae else None
+                if needs_ae_shifted:
+                    autoencoded_shifted = compose.translate(images, shifts)
+                return autoencoded, autoencoded_shifted
+            if needs_ae:
+                autoencoded = self.mae.unpatchify(self.mae.decode(latent, None))  # (B, 3, H, W)
+            if needs_ae_shifted:
+                latent_shifted = self.mae.encode(compose.translate(images, shifts))  # pass 2
+                autoencoded_shifted = self.mae.unpatchify(self.mae.decode(latent_shifted, None))
+        return autoencoded, autoencoded_shifted
+
+    def _background(self, images, latent, tiles, background):
+        """b̂: the MAE inpainting from the soft tile mask (§2.2, with grad to the mask), pasted into x
+        outside the tiles for the MSE inpainter; or the supplied true background (diagnostic)."""
+        if self.true_background:
+            if background is None or background.shape != images.shape:
+                got = None if background is None else tuple(background.shape)
+                raise ValueError(
+                    f"objective.true_background needs a background batch of shape {tuple(images.shape)}, "
+                    f"got {got}: load shards with bg.png and pass extra_keys=('background',) to the loader"
+                )
+            return background.to(images.dtype)
+        inpainted = self.mae.unpatchify(self.mae.decode(latent, tiles))  # (B, 3, H, W)
+        if self.inpainter == "mse":
+            inpainted = compose.paste_outside_tiles(images, inpainted, tiles, self.mae.patch_size)
+        return inpainted
+
+    # ------------------------------------------------------------------ the two phases
+
+    def discriminator_loss(self, images: Tensor, generator: torch.Generator,
+                           background: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """D phase (eq. 5, 8): the whole forward without grad, D on each real and fake kind.
+
+        D sees each kind as its own batch (its BatchNorm statistics are per kind, as in the
+        authors' code). Returns (loss/disc/total, all terms).
+        """
+        kinds = self.real_inputs + self.fake_inputs
+        with torch.no_grad():
+            comp = self.compose(images, generator, kinds, background)
+            inputs = {kind: comp.input_for(kind) for kind in kinds}
+        logits = {kind: self.discriminator(x, augment=True, generator=generator) for kind, x in inputs.items()}
+        terms = discriminator_hinge_loss(
+            {k: logits[k] for k in self.real_inputs}, {k: logits[k] for k in self.fake_inputs}
+        )
+        total = terms["loss/disc/total"]
+        terms = {name: value.detach() for name, value in terms.items()}
+        for kind, value in logits.items():
+            terms[f"disc/logit/{kind}"] = value.detach().float().mean()
+        terms["mask/area"] = comp.mask.detach().float().mean()
+        return total, terms
+
+    def segmenter_loss(self, images: Tensor, generator: torch.Generator, segmenter_step: int,
+                       background: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor | float]]:
+        """Segmenter phase (eq. 6, 7): L_advS on x̂_δ + λ_min·L_min + λ_bin(step)·L_bin on m_δ.
+
+        Gradient reaches the mask through the frozen D features and the MAE decoder.
+        `segmenter_step` counts segmenter steps done before this one (drives the λ_bin ramp).
+        """
+        comp = self.compose(images, generator, ("composite_shifted",), background)
+        logits = self.discriminator(comp.input_for("composite_shifted"), augment=True, generator=generator)
+        adversarial = segmenter_adversarial_loss(logits)
+        mask_terms = mask_losses(
+            comp.mask_shifted, patch_size=self.mae.patch_size, theta_min=self.theta_min,
+            scales=self.mask_loss_scales, min_loss=self.min_loss, bin_loss=self.bin_loss,
+        )
+        lambda_bin = lambda_bin_at(segmenter_step, self.lambda_bin, self.bin_ramp_steps)
+        total = segmenter_total_loss(adversarial, mask_terms, self.lambda_min, lambda_bin)
+        terms = {"loss/seg/adv": adversarial.detach()}
+        terms.update({name: value.detach() for name, value in mask_terms.items()})
+        terms["loss/seg/total"] = total.detach()
+        terms["mask/area"] = comp.mask.detach().float().mean()
+        terms["mask/tile_area"] = comp.tile_mask.detach().float().mean()
+        terms["lambda_bin"] = lambda_bin
+        return total, terms
+
+
+def objective_from_config(objective_cfg, *, features: nn.Module | None, segmenter: nn.Module,
+                          mae: nn.Module, discriminator: nn.Module) -> MoveObjective:
+    """A MoveObjective from the `objective` section (ObjectiveConfig) and already built networks."""
+    c = objective_cfg
+    return MoveObjective(
+        features=features, segmenter=segmenter, mae=mae, discriminator=discriminator,
+        shift_range=c.shift_range, theta_min=c.theta_min, lambda_min=c.lambda_min,
+        lambda_bin=c.lambda_bin, bin_ramp_steps=c.bin_ramp_steps, min_loss=c.min_loss,
+        bin_loss=c.bin_loss, mask_loss_scales=c.mask_loss_scales, real_inputs=c.real_inputs,
+        fake_inputs=c.fake_inputs, hard_tile_mask=c.hard_tile_mask, inpainter=c.inpainter,
+        true_background=c.true_background,
+    )
+
+
+def build_objective(cfg) -> MoveObjective:
+    """The networks (models/build.py, weights from model.weights_cache) and the objective, on the
+    CPU, from a full Config: features | None, segmenter, MAE and D (seeded by cfg.seed)."""
+    features = build_features(cfg.model, cfg.data.image_size)
+    mae = build_mae(cfg.model, cfg.data.image_size)
+    in_dim = features.embed_dim if features is not None else cfg.model.mae.embed_dim
+    segmenter = build_segmenter(cfg.model, in_dim)
+    discriminator = build_discriminator(cfg.model, cfg.seed)
+    return objective_from_config(
+        cfg.objective, features=features, segmenter=segmenter, mae=mae, discriminator=discriminator
+    )

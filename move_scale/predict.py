@@ -1,0 +1,213 @@
+"""Predict masks and boxes for any images with a segmenter export (pseudo-labels, inspection).
+
+    python -m move_scale.predict --checkpoint runs/duts/segmenter.pt photos/ out/ --overlay
+
+INPUT is a folder of images (searched recursively), one image file, a text file listing image
+paths (one a line, relative to the list's folder), or shards (manifest.json, a folder holding one,
+.tar, brace pattern or URL). OUTPUT receives:
+
+    masks/<key>.png      soft mask as 8-bit grey (mask·255), the input image's size
+    boxes.json           per image: the largest box and all boxes (x1, y1 exclusive) with scores
+    coco_multi.json      COCO-style detections, all boxes (the paper's "Multi" pseudo-labels)
+    coco_largest.json    COCO-style detections, the largest box per image
+    overlays/<key>.jpg   with --overlay: the mask tinted red, boxes drawn (largest in yellow)
+
+<key> is the path relative to the input folder without its suffix (the shard key for shards).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from move_scale.boxes import Box, boxes_record, coco_detections, mask_to_boxes
+from move_scale.inference import IMAGE_SUFFIXES, InferenceError, list_images, load_predictor, read_image
+
+logger = logging.getLogger(__name__)
+LIST_SUFFIXES = (".txt", ".lst", ".list")
+
+
+@dataclass
+class InputImage:
+    key: str  # output name (no suffix)
+    file_name: str  # as written into the COCO JSON
+    path: Path | None  # None for images that come from shards
+
+
+def _is_shards(spec: str) -> bool:
+    path = Path(spec)
+    return ("://" in spec or "{" in spec or spec.endswith((".tar", "manifest.json"))
+            or (path.is_dir() and (path / "manifest.json").is_file()))
+
+
+def list_inputs(spec: str) -> list[InputImage]:
+    """Image files named by INPUT (folder, image file or list); InferenceError when there are none."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        files, root = list_images(path), path
+    elif path.is_file() and path.suffix.lower() in LIST_SUFFIXES:
+        root = path.parent
+        files = [root / line.strip() for line in path.read_text().splitlines() if line.strip()]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise InferenceError(f"{path} lists {len(missing)} missing files, e.g. {missing[0]}")
+    elif path.is_file():
+        files, root = [path], path.parent
+    else:
+        raise InferenceError(f"input not found: {spec} (give a folder, an image, a list "
+                             f"({'/'.join(LIST_SUFFIXES)}) or shards)")
+    if not files:
+        raise InferenceError(f"no images in {spec} (looked for {' '.join(IMAGE_SUFFIXES)})")
+    inputs, seen = [], set()
+    for file in files:
+        relative = file.relative_to(root) if file.is_relative_to(root) else Path(file.name)
+        key = relative.with_suffix("").as_posix()
+        if key in seen:  # a.jpg and a.png side by side: keep the suffix in the name
+            key = relative.as_posix()
+        seen.add(key)
+        inputs.append(InputImage(key, relative.as_posix(), file))
+    return inputs
+
+
+def _file_images(inputs: list[InputImage], skipped: list[str]) -> Iterator[tuple[InputImage, np.ndarray]]:
+    for item in inputs:
+        try:
+            image = np.asarray(read_image(item.path).image)
+        except InferenceError as err:
+            logger.warning("skipping %s", err)
+            skipped.append(str(item.path))
+            continue
+        yield item, image
+
+
+def _shard_images(spec: str, endpoint_url: str | None) -> Iterator[tuple[InputImage, np.ndarray]]:
+    from move_scale.data.storage import storage_options_for
+    from move_scale.data.stream import build_eval_loader
+
+    try:
+        loader = build_eval_loader(spec, rank=0, world_size=1,
+                                   storage_options=storage_options_for(spec, endpoint_url))
+    except (ValueError, OSError) as err:
+        raise InferenceError(f"cannot open shards {spec}: {err}") from err
+    for sample in loader:
+        yield InputImage(sample["key"], sample["key"], None), sample["image"]
+
+
+def draw_overlay(image: np.ndarray, mask: np.ndarray, boxes: list[Box]) -> np.ndarray:
+    """uint8 (H, W, 3): the mask tinted red at half strength, boxes outlined (largest yellow)."""
+    tint = np.array([255, 0, 0], np.float32)
+    alpha = 0.5 * mask[..., None]
+    out = (image.astype(np.float32) * (1 - alpha) + tint * alpha).astype(np.uint8)
+    thickness = max(1, round(min(image.shape[:2]) / 200))
+    for index, box in reversed(list(enumerate(boxes))):
+        colour = (255, 255, 0) if index == 0 else (0, 255, 0)
+        cv2.rectangle(out, (box.x0, box.y0), (box.x1 - 1, box.y1 - 1), colour, thickness)
+    return out
+
+
+class OutputWriter:
+    """Writes masks, overlays and the box files under OUTPUT."""
+
+    def __init__(self, out_dir: Path, overlay: bool, threshold: float, min_area_fraction: float):
+        self.out_dir = out_dir
+        self.overlay = overlay
+        self.threshold = threshold
+        self.min_area_fraction = min_area_fraction
+        self.records: list[dict] = []
+        self.detections: list[tuple[str, int, int, list[Box]]] = []
+
+    def add(self, item: InputImage, image: np.ndarray, mask: np.ndarray) -> None:
+        """mask: float (H, W) in [0, 1] at the image's size."""
+        height, width = mask.shape
+        boxes = mask_to_boxes(mask, self.threshold, self.min_area_fraction)
+        target = self.out_dir / "masks" / f"{item.key}.png"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.round(mask * 255).astype(np.uint8), "L").save(target)
+        if self.overlay:
+            target = self.out_dir / "overlays" / f"{item.key}.jpg"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(draw_overlay(image, mask, boxes), "RGB").save(target, quality=90)
+        self.records.append(boxes_record(item.key, width, height, boxes))
+        self.detections.append((item.file_name, width, height, boxes))
+
+    def finish(self) -> None:
+        order = sorted(range(len(self.records)), key=lambda i: self.records[i]["key"])
+        records = [self.records[i] for i in order]
+        detections = [self.detections[i] for i in order]
+        boxes_json = {"threshold": self.threshold, "min_area_fraction": self.min_area_fraction,
+                      "box_convention": "[x0, y0, x1, y1], pixels, x1/y1 exclusive",
+                      "images": records}
+        (self.out_dir / "boxes.json").write_text(json.dumps(boxes_json, indent=1))
+        (self.out_dir / "coco_multi.json").write_text(json.dumps(coco_detections(detections)))
+        (self.out_dir / "coco_largest.json").write_text(
+            json.dumps(coco_detections(detections, largest_only=True)))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m move_scale.predict",
+        description=__doc__.split("\n\n")[0] + "\n\n" + "\n\n".join(__doc__.split("\n\n")[2:]),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("input", help="image folder, image file, list file (.txt) or shards")
+    parser.add_argument("output", help="output folder (created)")
+    parser.add_argument("--checkpoint", required=True, help="segmenter export (export_segmenter)")
+    parser.add_argument("--overlay", action="store_true", help="also write overlays/<key>.jpg")
+    parser.add_argument("--batch-size", type=int, default=8, help="images per forward (same padded size)")
+    parser.add_argument("--short-side", type=int, default=448, help="inference shorter side (448)")
+    parser.add_argument("--threshold", type=float, default=0.5, help="mask threshold for boxes")
+    parser.add_argument("--min-box-fraction", type=float, default=0.01,
+                        help="drop boxes smaller than this share of the image (0.01)")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda when available)")
+    parser.add_argument("--weights-cache", default=None, help="where named feature weights live")
+    parser.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint for s3:// shards")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Predict for every input image; returns {"images": written, "skipped": [paths]}."""
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if _is_shards(args.input):
+        images, total, skipped = _shard_images(args.input, args.endpoint_url), None, []
+    else:
+        inputs, skipped = list_inputs(args.input), []
+        images, total = _file_images(inputs, skipped), len(inputs)
+    predictor, _ = load_predictor(args.checkpoint, device, args.short_side, args.weights_cache)
+    writer = OutputWriter(Path(args.output), args.overlay, args.threshold, args.min_box_fraction)
+    writer.out_dir.mkdir(parents=True, exist_ok=True)
+    prepared = (predictor.prepare(item.key, image, payload=(item, image)) for item, image in images)
+    with tqdm(total=total, desc="predict", unit="img", disable=args.no_progress) as bar:
+        for prepared_image, mask in predictor.predict_stream(prepared, args.batch_size):
+            writer.add(*prepared_image.payload, mask)
+            bar.update(1)
+    if not writer.records:
+        raise InferenceError(f"no image of {args.input} could be read ({len(skipped)} skipped)")
+    writer.finish()
+    logger.info("wrote %d masks and boxes to %s (%d skipped)", len(writer.records), args.output, len(skipped))
+    return {"images": len(writer.records), "skipped": skipped}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        run(args)
+    except InferenceError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

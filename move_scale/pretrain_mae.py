@@ -1,0 +1,176 @@
+"""Pretrain an MAE inpainter on a set of shards (He et al. 2022 recipe), for offline MOVE.
+
+    python -m move_scale.pretrain_mae --config configs/synthetic.yaml --out runs/synthetic/mae.pth \
+        [--steps 800 | --epochs 20] [--batch-size 64] [--lr 1.5e-3] [data.train=...]
+
+The architecture comes from the config's `model.mae` section and the images from `data.train`
+(with `data.image_size`, crops and flips as in MOVE training); the recipe has its own options:
+AdamW (betas 0.9/0.95, weight decay 0.05), linear warm-up then cosine decay, random masking of
+`--mask-ratio` (0.75) of the tokens, the pixel loss on the masked tokens only (no norm_pix_loss,
+so the decoder outputs images in ImageNet-normalised space, as MOVE's inpainter must).
+Trailing `key=value` arguments override the config, as for training.
+
+The weights are saved as `{"model": state_dict}` in the official MAE layout, so MOVE loads them like
+any other MAE file: `model.mae.weights=/path/to/mae.pth` (and `model.features.kind=mae` to use its
+encoder as the feature extractor, paper Table 5).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from move_scale.config import Config, load_config
+from move_scale.progress import ProgressMeter, format_duration
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PretrainRecipe:
+    """The MAE pretraining schedule (MAE paper, Table 8, scaled down)."""
+
+    steps: int = 0  # total optimizer steps; 0: `epochs` passes over data.train
+    epochs: int = 20
+    batch_size: int = 64
+    lr: float = 1.5e-3
+    weight_decay: float = 0.05
+    warmup_fraction: float = 0.1  # share of the steps with a linear warm-up
+    mask_ratio: float = 0.75
+    log_every: int = 100
+
+
+def lr_at(step: int, total: int, base_lr: float, warmup_fraction: float) -> float:
+    """Linear warm-up to `base_lr`, then half-cosine decay to 0 at `total`."""
+    warmup = max(1, int(total * warmup_fraction))
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def build_pretrain_mae(cfg: Config) -> torch.nn.Module:
+    """A fresh, trainable MAE with the config's architecture at `data.image_size`."""
+    from move_scale.models.mae import MAE
+
+    m = cfg.model.mae
+    return MAE(img_size=cfg.data.image_size, patch_size=m.patch_size, embed_dim=m.embed_dim,
+               depth=m.depth, num_heads=m.num_heads, decoder_embed_dim=m.decoder_embed_dim,
+               decoder_depth=m.decoder_depth, decoder_num_heads=m.decoder_num_heads,
+               mlp_ratio=m.mlp_ratio, frozen=False)
+
+
+def _loader(cfg: Config, batch_size: int, epoch: int):
+    from move_scale.data.stream import build_train_loader
+
+    d = cfg.data
+    if not d.train:
+        raise ValueError("data.train is empty: pass the training shards, e.g. data.train=shards/synthetic/train/manifest.json")
+    return build_train_loader(
+        d.train, batch_size=batch_size, image_size=d.image_size, crop_scale=d.crop_scale,
+        crop_ratio=d.crop_ratio, hflip=d.hflip, workers=d.workers, shuffle_buffer=d.shuffle_buffer,
+        seed=cfg.seed, rank=0, world_size=1, epoch=epoch,
+        storage_options={"endpoint_url": d.endpoint_url} if d.endpoint_url else None)
+
+
+def _batches(cfg: Config, batch_size: int):
+    """Endless (epoch, batch) pairs, a fresh shuffle every epoch."""
+    epoch = 0
+    while True:
+        count = 0
+        for batch in _loader(cfg, batch_size, epoch):
+            count += 1
+            yield epoch, batch["image"]
+        if count == 0:
+            raise ValueError(f"data.train={cfg.data.train!r} yielded no batch of {batch_size}: use more images or a smaller --batch-size")
+        epoch += 1
+
+
+def pretrain(cfg: Config, recipe: PretrainRecipe, out: str | Path) -> dict[str, float]:
+    """Train an MAE from scratch on `cfg.data.train`; save `{"model": sd}` to `out`.
+
+    Returns the mean loss over the first and the last `log_every` steps and the time taken.
+    """
+    torch.manual_seed(cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    mae = build_pretrain_mae(cfg).train()
+    total = recipe.steps or recipe.epochs * max(1, len(_loader(cfg, recipe.batch_size, 0)))
+    params = [p for p in mae.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=recipe.lr, betas=(0.9, 0.95), weight_decay=recipe.weight_decay)
+    meter = ProgressMeter(recipe.batch_size, total)
+    window = max(1, min(recipe.log_every, total // 4))
+    first, recent, start = [], [], time.perf_counter()
+    log.info("MAE pretraining: %d steps of %d images at %d px, %.1fM parameters",
+             total, recipe.batch_size, cfg.data.image_size, sum(p.numel() for p in params) / 1e6)
+    batches = _batches(cfg, recipe.batch_size)
+    for step in range(total):
+        epoch, images = next(batches)  # (B, 3, S, S) ImageNet-normalised
+        meter.data_ready()
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, total, recipe.lr, recipe.warmup_fraction)
+        loss, _, _ = mae.forward_pretrain(images, mask_ratio=recipe.mask_ratio, generator=generator)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"MAE pretraining loss is {loss.item()} at step {step}: lower --lr")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        meter.step_done()
+        (first if step < window else recent).append(loss.item())
+        recent[:] = recent[-window:]
+        if step % recipe.log_every == 0 or step == total - 1:
+            log.info("mae step %d/%d epoch %d loss %.4f lr %.2e | %.0f img/s, data wait %.0f%%, ETA %s",
+                     step + 1, total, epoch, loss.item(), optimizer.param_groups[0]["lr"],
+                     meter.images_per_second, 100 * meter.data_wait_share,
+                     format_duration(meter.eta_seconds(step + 1)))
+    save_mae(mae, out)
+    seconds = time.perf_counter() - start
+    log.info("saved MAE weights to %s after %s", out, format_duration(seconds))
+    final = recent or first
+    return {"loss_first": sum(first) / len(first), "loss_last": sum(final) / len(final), "seconds": seconds}
+
+
+def save_mae(mae: torch.nn.Module, out: str | Path) -> Path:
+    """Write `{"model": state_dict}` atomically (temporary name, then rename)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    torch.save({"model": {k: v.detach().cpu() for k, v in mae.state_dict().items()}}, tmp)
+    os.replace(tmp, out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    parser = argparse.ArgumentParser(prog="python -m move_scale.pretrain_mae", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True, help="YAML config: model.mae architecture, data.train")
+    parser.add_argument("--out", required=True, help="where to write the MAE weights ({'model': state_dict})")
+    defaults = PretrainRecipe()
+    parser.add_argument("--steps", type=int, default=defaults.steps, help="optimizer steps (0: use --epochs)")
+    parser.add_argument("--epochs", type=int, default=defaults.epochs)
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--lr", type=float, default=defaults.lr)
+    parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+    parser.add_argument("--warmup-fraction", type=float, default=defaults.warmup_fraction)
+    parser.add_argument("--mask-ratio", type=float, default=defaults.mask_ratio)
+    parser.add_argument("--log-every", type=int, default=defaults.log_every)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave torch's default)")
+    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. data.train=shards/x/manifest.json")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not 0.0 < args.mask_ratio < 1.0:
+        parser.error(f"--mask-ratio must be in (0, 1), got {args.mask_ratio}")
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    recipe = PretrainRecipe(steps=args.steps, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                            weight_decay=args.weight_decay, warmup_fraction=args.warmup_fraction,
+                            mask_ratio=args.mask_ratio, log_every=args.log_every)
+    return pretrain(load_config(args.config, args.overrides), recipe, args.out)
+
+
+if __name__ == "__main__":
+    main()

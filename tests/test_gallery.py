@@ -1,0 +1,64 @@
+"""Mask gallery PNG: pixel-exact columns read back from the written file."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from move_scale.gallery import GAP, save_mask_gallery
+
+MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+
+
+def normalised(pixels: np.ndarray) -> torch.Tensor:
+    """uint8 (B,H,W,3) → ImageNet-normalised float (B,3,H,W), as the data loader produces."""
+    return (torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255 - MEAN) / STD
+
+
+def tile(grid: np.ndarray, row: int, col: int, size: int) -> np.ndarray:
+    top, left = row * (size + GAP), col * (size + GAP)
+    return grid[top: top + size, left: left + size]
+
+
+def test_gallery_columns_are_pixel_exact(tmp_path):
+    rng = np.random.default_rng(0)
+    size, batch = 16, 5
+    inputs, backgrounds, composites = (rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
+                                       for _ in range(3))
+    mask_levels = rng.integers(0, 256, (batch, 1, size, size)).astype(np.float32)
+    path = save_mask_gallery(tmp_path / "sub" / "g.png", normalised(inputs),
+                             torch.from_numpy(mask_levels / 255), normalised(backgrounds),
+                             normalised(composites), max_rows=3)
+    grid = np.asarray(Image.open(path))
+    assert grid.shape == (3 * size + 2 * GAP, 4 * size + 3 * GAP, 3)
+    for row in range(3):
+        assert np.array_equal(tile(grid, row, 0, size), inputs[row])
+        assert np.array_equal(tile(grid, row, 1, size)[..., 0], mask_levels[row, 0].astype(np.uint8))
+        assert np.array_equal(tile(grid, row, 2, size), backgrounds[row])
+        assert np.array_equal(tile(grid, row, 3, size), composites[row])
+    assert (grid[size: size + GAP] == 255).all()  # white gap between rows
+
+
+def test_low_resolution_mask_is_resized_and_out_of_range_clamped(tmp_path):
+    images = torch.zeros(2, 3, 16, 16)
+    masks = torch.zeros(2, 1, 4, 4)
+    masks[:, :, :, 2:] = 1.0  # right half foreground
+    images[1] = 50.0  # far outside [0, 1] after de-normalisation
+    grid = np.asarray(Image.open(save_mask_gallery(tmp_path / "g.png", images, masks, images,
+                                                   images)))
+    mask_tile = tile(grid, 0, 1, 16)[..., 0]
+    assert (mask_tile[:, :6] == 0).all() and (mask_tile[:, 10:] == 255).all()  # bilinear edge
+    assert (tile(grid, 1, 0, 16) == 255).all()
+
+
+def test_shape_errors(tmp_path):
+    images = torch.zeros(2, 3, 8, 8)
+    with pytest.raises(ValueError, match=r"masks of shape \(B,1,h,w\)"):
+        save_mask_gallery(tmp_path / "g.png", images, torch.zeros(2, 3, 8, 8), images, images)
+    with pytest.raises(ValueError, match="composites has 1 items, need 2"):
+        save_mask_gallery(tmp_path / "g.png", images, torch.zeros(2, 1, 8, 8), images, images[:1])
+    with pytest.raises(ValueError, match="column 2"):
+        save_mask_gallery(tmp_path / "g.png", images, torch.zeros(2, 1, 8, 8),
+                          torch.zeros(2, 3, 4, 4), images)
