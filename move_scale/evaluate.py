@@ -138,11 +138,24 @@ def _folder_samples(items: list[tuple[Path, object]], kind: str) -> Iterator[dic
         yield {"key": image_path.stem, "image": image, "mask": mask, "boxes": boxes}
 
 
+def _apply_subset(items: list, subset: str) -> list:
+    """Keep the images named (file name or stem, one a line) in the text file `subset`."""
+    wanted = {Path(line.strip()).name for line in Path(subset).read_text().splitlines() if line.strip()}
+    kept = [item for item in items if item[0].name in wanted or item[0].stem in wanted]
+    if not kept:
+        raise GroundTruthError(f"--subset {subset}: none of its {len(wanted)} names is in the data")
+    logger.info("--subset %s keeps %d of %d images", subset, len(kept), len(items))
+    return kept
+
+
 def open_eval_source(data: str, gt: str | None, *, rank: int = 0, world_size: int = 1,
-                     endpoint_url: str | None = None) -> EvalSource:
+                     endpoint_url: str | None = None, subset: str | None = None) -> EvalSource:
     """Pick the reader from what `data` and `gt` are (see the CLI epilog); this rank's share."""
     data_path, gt_path = Path(data).expanduser(), Path(gt).expanduser() if gt else None
     name = data_path.name if data_path.name not in ("manifest.json", "") else data_path.parent.name
+    if "://" not in data and "{" not in data and not data_path.exists():
+        raise GroundTruthError(f"--data {data}: no such folder or file (give an images folder with "
+                               "--gt, a VOC root, or evaluation shards)")
     if gt_path is None and (data_path / "JPEGImages").is_dir() and (data_path / "Annotations").is_dir():
         items, kind = _voc_root_items(data_path), "boxes"
     elif gt_path is not None:
@@ -160,8 +173,10 @@ def open_eval_source(data: str, gt: str | None, *, rank: int = 0, world_size: in
         raise GroundTruthError(f"--data {data} is a folder without shards: give its ground truth with "
                                "--gt (masks folder, VOC XML folder or COCO JSON)")
     else:
+        if subset:
+            raise GroundTruthError("--subset applies to image folders, not to shards")
         return _shard_source(data, name, rank, world_size, endpoint_url)
-    share = items[rank::world_size]
+    share = (_apply_subset(items, subset) if subset else items)[rank::world_size]
     return EvalSource(name, _folder_samples(share, kind), len(share))
 
 
@@ -270,19 +285,26 @@ def build_parser() -> argparse.ArgumentParser:
                "png/255 > 0.5), --data IMAGES --gt ANNOTATIONS_DIR (VOC XML boxes), --data IMAGES "
                "--gt instances.json (COCO boxes), --data VOC_ROOT (JPEGImages + Annotations "
                "[+ ImageSets/Main/trainval.txt]), or --data SHARDS (manifest.json, .tar, brace "
-               "pattern or URL of evaluation shards with mask.png / boxes.json).",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+               "pattern or URL of evaluation shards with mask.png / boxes.json). --subset keeps "
+               "the images named in a list (COCO20K: the 19,817 train2014 names). Inference: "
+               "shorter side to --short-side (bicubic), reflect-padded to the patch, mask resized "
+               "back to the image.",
     )
     parser.add_argument("--checkpoint", required=True, help="segmenter export (export_segmenter)")
     parser.add_argument("--data", required=True, help="images folder, VOC root, or evaluation shards")
     parser.add_argument("--gt", default=None, help="masks folder, VOC XML folder or COCO JSON file")
-    parser.add_argument("--task", required=True, choices=("saliency", "corloc"))
+    parser.add_argument("--task", required=True, choices=("saliency", "corloc"),
+                        help="saliency: Acc and IoU at 0.5, maxFβ (β²=0.3, one threshold per "
+                             "dataset) and per-image maxFβ; corloc: %% of images whose largest "
+                             "box has IoU ≥ 0.5 with a ground-truth box")
+    parser.add_argument("--subset", default=None,
+                        help="text file of image names (or stems) to keep, e.g. the COCO20K list")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     parser.add_argument("--name", default=None, help="dataset name in the table / MLflow keys")
     parser.add_argument("--short-side", type=int, default=448, help="inference shorter side (448)")
     parser.add_argument("--batch-size", type=int, default=1, help="images per forward (same padded size)")
     parser.add_argument("--bilateral", action="store_true",
-                        help="refine masks with the bilateral solver + hole filling")
+                        help="refine masks with the bilateral solver (σ 16/16/8, λ 256) + hole filling")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available)")
     parser.add_argument("--weights-cache", default=None, help="where named feature weights live")
     parser.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint for s3:// shards")
@@ -298,7 +320,7 @@ def run(args: argparse.Namespace) -> dict | None:
     device = torch.device(args.device) if args.device else default_device
     predictor, meta = load_predictor(args.checkpoint, device, args.short_side, args.weights_cache)
     source = open_eval_source(args.data, args.gt, rank=rank, world_size=world_size,
-                              endpoint_url=args.endpoint_url)
+                              endpoint_url=args.endpoint_url, subset=args.subset)
     meter, skipped = evaluate(predictor, source.samples, args.task, batch_size=args.batch_size,
                               bilateral=args.bilateral, progress=rank == 0 and not args.no_progress,
                               total=source.count)

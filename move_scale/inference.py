@@ -163,6 +163,7 @@ def load_predictor(checkpoint: str | Path, device: str | torch.device, short_sid
                    weights_cache: str | None = None) -> tuple[MaskPredictor, dict]:
     """(MaskPredictor, export meta) from a segmenter export; InferenceError for a bad file."""
     from move_scale.checkpoint import CheckpointError, load_segmenter
+    from move_scale.config import ConfigError
     from move_scale.weights import WeightsError
 
     path = Path(checkpoint).expanduser()
@@ -171,7 +172,7 @@ def load_predictor(checkpoint: str | Path, device: str | torch.device, short_sid
                              "by training, e.g. runs/<name>/segmenter.pt)")
     try:
         features_net, segmenter, meta = load_segmenter(path, device, weights_cache)
-    except (CheckpointError, WeightsError) as err:
+    except (CheckpointError, WeightsError, ConfigError) as err:
         raise InferenceError(str(err)) from err
     logger.info("loaded segmenter %s (features %s, weights %s)", path,
                 meta["features"].get("kind"), meta["features"].get("weights"))

@@ -135,6 +135,13 @@ def test_corloc_voc_root_and_coco_json(tmp_path):
     assert rc == 0  # IoU 24/48 = 0.5 exactly → hit; 23/48 → miss
     assert json.loads(out.read_text())["metrics"]["corloc"] == pytest.approx(50.0)
 
+    (tmp_path / "subset.txt").write_text("hit\n")  # a COCO20K-style image list
+    rc = main(["--checkpoint", str(export), "--data", str(tmp_path / "voc" / "JPEGImages"),
+               "--gt", str(tmp_path / "coco.json"), "--task", "corloc", "--short-side", "32",
+               "--subset", str(tmp_path / "subset.txt"), "--out", str(out), "--no-progress", "--device", "cpu"])
+    assert rc == 0
+    assert json.loads(out.read_text())["metrics"] == {"images": 1, "corloc": pytest.approx(100.0)}
+
 
 def test_shards_and_mlflow(tmp_path):
     from mlflow.tracking import MlflowClient
@@ -175,11 +182,12 @@ def test_clear_errors(tmp_path, capsys):
     assert "--gt" in capsys.readouterr().err
 
 
-def test_help_runs_as_a_subprocess():
-    done = subprocess.run([sys.executable, "-m", "move_scale.evaluate", "--help"],
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0
-    assert "--task" in done.stdout and "VOC" in done.stdout
+def test_help_explains_the_ground_truth_forms(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert "--task" in text and "VOC" in text and "COCO" in text and "β²=0.3" in text
 
 
 def test_prepare_resizes_short_side_and_reflect_pads():

@@ -344,3 +344,18 @@ def test_all_inputs_bad_is_an_error_with_the_report_written(tricky_images, tmp_p
         write_shards([str(bad_only)], str(tmp_path / "out"))
     assert report(tmp_path / "out") == tricky_images.bad
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_synth_subcommand_writes_train_and_val_shards_with_ground_truth(tmp_path):
+    import tarfile
+
+    from move_scale.data.cli import main as shard_main
+
+    assert shard_main(["synth", str(tmp_path / "syn"), "--train", "6", "--val", "3", "--size", "32",
+                       "--samples-per-shard", "4"]) == 0
+    train = json.loads((tmp_path / "syn" / "train" / "manifest.json").read_text())
+    assert sum(s["samples"] for s in train["shards"]) == 6 and len(train["shards"]) == 2
+    with tarfile.open(tmp_path / "syn" / "val" / train["shards"][0]["name"].replace("train", "val")) as tar:
+        names = tar.getnames()
+    assert {n.split(".", 1)[1] for n in names} == {"png", "mask.png", "bg.png", "boxes.json"}
+    assert shard_main(["synth", str(tmp_path / "none"), "--train", "0", "--val", "0"]) == 2

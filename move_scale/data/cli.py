@@ -3,6 +3,7 @@
     move-shard make SRC... OUT [options]     images -> OUT/{name}-000000.tar ... + manifest.json
     move-shard info MANIFEST                 the manifest as a table
     move-shard verify MANIFEST               re-hash every shard; exit 1 on any mismatch
+    move-shard synth OUT [options]           synthetic scenes with masks -> OUT/{train,val}/ shards
 """
 from __future__ import annotations
 
@@ -105,13 +106,43 @@ def _add_make(commands, common) -> None:
     add("--no-progress", action="store_true", help="no progress bar on stderr")
 
 
+def _add_synth(commands, common) -> None:
+    text = ("synthetic scenes (textured backgrounds, 1-3 textured objects) with masks, boxes and the "
+            "true background, as train/ and val/ shards: data for offline MOVE runs and the demo")
+    synth = commands.add_parser("synth", help="write synthetic scenes with ground truth as shards",
+                                description=text, parents=[common],
+                                epilog="example: move-shard synth shards/synthetic --train 2000 --val 200 --size 64")
+    synth.add_argument("out", metavar="OUT", help="folder; OUT/train and OUT/val get shards + manifest")
+    synth.add_argument("--train", type=int, default=2000, help="training scenes (default 2000)")
+    synth.add_argument("--val", type=int, default=200, help="validation scenes (default 200)")
+    synth.add_argument("--size", type=_positive_int, default=64, help="image side in pixels (default 64)")
+    synth.add_argument("--seed", type=int, default=0, help="scenes are a function of the seed (default 0)")
+    synth.add_argument("--samples-per-shard", type=_positive_int, default=1000, help="default 1000")
+    synth.add_argument("--overwrite", action="store_true", help="replace shards made with other options")
+
+
+def _synth(args) -> int:
+    from move_scale.data.synthetic import write_synthetic
+
+    if args.train < 0 or args.val < 0 or args.train + args.val == 0:
+        raise DataError(f"--train {args.train} --val {args.val}: ask for at least one scene")
+    manifests = write_synthetic(args.out, train=args.train, val=args.val, size=args.size,
+                                seed=args.seed, samples_per_shard=args.samples_per_shard,
+                                overwrite=args.overwrite)
+    for split, path in manifests.items():
+        print(f"{split}: {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser = argparse.ArgumentParser(prog="move-shard", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{make,info,verify}")
+    commands = parser.add_subparsers(dest="command", required=True,
+                                     metavar="{make,info,verify,synth}")
     _add_make(commands, common)
+    _add_synth(commands, common)
     for command, text in (("info", "print a manifest as a table"),
                           ("verify", "re-hash every shard; exit 1 on a mismatch or a missing shard")):
         sub = commands.add_parser(command, help=text, description=text, parents=[common])
@@ -161,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "make":
             with logging_redirect_tqdm():
                 return _make(args)
+        if args.command == "synth":
+            return _synth(args)
         if args.command == "info":
             manifest = load_manifest(args.manifest, storage_options_for(args.manifest, args.endpoint_url))
             print(format_table(manifest, limit=0 if args.all else 20))
@@ -172,6 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"move-shard {args.command}: interrupted; rerun with --resume to continue", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into `head` and the like
+        sys.stderr.close()  # keep Python from complaining about the closed pipe at exit
+        return 0
 
 
 if __name__ == "__main__":
