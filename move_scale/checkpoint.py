@@ -262,10 +262,14 @@ def _config_fields(section: Any) -> dict:
 
 
 def export_segmenter(path: str | Path, segmenter: torch.nn.Module, features_cfg: Any,
-                     segmenter_cfg: Any, image_size: int, mae_cfg: Any = None) -> Path:
+                     segmenter_cfg: Any, image_size: int, mae_cfg: Any = None,
+                     features_net: torch.nn.Module | None = None) -> Path:
     """Write the segmenter alone for inference: head + LayerNorm weights and how to rebuild the
     features network (the FeaturesConfig fields, incl. the name or path of its weights; the
-    MAEConfig fields too when features.kind == "mae"). Pass the module unwrapped from DDP."""
+    MAEConfig fields too when features.kind == "mae"). Pass the module unwrapped from DDP.
+
+    A features network with "random" weights cannot be rebuilt from a name, so its state is
+    embedded (`features_net`, the FrozenViT or, for kind "mae", the MAE, is then required)."""
     state_dict = {k: v.detach().cpu() for k, v in segmenter.state_dict().items()}
     if any(key.startswith("module.") for key in state_dict):
         raise CheckpointError("export_segmenter got a DDP-wrapped segmenter; pass "
@@ -282,6 +286,12 @@ def export_segmenter(path: str | Path, segmenter: torch.nn.Module, features_cfg:
     }
     if features.get("kind") == "mae":
         export["mae"] = _config_fields(mae_cfg)
+    source_weights = export.get("mae", features)["weights"]
+    if source_weights == "random":
+        if features_net is None:
+            raise CheckpointError("the features network has random weights: pass features_net to "
+                                  "export_segmenter so its state is embedded")
+        export["features_state"] = {k: v.detach().cpu() for k, v in features_net.state_dict().items()}
     atomic_torch_save(export, path)
     log.info("exported segmenter to %s (features: %s, weights %s)", path, features.get("kind"),
              features.get("weights"))
@@ -340,6 +350,11 @@ def load_segmenter(path: str | Path, device: str | torch.device = "cpu",
     else:
         features_net = build_features(model_cfg, image_size)
         in_dim = model_cfg.features.embed_dim
+    if "features_state" in export:  # random frozen weights travel with the export
+        try:
+            features_net.load_state_dict(export["features_state"], strict=True)
+        except RuntimeError as err:
+            raise CheckpointError(f"{path}: embedded features weights do not fit: {err}") from err
     segmenter = build_segmenter(model_cfg, in_dim)
     try:
         segmenter.load_state_dict(export["segmenter"], strict=True)

@@ -312,7 +312,8 @@ def train(cfg: Config, accelerator: Accelerator) -> TrainResult:
     if accelerator.is_main_process and state.step >= total:
         export = export_segmenter(Path(cfg.run_dir) / "segmenter.pt",
                                   accelerator.unwrap_model(objective.segmenter), cfg.model.features,
-                                  cfg.model.segmenter, cfg.data.image_size, mae_cfg=cfg.model.mae)
+                                  cfg.model.segmenter, cfg.data.image_size, mae_cfg=cfg.model.mae,
+                                  features_net=objective.features or objective.mae)
         tracker.log_artifact(export)
         log.info("done: %d steps; segmenter exported to %s", state.step, export)
     tracker.end("FINISHED" if state.step >= total else "KILLED")

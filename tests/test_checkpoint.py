@@ -384,3 +384,23 @@ def test_cpu_2proc_launch_config_gathers_rng_of_two_gloo_ranks(tmp_path):
         restore_rng_state(rng[rank])
         assert torch.rand(4).tolist() == report["draws"]
     assert reports[0]["draws"] != reports[1]["draws"]
+
+
+def test_export_embeds_random_features_so_inference_sees_the_trained_network(tmp_path):
+    from move_scale.checkpoint import CheckpointError, export_segmenter, load_segmenter
+    from move_scale.config import load_config
+    from move_scale.models.build import build_features, build_segmenter
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "debug.yaml")
+    torch.manual_seed(5)
+    features_net = build_features(cfg.model, 64)
+    segmenter = build_segmenter(cfg.model, cfg.model.features.embed_dim).eval()
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    expected = _masks(features_net, segmenter, images, "dino")
+    with pytest.raises(CheckpointError, match="random weights: pass features_net"):
+        export_segmenter(tmp_path / "x.pt", segmenter, cfg.model.features, cfg.model.segmenter, 64)
+    path = export_segmenter(tmp_path / "seg.pt", segmenter, cfg.model.features, cfg.model.segmenter,
+                            64, features_net=features_net)
+    torch.manual_seed(6)  # a rebuild from the name alone would give other random weights
+    loaded_features, loaded_segmenter, _ = load_segmenter(path, "cpu")
+    assert torch.equal(_masks(loaded_features, loaded_segmenter, images, "dino"), expected)
