@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from move_scale import compose
+from move_scale.kernels import ComposeOps
 from move_scale.losses import (
     MASK_LOSS_SCALES,
     discriminator_hinge_loss,
@@ -108,6 +109,7 @@ class MoveObjective:
         hard_tile_mask: bool = False,
         inpainter: str = "gan",
         true_background: bool = False,
+        fused: bool = False,
     ) -> None:
         _check_switches(shift_range, theta_min, lambda_min, lambda_bin, bin_ramp_steps, inpainter)
         self.real_inputs = _check_kinds("real_inputs", real_inputs, compose.REAL_KINDS)
@@ -125,6 +127,7 @@ class MoveObjective:
         self.lambda_min, self.lambda_bin, self.bin_ramp_steps = lambda_min, lambda_bin, bin_ramp_steps
         self.min_loss, self.bin_loss = min_loss, bin_loss
         self.hard_tile_mask, self.inpainter, self.true_background = hard_tile_mask, inpainter, true_background
+        self.ops = ComposeOps(fused)  # fused=False: compose.py itself, the reference
 
     # ------------------------------------------------------------------ modes and devices
 
@@ -162,12 +165,10 @@ class MoveObjective:
         use_mae_background = needs_background and not self.true_background
         latent = None  # encoder pass 1, on x
         if self.features is None or use_mae_background or (needs_ae and self.inpainter == "gan"):
-            with torch.no_grad():
-                latent = self.mae.encode(images)  # (B, 1+N, D)
+            latent = self.ops.frozen(self.mae.encode, images)  # (B, 1+N, D)
         mask = self._predict_mask(images, latent)  # (B, 1, H, W)
         shifts = compose.sample_shifts(batch, height, width, self.shift_range, generator, images.device)
-        mask_shifted = compose.translate(mask, shifts)  # (B, 1, H, W)
-        tiles = compose.tile_mask(compose.mask_union(mask, mask_shifted), self.mae.patch_size)  # (B, N)
+        mask_shifted, tiles = self.ops.mask_chain(mask, shifts, self.mae.patch_size)  # (B,1,H,W), (B,N)
         if self.hard_tile_mask:
             tiles = compose.harden_tile_mask(tiles)
         autoencoded, autoencoded_shifted = self._autoencodings(
@@ -187,8 +188,7 @@ class MoveObjective:
             tokens = latent[:, 1:]  # (B, N, D), CLS dropped
         else:
             patch = self.features.patch_size
-            with torch.no_grad():
-                tokens = self.features(images)  # (B, N, C)
+            tokens = self.ops.frozen(self.features, images)  # (B, N, C)
         mask = self.segmenter(tokens, (height // patch, width // patch))  # (B, 1, H, W)
         if mask.shape[-2:] != images.shape[-2:]:
             raise ValueError(
@@ -200,18 +200,20 @@ class MoveObjective:
     def _autoencodings(self, images, latent, shifts, needs_ae, needs_ae_shifted):
         """x̌ = AE(x) from encoder pass 1 and x̌_δ = AE(shift(x)) from encoder pass 2 (no grad);
         with the MSE inpainter, x and shift(x) themselves (no encoder pass on shift(x))."""
-        autoencoded = autoencoded_shifted = None
+        if self.inpainter == "gan":
+            return self.ops.frozen(self._mae_autoencodings, images, latent, shifts, needs_ae, needs_ae_shifted)
         with torch.no_grad():
-            if self.inpainter == "mse":
-                autoencoded = images if needs_ae else None
-                if needs_ae_shifted:
-                    autoencoded_shifted = compose.translate(images, shifts)
-                return autoencoded, autoencoded_shifted
-            if needs_ae:
-                autoencoded = self.mae.unpatchify(self.mae.decode(latent, None))  # (B, 3, H, W)
-            if needs_ae_shifted:
-                latent_shifted = self.mae.encode(compose.translate(images, shifts))  # pass 2
-                autoencoded_shifted = self.mae.unpatchify(self.mae.decode(latent_shifted, None))
+            autoencoded = images if needs_ae else None
+            autoencoded_shifted = compose.translate(images, shifts) if needs_ae_shifted else None
+        return autoencoded, autoencoded_shifted
+
+    def _mae_autoencodings(self, images, latent, shifts, needs_ae, needs_ae_shifted):
+        autoencoded = autoencoded_shifted = None
+        if needs_ae:
+            autoencoded = self.mae.unpatchify(self.mae.decode(latent, None))  # (B, 3, H, W)
+        if needs_ae_shifted:
+            latent_shifted = self.mae.encode(compose.translate(images, shifts))  # pass 2
+            autoencoded_shifted = self.mae.unpatchify(self.mae.decode(latent_shifted, None))
         return autoencoded, autoencoded_shifted
 
     def _background(self, images, latent, tiles, background):
@@ -242,7 +244,7 @@ class MoveObjective:
         kinds = self.real_inputs + self.fake_inputs
         with torch.no_grad():
             comp = self.compose(images, generator, kinds, background)
-            inputs = {kind: comp.input_for(kind) for kind in kinds}
+            inputs = self.ops.discriminator_inputs(comp, kinds)
         logits = {kind: self.discriminator(x, augment=True, generator=generator) for kind, x in inputs.items()}
         terms = discriminator_hinge_loss(
             {k: logits[k] for k in self.real_inputs}, {k: logits[k] for k in self.fake_inputs}
@@ -262,7 +264,8 @@ class MoveObjective:
         `segmenter_step` counts segmenter steps done before this one (drives the λ_bin ramp).
         """
         comp = self.compose(images, generator, ("composite_shifted",), background)
-        logits = self.discriminator(comp.input_for("composite_shifted"), augment=True, generator=generator)
+        composite_shifted = self.ops.discriminator_inputs(comp, ("composite_shifted",))["composite_shifted"]
+        logits = self.discriminator(composite_shifted, augment=True, generator=generator)
         adversarial = segmenter_adversarial_loss(logits)
         mask_terms = mask_losses(
             comp.mask_shifted, patch_size=self.mae.patch_size, theta_min=self.theta_min,
@@ -280,8 +283,9 @@ class MoveObjective:
 
 
 def objective_from_config(objective_cfg, *, features: nn.Module | None, segmenter: nn.Module,
-                          mae: nn.Module, discriminator: nn.Module) -> MoveObjective:
-    """A MoveObjective from the `objective` section (ObjectiveConfig) and already built networks."""
+                          mae: nn.Module, discriminator: nn.Module, fused: bool = False) -> MoveObjective:
+    """A MoveObjective from the `objective` section (ObjectiveConfig) and already built networks;
+    `fused` (train.fused) picks the compiled compose chain (kernels/compose_ops.py)."""
     c = objective_cfg
     return MoveObjective(
         features=features, segmenter=segmenter, mae=mae, discriminator=discriminator,
@@ -289,7 +293,7 @@ def objective_from_config(objective_cfg, *, features: nn.Module | None, segmente
         lambda_bin=c.lambda_bin, bin_ramp_steps=c.bin_ramp_steps, min_loss=c.min_loss,
         bin_loss=c.bin_loss, mask_loss_scales=c.mask_loss_scales, real_inputs=c.real_inputs,
         fake_inputs=c.fake_inputs, hard_tile_mask=c.hard_tile_mask, inpainter=c.inpainter,
-        true_background=c.true_background,
+        true_background=c.true_background, fused=fused,
     )
 
 
@@ -297,10 +301,11 @@ def build_objective(cfg) -> MoveObjective:
     """The networks (models/build.py, weights from model.weights_cache) and the objective, on the
     CPU, from a full Config: features | None, segmenter, MAE and D (seeded by cfg.seed)."""
     features = build_features(cfg.model, cfg.data.image_size)
-    mae = build_mae(cfg.model, cfg.data.image_size)
+    mae = build_mae(cfg.model, cfg.data.image_size, fused=cfg.train.fused)
     in_dim = features.embed_dim if features is not None else cfg.model.mae.embed_dim
     segmenter = build_segmenter(cfg.model, in_dim)
-    discriminator = build_discriminator(cfg.model, cfg.seed)
+    discriminator = build_discriminator(cfg.model, cfg.seed, fused=cfg.train.fused)
     return objective_from_config(
-        cfg.objective, features=features, segmenter=segmenter, mae=mae, discriminator=discriminator
+        cfg.objective, features=features, segmenter=segmenter, mae=mae, discriminator=discriminator,
+        fused=cfg.train.fused,
     )

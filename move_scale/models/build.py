@@ -68,17 +68,18 @@ def build_segmenter(model_cfg: ModelConfig, in_dim: int) -> Segmenter:
     return Segmenter(in_dim, cfg.widths, cfg.convs_per_block)
 
 
-def build_mae(model_cfg: ModelConfig, image_size: int) -> MAE:
+def build_mae(model_cfg: ModelConfig, image_size: int, fused: bool = False) -> MAE:
     """The frozen MAE inpainter on an `image_size` grid (paper §2.2).
 
     The official checkpoints store fixed sin-cos positions for 224. At another size those rows are
     replaced by the sin-cos table of the new grid, but only after checking they are exactly the
-    fixed table (learned positions would be a mismatch, reported as such).
+    fixed table (learned positions would be a mismatch, reported as such). `fused` (train.fused):
+    compiled mask-token mixing (kernels/tokens.py).
     """
     cfg = model_cfg.mae
     _check_image_size(image_size, cfg.patch_size, "MAE")
     mae = MAE(image_size, cfg.patch_size, cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.decoder_embed_dim,
-              cfg.decoder_depth, cfg.decoder_num_heads, cfg.mlp_ratio, frozen=True)
+              cfg.decoder_depth, cfg.decoder_num_heads, cfg.mlp_ratio, frozen=True, fused=fused)
     what = f"MAE inpainter ({cfg.weights})"
     if cfg.weights == RANDOM:
         load_weights(mae, RANDOM, model_cfg.weights_cache, what)
@@ -105,15 +106,20 @@ def _regrid_fixed_positions(state_dict: dict[str, torch.Tensor], mae: MAE) -> di
     return state_dict
 
 
-def build_discriminator(model_cfg: ModelConfig, seed: int) -> ProjectedDiscriminator:
-    """The projected D (paper §2.3): frozen EfficientNet-lite0 + random CCM/CSM, trainable heads."""
+def build_discriminator(model_cfg: ModelConfig, seed: int, fused: bool = False) -> ProjectedDiscriminator:
+    """The projected D (paper §2.3): frozen EfficientNet-lite0 + random CCM/CSM, trainable heads.
+
+    `fused` (train.fused): fused input map + colour, conv+BN-folded frozen features (kernels/).
+    """
     cfg = model_cfg.disc
-    disc = ProjectedDiscriminator(cfg.resolution, cfg.diffaug, seed)
+    disc = ProjectedDiscriminator(cfg.resolution, cfg.diffaug, seed, fused=fused)
     what = f"discriminator backbone ({cfg.weights})"
     if cfg.weights == RANDOM:
         load_weights(disc, RANDOM, model_cfg.weights_cache, what)
         return disc
     state_dict = read_state_dict(resolve_weights(cfg.weights, model_cfg.weights_cache))
     disc.features.load_backbone(state_dict, what)
+    if fused:
+        disc.fold_features()  # the folded copy must follow the loaded weights
     log.info("loaded %s", what)
     return disc

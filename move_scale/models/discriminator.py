@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import spectral_norm
 
+from ..kernels.augment import FusedDiscriminatorInput
+from ..kernels.fold import folded_copy
 from ..weights import load_strict
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -136,7 +138,8 @@ def _head(in_ch: int, side: int) -> nn.Sequential:
 class ProjectedDiscriminator(nn.Module):
     """D(x): ImageNet-normalised images (B,3,H,W) → logits (B,K); K = 64 at resolution 224."""
 
-    def __init__(self, resolution: int = 224, diffaug: tuple[str, ...] = ("color",), seed: int = 0):
+    def __init__(self, resolution: int = 224, diffaug: tuple[str, ...] = ("color",), seed: int = 0,
+                 fused: bool = False):
         super().__init__()
         if resolution % 32 or resolution < 64:
             raise ValueError(f"discriminator resolution must be a multiple of 32 and at least 64, got {resolution}")
@@ -150,13 +153,27 @@ class ProjectedDiscriminator(nn.Module):
         self.heads = nn.ModuleList(_head(c, resolution // s) for c, s in zip(channels, SCALE_STRIDES))
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        # fused: input map + colour in one kernel, and a conv+BN-folded copy of the frozen features
+        # (constants only, not in the state dict; refolded whenever a state dict is loaded)
+        self.fused_input = FusedDiscriminatorInput() if fused else None
+        self.features_folded = None
+        if fused:
+            self.fold_features()
+            self.register_load_state_dict_post_hook(lambda module, _: module.fold_features())
+
+    def fold_features(self) -> None:
+        """(Re)build the folded copy of `features` used by the fused forward (kernels/fold.py)."""
+        self.features_folded = folded_copy(self.features).to(self.mean.device)
 
     def forward(self, x: torch.Tensor, augment: bool = True,
                 generator: torch.Generator | None = None) -> torch.Tensor:
+        if self.fused_input is not None and augment and self.diffaug:
+            maps = self.features_folded(self.fused_input(x, self.mean, self.std, self.resolution, generator))
+            return torch.cat([head(m).flatten(1) for head, m in zip(self.heads, maps)], dim=1)  # (B, K)
         x = (x * self.std + self.mean) * 2 - 1  # ImageNet-normalised → [-1, 1] (lite0: mean = std = 0.5)
         if x.shape[-2:] != (self.resolution, self.resolution):
             x = F.interpolate(x, size=(self.resolution, self.resolution), mode="bilinear", align_corners=False)
         if augment and self.diffaug:
             x = diff_augment_color(x, generator)
-        maps = self.features(x)
+        maps = (self.features if self.features_folded is None else self.features_folded)(x)
         return torch.cat([head(m).flatten(1) for head, m in zip(self.heads, maps)], dim=1)  # (B, K)

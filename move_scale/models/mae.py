@@ -15,6 +15,8 @@ from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from ..kernels.tokens import MaskTokenMixer
+
 
 def sincos_pos_embed_2d(dim: int, grid: int) -> torch.Tensor:
     """Fixed 2-D sin-cos positions (official MAE layout): (1+grid², dim), the CLS row zeros.
@@ -50,7 +52,7 @@ class MAE(nn.Module):
 
     def __init__(self, img_size: int, patch_size: int, embed_dim: int, depth: int, num_heads: int,
                  decoder_embed_dim: int, decoder_depth: int, decoder_num_heads: int,
-                 mlp_ratio: float = 4.0, frozen: bool = True):
+                 mlp_ratio: float = 4.0, frozen: bool = True, fused: bool = False):
         super().__init__()
         if img_size % patch_size:
             raise ValueError(f"MAE image size {img_size} is not a multiple of its patch {patch_size}")
@@ -59,6 +61,7 @@ class MAE(nn.Module):
         side = img_size // patch_size
         self.grid = (side, side)
         self.frozen = frozen
+        self.mix_tokens = MaskTokenMixer(fused)  # fused: one compiled kernel (kernels/tokens.py)
 
         self.patch_embed = PatchEmbed(img_size, patch_size, 3, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
@@ -144,9 +147,7 @@ class MAE(nn.Module):
             expected = (latent.shape[0], latent.shape[1] - 1)
             if tuple(tile_mask.shape) != expected:
                 raise ValueError(f"tile_mask must have shape {expected} (B, N), got {tuple(tile_mask.shape)}")
-            weight = tile_mask.to(tokens.dtype).unsqueeze(-1)  # (B, N, 1)
-            mixed = weight * self.mask_token + (1 - weight) * tokens[:, 1:]  # (B, N, Dd)
-            tokens = torch.cat([tokens[:, :1], mixed], dim=1)
+            tokens = self.mix_tokens(tokens, self.mask_token, tile_mask)  # (B, 1+N, Dd)
         return self._decode_tokens(tokens)
 
     def patchify(self, img: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,52 @@
+"""DiffAugment "color" (Zhao et al. 2020) fused with the discriminator's input map, beside its reference.
+
+The projected D maps ImageNet-normalised images to [-1, 1], resizes them to its resolution and
+applies brightness, saturation and contrast per sample (paper §2.3). Eager that is seven full
+passes over the image; fused it is one kernel (two reductions kept in registers per image).
+The random factors are drawn eagerly from the caller's generator, exactly as the reference draws
+them, so the fused and eager paths see the same augmentation.
+
+The eager reference is `models.discriminator.diff_augment_color`.
+The affine map to [-1, 1] is applied after the (bilinear, weights summing to one) resize in the
+fused path: the two commute, and this lets the map join the colour kernel.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .compose_ops import compiled
+
+
+def color_factors(x: Tensor, generator: torch.Generator | None) -> Tensor:
+    """The three per-sample factors U ~ U[0,1) of the colour policy: (3, B, 1, 1, 1) on x's device/dtype.
+
+    Drawn as `models.discriminator.diff_augment_color` draws them (same generator calls).
+    """
+    device = generator.device if generator is not None else x.device
+    return torch.rand(3, x.shape[0], 1, 1, 1, generator=generator, device=device).to(x.device, x.dtype)
+
+
+def _unit_range_color_body(x: Tensor, scale: Tensor, offset: Tensor, factors: Tensor) -> Tensor:
+    """x (B,3,R,R) normalised → x·scale + offset in [-1,1] → brightness, saturation, contrast."""
+    x = x * scale + offset + (factors[0] - 0.5)  # brightness
+    channel_mean = x.mean(dim=1, keepdim=True)  # (B, 1, R, R)
+    x = (x - channel_mean) * (factors[1] * 2) + channel_mean  # saturation
+    image_mean = x.mean(dim=(1, 2, 3), keepdim=True)  # (B, 1, 1, 1)
+    return (x - image_mean) * (factors[2] + 0.5) + image_mean  # contrast
+
+
+class FusedDiscriminatorInput:
+    """ImageNet-normalised (B,3,H,W) → D's colour-augmented input (B,3,R,R): resize (eager), then
+    one compiled kernel for the map to [-1,1] and the colour policy. The eager reference is the
+    start of `ProjectedDiscriminator.forward` with `diff_augment_color`."""
+
+    def __init__(self):
+        self._map_and_color = compiled(_unit_range_color_body)
+
+    def __call__(self, x: Tensor, mean: Tensor, std: Tensor, resolution: int,
+                 generator: torch.Generator | None) -> Tensor:
+        if x.shape[-2:] != (resolution, resolution):
+            x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", align_corners=False)
+        return self._map_and_color(x, std * 2, mean * 2 - 1, color_factors(x, generator))

@@ -1,0 +1,248 @@
+"""Fused ops vs their eager references on the CPU: torch.compile'd kernels at fp32 (exact up to
+rounding) and bf16 (bf16 tolerance), values and gradients; conv+BN folding; SDPA attention.
+
+Shapes match the tiny objective (B=2, 64×64, inpainter patch 16) so compiled graphs stay few.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from move_scale import compose
+from move_scale.kernels.augment import FusedDiscriminatorInput
+from move_scale.kernels.compose_ops import ComposeOps, composites_reference, mask_chain_reference
+from move_scale.kernels.fold import folded_copy
+from move_scale.kernels.tokens import MaskTokenMixer, mix_reference
+from move_scale.models.backbone import FrozenViT
+from move_scale.models.discriminator import ProjectedDiscriminator, ProjectedFeatures, diff_augment_color
+from move_scale.models.mae import MAE
+
+SIZE, PATCH, BATCH = 64, 16, 2
+FP32 = dict(rtol=1e-5, atol=1e-6)
+BF16 = dict(rtol=2e-2, atol=2e-2)  # bf16 keeps 8 mantissa bits: ~4e-3 relative per rounding
+
+
+@pytest.fixture(scope="module")
+def fused_ops():
+    return ComposeOps(fused=True)
+
+
+def rand(*shape, seed=0, dtype=torch.float32):
+    return torch.rand(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+SHIFTS = torch.tensor([[5, -9], [-16, 0]])  # content moves down-left / up; zero fill enters
+
+
+# ------------------------------------------------------------------ attention
+
+
+class CountSDPA(TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is F.scaled_dot_product_attention:
+            self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_both_vits_run_attention_through_scaled_dot_product_attention():
+    features = FrozenViT(32, 3, 2, 8, layer=1, img_size=SIZE)
+    mae = MAE(SIZE, PATCH, 32, 2, 2, 32, 1, 2)
+    attentions = [m for m in [*features.modules(), *mae.modules()] if type(m).__name__ == "Attention"]
+    assert len(attentions) == 3 + 2 + 1 and all(m.fused_attn for m in attentions)
+    x = torch.randn(BATCH, 3, SIZE, SIZE)
+    with torch.no_grad(), CountSDPA() as counter:
+        features(x)
+        assert counter.calls == 2  # blocks 0..layer only
+        latent = mae.encode(x)
+        assert counter.calls == 2 + 2
+        mae.decode(latent, rand(BATCH, 16))
+        assert counter.calls == 2 + 2 + 1
+
+
+# ------------------------------------------------------------------ compose chain
+
+
+def mask_chain_outputs(chain, mask, patch=PATCH):
+    mask = mask.detach().requires_grad_(True)
+    shifted, tiles = chain(mask, SHIFTS, patch)
+    weights = rand(*shifted.shape, seed=3), rand(*tiles.shape, seed=4)
+    (shifted.float() * weights[0]).sum().add((tiles.float() * weights[1]).sum()).backward()
+    return shifted.float(), tiles.float(), mask.grad.float()
+
+
+def peaked_mask(seed=1):
+    """Background ≤ 0.01 and one peak per tile, peak heights 0.05 apart: every tile's max of the
+    union is unique beyond bf16 rounding, so max-pool routes the gradient to the same pixel."""
+    generator = torch.Generator().manual_seed(seed)
+    mask = torch.rand(BATCH, 1, SIZE, SIZE, generator=generator) * 0.01
+    side = SIZE // PATCH
+    for b in range(BATCH):
+        heights = torch.linspace(0.2, 0.95, side * side)[torch.randperm(side * side, generator=generator)]
+        offsets = torch.randint(0, PATCH, (side * side, 2), generator=generator)
+        for t in range(side * side):
+            mask[b, 0, (t // side) * PATCH + offsets[t, 0], (t % side) * PATCH + offsets[t, 1]] = heights[t]
+    return mask
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, FP32), (torch.bfloat16, BF16)])
+def test_fused_mask_chain_matches_compose_with_gradient(fused_ops, dtype, tol):
+    mask = peaked_mask()
+    expected = mask_chain_outputs(mask_chain_reference, mask)
+    got = mask_chain_outputs(fused_ops.mask_chain, mask.to(dtype))
+    for name, e, g in zip(("mask_shifted", "tiles", "grad"), expected, got):
+        torch.testing.assert_close(g, e, **tol, msg=name)
+    assert got[0][1, :, -16:].abs().max() == 0  # rows entering from below are zero-filled
+    assert got[2].abs().sum() > 0
+
+
+def test_fused_mask_chain_reports_a_size_that_is_not_a_multiple_of_the_patch(fused_ops):
+    with pytest.raises(ValueError, match="data.image_size"):
+        fused_ops.mask_chain(torch.rand(1, 1, 40, 40), torch.zeros(1, 2, dtype=torch.long), PATCH)
+
+
+class FakeComposition:
+    def __init__(self, dtype):
+        self.image = rand(BATCH, 3, SIZE, SIZE, seed=10, dtype=dtype)
+        self.mask = rand(BATCH, 1, SIZE, SIZE, seed=11, dtype=dtype).requires_grad_(True)
+        self.mask_shifted = rand(BATCH, 1, SIZE, SIZE, seed=12, dtype=dtype).requires_grad_(True)
+        self.autoencoded = rand(BATCH, 3, SIZE, SIZE, seed=13, dtype=dtype)
+        self.autoencoded_shifted = rand(BATCH, 3, SIZE, SIZE, seed=14, dtype=dtype)
+        self.inpainted_background = rand(BATCH, 3, SIZE, SIZE, seed=15, dtype=dtype).requires_grad_(True)
+
+    def input_for(self, kind):
+        return {"input": self.image, "autoencoded": self.autoencoded}[kind]
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, FP32), (torch.bfloat16, BF16)])
+def test_fused_discriminator_inputs_match_compose_with_gradient(fused_ops, dtype, tol):
+    kinds = compose.REAL_KINDS + compose.FAKE_KINDS
+    reference, comp = FakeComposition(torch.float32), FakeComposition(dtype)
+    expected = {k: compose.discriminator_input(
+        k, image=reference.image, mask=reference.mask, mask_shifted=reference.mask_shifted,
+        autoencoded=reference.autoencoded, autoencoded_shifted=reference.autoencoded_shifted,
+        inpainted_background=reference.inpainted_background) for k in kinds}
+    got = fused_ops.discriminator_inputs(comp, kinds)
+    assert list(got) == list(kinds)
+    for c, values in ((reference, expected), (comp, got)):
+        sum((v.float() * (i + 1)).sum() for i, v in enumerate(values.values())).backward()
+    for kind in kinds:
+        torch.testing.assert_close(got[kind].float(), expected[kind], **tol, msg=kind)
+    for name in ("mask", "mask_shifted", "inpainted_background"):
+        torch.testing.assert_close(getattr(comp, name).grad.float(), getattr(reference, name).grad, **tol, msg=name)
+
+
+def test_eager_ops_are_the_compose_functions():
+    eager = ComposeOps(fused=False)
+    mask = rand(BATCH, 1, SIZE, SIZE, seed=1)
+    shifted, tiles = eager.mask_chain(mask, SHIFTS, PATCH)
+    assert torch.equal(shifted, compose.translate(mask, SHIFTS))
+    assert torch.equal(tiles, compose.tile_mask(compose.mask_union(mask, shifted), PATCH))
+    comp = FakeComposition(torch.float32)
+    (got,) = composites_reference(("copy_paste",), comp.mask, comp.mask_shifted, comp.autoencoded,
+                                  comp.autoencoded_shifted, None)
+    assert torch.equal(eager.discriminator_inputs(comp, ("copy_paste",))["copy_paste"], got)
+
+
+# ------------------------------------------------------------------ MAE mask tokens
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, FP32), (torch.bfloat16, BF16)])
+def test_fused_mask_token_mixing_matches_reference_with_gradient(dtype, tol):
+    tokens, mask_token = torch.randn(BATCH, 17, 32), torch.randn(1, 1, 32)
+    tile_mask = rand(BATCH, 16, seed=5)
+    outputs = []
+    for mix, cast in ((mix_reference, torch.float32), (MaskTokenMixer(fused=True), dtype)):
+        tiles = tile_mask.to(cast).requires_grad_(True)
+        mixed = mix(tokens.to(cast), mask_token.to(cast), tiles)
+        (mixed.float() * torch.linspace(-1, 1, 32)).sum().backward()
+        outputs.append((mixed.float(), tiles.grad.float()))
+    (expected, expected_grad), (got, got_grad) = outputs
+    torch.testing.assert_close(got, expected, **tol)
+    torch.testing.assert_close(got_grad, expected_grad, **tol)
+    assert torch.equal(got[:, 0], tokens[:, 0].to(dtype).float())  # CLS passes through untouched
+
+
+# ------------------------------------------------------------------ discriminator
+
+
+def discriminator_pair():
+    torch.manual_seed(0)
+    eager = ProjectedDiscriminator(resolution=SIZE, seed=0)
+    randomize_batchnorm_statistics(eager.features)
+    fused = ProjectedDiscriminator(resolution=SIZE, seed=0, fused=True)
+    fused.load_state_dict(eager.state_dict())  # the post-load hook refolds the features
+    return eager.eval(), fused.eval()
+
+
+def randomize_batchnorm_statistics(module, seed=7):
+    generator = torch.Generator().manual_seed(seed)
+    for m in module.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=generator) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=generator) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=generator) + 0.5)
+            m.bias.data.copy_(torch.randn(m.num_features, generator=generator) * 0.1)
+
+
+def test_fused_discriminator_matches_eager_with_gradient_to_the_image():
+    eager, fused = discriminator_pair()
+    logits, grads = [], []
+    for disc in (eager, fused):
+        x = torch.randn(BATCH, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(2)).requires_grad_(True)
+        out = disc(x, augment=True, generator=torch.Generator().manual_seed(3))
+        out.sum().backward()
+        logits.append(out)
+        grads.append(x.grad)
+    torch.testing.assert_close(logits[1], logits[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
+    assert grads[1].abs().sum() > 0
+
+
+def test_fused_input_map_commutes_with_the_resize():
+    x = torch.randn(BATCH, 3, 32, 32)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    unit = F.interpolate((x * std + mean) * 2 - 1, size=(SIZE, SIZE), mode="bilinear", align_corners=False)
+    expected = diff_augment_color(unit, torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        got = FusedDiscriminatorInput()(x, mean, std, SIZE, torch.Generator().manual_seed(4))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_folded_features_equal_the_unfolded_in_fp32_and_stay_out_of_state_and_optimiser():
+    features = ProjectedFeatures(seed=0)
+    randomize_batchnorm_statistics(features)
+    folded = folded_copy(features)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert len(folded.state_dict()) == 0 and len(list(folded.parameters())) == 0
+    x = torch.randn(BATCH, 3, SIZE, SIZE, requires_grad=True)
+    expected = features(x)
+    x_folded = x.detach().clone().requires_grad_(True)
+    got = folded(x_folded)
+    for e, g in zip(expected, got):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+    sum(m.sum() for m in expected).backward()
+    sum(m.sum() for m in got).backward()
+    torch.testing.assert_close(x_folded.grad, x.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_fused_discriminator_state_dict_is_the_eager_one_and_loading_refolds():
+    eager, fused = discriminator_pair()
+    assert fused.state_dict().keys() == eager.state_dict().keys()
+    assert [n for n, _ in fused.named_parameters()] == [n for n, _ in eager.named_parameters()]
+    x = torch.randn(BATCH, 3, SIZE, SIZE)
+    with torch.no_grad():
+        before = fused(x, augment=False)
+        randomize_batchnorm_statistics(eager.features, seed=8)
+        fused.load_state_dict(eager.state_dict())
+        after = fused(x, augment=False)
+        torch.testing.assert_close(after, eager(x, augment=False), rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(before, after)
+
+
+def test_folding_a_network_in_train_mode_is_refused():
+    with pytest.raises(ValueError, match="eval"):
+        folded_copy(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)))
