@@ -211,95 +211,139 @@ def _log_line(state: TrainState, total: int, meter: ProgressMeter, means: dict[s
             f"{format_duration(meter.eta_seconds(state.step))} | {losses}")
 
 
-def train(cfg: Config, accelerator: Accelerator) -> TrainResult:
-    """The whole run on this process; metrics are the last logged means (all ranks)."""
-    rank, world = accelerator.process_index, accelerator.num_processes
-    device = accelerator.device
-    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-    objective, opt_seg, opt_disc = _build(cfg, accelerator)
-    state, generator = TrainState(), _rank_generator(cfg.seed, rank)
-    run_id = _resume(cfg, objective, opt_seg, opt_disc, state, generator, accelerator)
+def _build_loader(cfg: Config, state: TrainState, accelerator: Accelerator):
+    storage = {"endpoint_url": cfg.data.endpoint_url} if cfg.data.endpoint_url else None
+    return build_train_loader(
+        cfg.data.train, batch_size=cfg.data.batch_size, image_size=cfg.data.image_size,
+        crop_scale=cfg.data.crop_scale, crop_ratio=cfg.data.crop_ratio, hflip=cfg.data.hflip,
+        workers=cfg.data.workers, shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.seed,
+        rank=accelerator.process_index, world_size=accelerator.num_processes,
+        resampled=cfg.data.resampled, epoch=state.epoch, skip_batches=state.batches_in_epoch,
+        storage_options=storage, extra_keys=("background",) if cfg.objective.true_background else (),
+        pin_memory=accelerator.device.type == "cuda")
+
+
+class _Run:
+    """One process's training run once everything is built: steps, logs, galleries, checkpoints."""
+
+    def __init__(self, cfg: Config, accelerator: Accelerator, objective: MoveObjective, opt_seg,
+                 opt_disc, state: TrainState, generator: torch.Generator, tracker, run_id, total: int):
+        self.cfg, self.accelerator, self.objective = cfg, accelerator, objective
+        self.opt_seg, self.opt_disc, self.state, self.generator = opt_seg, opt_disc, state, generator
+        self.tracker, self.run_id, self.total = tracker, run_id, total
+        self.precision = effective_precision(accelerator.device, cfg.train.precision)
+        self.policy = CheckpointPolicy(cfg.train.ckpt_every_steps, cfg.train.ckpt_every_minutes)
+        self.policy.mark_saved(state.step)
+        self.meter = ProgressMeter(cfg.data.batch_size * accelerator.num_processes, total)
+        self.sums: dict[str, float] = defaultdict(float)
+        self.counts: dict[str, int] = defaultdict(int)
+        self.means: dict[str, float] = {}
+
+    def step(self, batch: dict, stop: _StopFlag) -> bool:
+        """Even batches train D, odd batches the segmenter (REFERENCE §4); True: stop now."""
+        device, state = self.accelerator.device, self.state
+        images = batch["image"].to(device, non_blocking=True)
+        background = batch.get("background")
+        background = background.to(device, non_blocking=True) if background is not None else None
+        common = dict(generator=self.generator, step=state.step, accelerator=self.accelerator,
+                      precision=self.precision, background=background)
+        if state.step % 2 == 0:
+            metrics = disc_step(self.objective, images, self.opt_disc, **common)
+            state.disc_steps += 1
+        else:
+            metrics = seg_step(self.objective, images, self.opt_seg,
+                               segmenter_step=state.seg_steps, **common)
+            state.seg_steps += 1
+        state.step += 1
+        state.batches_in_epoch += 1
+        self.meter.step_done()
+        for key, value in metrics.items():
+            self.sums[key] += value
+            self.counts[key] += 1
+        return self._after_step(images, background, stop)
+
+    def _after_step(self, images: torch.Tensor, background: torch.Tensor | None,
+                    stop: _StopFlag) -> bool:
+        """Logs, gallery, checkpoint; True when every rank must stop (preemption)."""
+        cfg, step, main = self.cfg, self.state.step, self.accelerator.is_main_process
+        last = step >= self.total
+        if step % cfg.train.log_every == 0 or last:
+            self._log_window()
+        if main and cfg.train.gallery_every and (step % cfg.train.gallery_every == 0 or last):
+            _gallery(cfg, self.accelerator, self.objective, images, step, self.tracker, background)
+        return self.checkpoint_if_due(last, stop)
+
+    def _log_window(self) -> None:
+        means = {k: self.sums[k] / self.counts[k] for k in self.sums}
+        means.update({"lr/seg": self.opt_seg.param_groups[0]["lr"],
+                      "lr/disc": self.opt_disc.param_groups[0]["lr"],
+                      "perf/images_per_s": self.meter.images_per_second,
+                      "perf/data_wait_share": self.meter.data_wait_share, "epoch": self.state.epoch})
+        if self.accelerator.is_main_process:
+            log.info(_log_line(self.state, self.total, self.meter, means))
+            self.tracker.log_metrics({k: v for k, v in means.items() if math.isfinite(v)},
+                                     step=self.state.step)
+        self.means = means
+        self.sums.clear()
+        self.counts.clear()
+
+    def checkpoint_if_due(self, last: bool, stop: _StopFlag) -> bool:
+        """The main process decides from its clock and its stop flag, and every rank follows, so
+        all ranks save and stop at the same step. Returns True when the run must stop."""
+        decision = None
+        if self.accelerator.is_main_process:
+            decision = (self.policy.should_save(self.state.step, last or stop.raised), stop.raised)
+        due, stopping = broadcast_object_list([decision])[0]
+        if due:
+            _save(self.cfg, self.accelerator, self.objective, self.opt_seg, self.opt_disc,
+                  self.state, self.generator, self.run_id)
+            self.policy.mark_saved(self.state.step)
+            self.meter.restart_clock()
+        return stopping
+
+    def loop(self, loader, stop: _StopFlag) -> None:
+        state = self.state
+        while state.step < self.total:
+            for batch in loader:
+                self.meter.data_ready()
+                if self.step(batch, stop):
+                    return
+                if state.step >= self.total:
+                    return
+            state.epoch += 1
+            state.batches_in_epoch = 0
+
+
+def _start_tracking(cfg: Config, accelerator: Accelerator, run_id: str | None):
+    """The MLflow run (resumed when the checkpoint names one) and its id on every rank."""
     tracker = start_tracker(is_main=accelerator.is_main_process, run_dir=cfg.run_dir,
                             uri=cfg.tracking.uri, experiment=cfg.tracking.experiment,
                             run_name=cfg.tracking.run_name or cfg.name, run_id=run_id)
     if accelerator.is_main_process and run_id is None:
         tracker.log_params(flatten(cfg))
         tracker.log_text(dump_config(cfg), "config.yaml")
-    run_id = broadcast_object_list([getattr(tracker, "run_id", None)])[0]
+    return tracker, broadcast_object_list([getattr(tracker, "run_id", None)])[0]
 
+
+def train(cfg: Config, accelerator: Accelerator) -> TrainResult:
+    """The whole run on this process; metrics are the last logged means (all ranks)."""
+    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+    objective, opt_seg, opt_disc = _build(cfg, accelerator)
+    state, generator = TrainState(), _rank_generator(cfg.seed, accelerator.process_index)
+    run_id = _resume(cfg, objective, opt_seg, opt_disc, state, generator, accelerator)
+    tracker, run_id = _start_tracking(cfg, accelerator, run_id)
     objective.segmenter, objective.discriminator, opt_seg, opt_disc = accelerator.prepare(
         objective.segmenter, objective.discriminator, opt_seg, opt_disc)
-    storage = {"endpoint_url": cfg.data.endpoint_url} if cfg.data.endpoint_url else None
-    loader = build_train_loader(
-        cfg.data.train, batch_size=cfg.data.batch_size, image_size=cfg.data.image_size,
-        crop_scale=cfg.data.crop_scale, crop_ratio=cfg.data.crop_ratio, hflip=cfg.data.hflip,
-        workers=cfg.data.workers, shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.seed, rank=rank,
-        world_size=world, resampled=cfg.data.resampled, epoch=state.epoch,
-        skip_batches=state.batches_in_epoch, storage_options=storage,
-        extra_keys=("background",) if cfg.objective.true_background else (),
-        pin_memory=device.type == "cuda")
+    loader = _build_loader(cfg, state, accelerator)
     total = cfg.train.max_steps or cfg.train.epochs * len(loader)
-    precision = effective_precision(device, cfg.train.precision)
+    run = _Run(cfg, accelerator, objective, opt_seg, opt_disc, state, generator, tracker, run_id, total)
     log.info("training %d steps (%d batches of %d per epoch per process, %d processes, %s, %s)",
-             total, len(loader), cfg.data.batch_size, world, device, precision)
-
-    policy = CheckpointPolicy(cfg.train.ckpt_every_steps, cfg.train.ckpt_every_minutes)
-    policy.mark_saved(state.step)
-    meter = ProgressMeter(cfg.data.batch_size * world, total)
+             total, len(loader), cfg.data.batch_size, accelerator.num_processes,
+             accelerator.device, run.precision)
     stop = _StopFlag()
     previous_handlers = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
-    sums: dict[str, float] = defaultdict(float)
-    counts: dict[str, int] = defaultdict(int)
-    means: dict[str, float] = {}
     try:
-        while state.step < total and not stop.raised:
-            for batch in loader:
-                meter.data_ready()
-                images = batch["image"].to(device, non_blocking=True)
-                background = batch.get("background")
-                background = background.to(device, non_blocking=True) if background is not None else None
-                if state.step % 2 == 0:
-                    metrics = disc_step(objective, images, opt_disc, generator=generator, step=state.step,
-                                        accelerator=accelerator, precision=precision, background=background)
-                    state.disc_steps += 1
-                else:
-                    metrics = seg_step(objective, images, opt_seg, generator=generator, step=state.step,
-                                       segmenter_step=state.seg_steps, accelerator=accelerator,
-                                       precision=precision, background=background)
-                    state.seg_steps += 1
-                state.step += 1
-                state.batches_in_epoch += 1
-                meter.step_done()
-                for key, value in metrics.items():
-                    sums[key] += value
-                    counts[key] += 1
-                last = state.step >= total
-                if state.step % cfg.train.log_every == 0 or last:
-                    means = {k: sums[k] / counts[k] for k in sums}
-                    means.update({"lr/seg": opt_seg.param_groups[0]["lr"],
-                                  "lr/disc": opt_disc.param_groups[0]["lr"],
-                                  "perf/images_per_s": meter.images_per_second,
-                                  "perf/data_wait_share": meter.data_wait_share, "epoch": state.epoch})
-                    if accelerator.is_main_process:
-                        log.info(_log_line(state, total, meter, means))
-                        tracker.log_metrics({k: v for k, v in means.items() if math.isfinite(v)},
-                                            step=state.step)
-                    sums.clear()
-                    counts.clear()
-                if cfg.train.gallery_every and (state.step % cfg.train.gallery_every == 0 or last) \
-                        and accelerator.is_main_process:
-                    _gallery(cfg, accelerator, objective, images, state.step, tracker, background)
-                due = broadcast_object_list([policy.should_save(state.step, last or stop.raised)
-                                             if accelerator.is_main_process else None])[0]
-                if due:
-                    _save(cfg, accelerator, objective, opt_seg, opt_disc, state, generator, run_id)
-                    policy.mark_saved(state.step)
-                    meter.restart_clock()
-                if last or stop.raised:
-                    break
-            else:
-                state.epoch += 1
-                state.batches_in_epoch = 0
+        run.loop(loader, stop)
     except NonFiniteLossError as err:
         log.error("%s", err)
         tracker.end("FAILED")
@@ -307,18 +351,18 @@ def train(cfg: Config, accelerator: Accelerator) -> TrainResult:
     finally:
         for sig, handler in previous_handlers.items():
             signal.signal(sig, handler)
-
+    completed = state.step >= total
     _sync_buffers(accelerator, objective.segmenter, objective.discriminator)
-    if accelerator.is_main_process and state.step >= total:
+    if accelerator.is_main_process and completed:
         export = export_segmenter(Path(cfg.run_dir) / "segmenter.pt",
                                   accelerator.unwrap_model(objective.segmenter), cfg.model.features,
                                   cfg.model.segmenter, cfg.data.image_size, mae_cfg=cfg.model.mae,
                                   features_net=objective.features or objective.mae)
         tracker.log_artifact(export)
         log.info("done: %d steps; segmenter exported to %s", state.step, export)
-    tracker.end("FINISHED" if state.step >= total else "KILLED")
+    tracker.end("FINISHED" if completed else "KILLED")
     accelerator.wait_for_everyone()
-    return TrainResult(state.step, state.step >= total, means,
+    return TrainResult(state.step, completed, run.means,
                        accelerator.unwrap_model(objective.segmenter),
                        accelerator.unwrap_model(objective.discriminator))
 
@@ -338,10 +382,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        train(cfg, accelerator)
+        result = train(cfg, accelerator)
     except NonFiniteLossError:
         return 1
-    return 0
+    return 0 if result.completed else 143  # stopped by SIGTERM/SIGINT after a checkpoint
 
 
 if __name__ == "__main__":

@@ -153,3 +153,28 @@ def test_config_errors_exit_with_a_message(capsys, tmp_path):
     assert "did you mean 'optim.seg.lr'" in capsys.readouterr().err
     assert train_main(["--config", DEBUG]) == 2
     assert "data.train is empty" in capsys.readouterr().err
+
+
+def test_sigterm_checkpoints_at_once_and_the_run_resumes_from_there(shards, tmp_path):
+    run_dir = tmp_path / "run"
+    # checkpoints only by time (never due here), so the one found after SIGTERM is the signal's
+    proc = subprocess.Popen(_train_cmd(shards, run_dir, "train.max_steps=10000",
+                                       "train.ckpt_every_steps=0", "train.ckpt_every_minutes=600",
+                                       "train.log_every=1"),
+                            env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    for line in proc.stderr:  # wait until training is under way
+        if " step 2/" in line or time.monotonic() > deadline:
+            break
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, err[-3000:]
+    saved = sorted(run_dir.glob("ckpt-*.pt"))
+    assert len(saved) == 1
+    step = torch.load(saved[0], weights_only=True)["step"]
+    assert step >= 2
+    done = subprocess.run(_train_cmd(shards, run_dir, f"train.max_steps={step + 2}"),
+                          env=_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"resumed from {saved[0]}" in done.stderr
+    assert (run_dir / "segmenter.pt").exists()
