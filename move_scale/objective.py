@@ -6,8 +6,10 @@ section; `build_objective(cfg)` also builds the networks from a full Config.
 
 Cost discipline (see DESIGN.md): the frozen MAE encoder runs at most twice per forward, once on x
 (serving AE(x), the inpainting, and the segmenter's tokens when features are the MAE encoder's)
-and once on shift(x) (serving x̌_δ = AE(shift(x))). Frozen work runs under no_grad; only the
-inpainting decoder pass, which carries the gradient to the mask through the tile mask, does not.
+and once on shift(x) (serving x̌_δ = AE(shift(x))). Frozen work runs under no_grad (inference_mode
+with `fused`); only the inpainting decoder pass, which carries the gradient to the mask through the
+tile mask, does not. `fused` (train.fused) routes the compose chain through kernels/compose_ops.py;
+fused=False is the eager reference, compose.py itself.
 """
 from __future__ import annotations
 

@@ -2,6 +2,7 @@
 rounding) and bf16 (bf16 tolerance), values and gradients; conv+BN folding; SDPA attention.
 
 Shapes match the tiny objective (B=2, 64×64, inpainter patch 16) so compiled graphs stay few.
+Kernels compile on CUDA only by default; here they are built with devices=("cpu",).
 """
 import pytest
 import torch
@@ -10,7 +11,7 @@ from torch.overrides import TorchFunctionMode
 
 from move_scale import compose
 from move_scale.kernels.augment import FusedDiscriminatorInput
-from move_scale.kernels.compose_ops import ComposeOps, composites_reference, mask_chain_reference
+from move_scale.kernels.compose_ops import ComposeOps, Kernel, composites_reference, mask_chain_reference
 from move_scale.kernels.fold import folded_copy
 from move_scale.kernels.tokens import MaskTokenMixer, mix_reference
 from move_scale.models.backbone import FrozenViT
@@ -18,20 +19,27 @@ from move_scale.models.discriminator import ProjectedDiscriminator, ProjectedFea
 from move_scale.models.mae import MAE
 
 SIZE, PATCH, BATCH = 64, 16, 2
+ON_CPU = ("cpu",)  # compile the fused kernels for CPU tensors too
 FP32 = dict(rtol=1e-5, atol=1e-6)
 BF16 = dict(rtol=2e-2, atol=2e-2)  # bf16 keeps 8 mantissa bits: ~4e-3 relative per rounding
 
 
+def assert_close(got, expected, tol, msg=""):
+    """fp32: elementwise; bf16: errors relative to the tensor's scale (sums of rounded terms)."""
+    scale = max(1.0, expected.abs().max().item()) if tol is BF16 else 1.0
+    torch.testing.assert_close(got.float(), expected.float(), rtol=tol["rtol"], atol=tol["atol"] * scale, msg=msg)
+
+
 @pytest.fixture(scope="module")
 def fused_ops():
-    return ComposeOps(fused=True)
+    return ComposeOps(fused=True, devices=ON_CPU)
 
 
 def rand(*shape, seed=0, dtype=torch.float32):
     return torch.rand(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
 
 
-SHIFTS = torch.tensor([[5, -9], [-16, 0]])  # content moves down-left / up; zero fill enters
+SHIFTS = torch.tensor([[21, -25], [-16, 0]])  # ≥ one tile: no peak lands in its own tile (see peaked_mask)
 
 
 # ------------------------------------------------------------------ attention
@@ -94,8 +102,8 @@ def test_fused_mask_chain_matches_compose_with_gradient(fused_ops, dtype, tol):
     expected = mask_chain_outputs(mask_chain_reference, mask)
     got = mask_chain_outputs(fused_ops.mask_chain, mask.to(dtype))
     for name, e, g in zip(("mask_shifted", "tiles", "grad"), expected, got):
-        torch.testing.assert_close(g, e, **tol, msg=name)
-    assert got[0][1, :, -16:].abs().max() == 0  # rows entering from below are zero-filled
+        assert_close(g, e, tol, msg=name)
+    assert got[0][1, :, -16:].abs().max() == 0 and got[0][0, :, :21].abs().max() == 0  # zero fill
     assert got[2].abs().sum() > 0
 
 
@@ -130,9 +138,17 @@ def test_fused_discriminator_inputs_match_compose_with_gradient(fused_ops, dtype
     for c, values in ((reference, expected), (comp, got)):
         sum((v.float() * (i + 1)).sum() for i, v in enumerate(values.values())).backward()
     for kind in kinds:
-        torch.testing.assert_close(got[kind].float(), expected[kind], **tol, msg=kind)
+        assert_close(got[kind], expected[kind], tol, msg=kind)
     for name in ("mask", "mask_shifted", "inpainted_background"):
-        torch.testing.assert_close(getattr(comp, name).grad.float(), getattr(reference, name).grad, **tol, msg=name)
+        assert_close(getattr(comp, name).grad, getattr(reference, name).grad, tol, msg=name)
+
+
+def test_kernels_compile_only_on_their_devices():
+    calls = []
+    kernel = Kernel(lambda x: x + 1, lambda x: calls.append(x.device.type) or x + 1)  # default: CUDA only
+    assert kernel.devices == ("cuda",)
+    torch.testing.assert_close(kernel(torch.zeros(2)), torch.ones(2))
+    assert calls == ["cpu"]  # the CPU tensor took the eager fallback, nothing was compiled
 
 
 def test_eager_ops_are_the_compose_functions():
@@ -147,6 +163,24 @@ def test_eager_ops_are_the_compose_functions():
     assert torch.equal(eager.discriminator_inputs(comp, ("copy_paste",))["copy_paste"], got)
 
 
+def test_frozen_passes_run_in_inference_mode_yet_feed_autograd(fused_ops):
+    net = torch.nn.Linear(4, 4).requires_grad_(False)
+    x, weight = torch.randn(3, 4), torch.randn(3, 4, requires_grad=True)
+    seen = []
+    def frozen_net(inputs):
+        seen.append(torch.is_inference_mode_enabled())
+        return net(inputs), None
+    with torch.no_grad():
+        out, nothing = fused_ops.frozen(frozen_net, x)
+    assert out.is_inference() and nothing is None  # only read under no_grad: no copy needed
+    out, _ = fused_ops.frozen(frozen_net, x)
+    assert not out.is_inference() and not out.requires_grad
+    (out * weight).sum().backward()  # saving an inference tensor for backward would raise here
+    torch.testing.assert_close(weight.grad, net(x))
+    eager_out, _ = ComposeOps(fused=False).frozen(frozen_net, x)
+    assert seen == [True, True, False] and not eager_out.is_inference()
+
+
 # ------------------------------------------------------------------ MAE mask tokens
 
 
@@ -155,14 +189,14 @@ def test_fused_mask_token_mixing_matches_reference_with_gradient(dtype, tol):
     tokens, mask_token = torch.randn(BATCH, 17, 32), torch.randn(1, 1, 32)
     tile_mask = rand(BATCH, 16, seed=5)
     outputs = []
-    for mix, cast in ((mix_reference, torch.float32), (MaskTokenMixer(fused=True), dtype)):
-        tiles = tile_mask.to(cast).requires_grad_(True)
+    for mix, cast in ((mix_reference, torch.float32), (MaskTokenMixer(fused=True, devices=ON_CPU), dtype)):
+        tiles = tile_mask.detach().clone().to(cast).requires_grad_(True)
         mixed = mix(tokens.to(cast), mask_token.to(cast), tiles)
         (mixed.float() * torch.linspace(-1, 1, 32)).sum().backward()
         outputs.append((mixed.float(), tiles.grad.float()))
     (expected, expected_grad), (got, got_grad) = outputs
-    torch.testing.assert_close(got, expected, **tol)
-    torch.testing.assert_close(got_grad, expected_grad, **tol)
+    assert_close(got, expected, tol)
+    assert_close(got_grad, expected_grad, tol)
     assert torch.equal(got[:, 0], tokens[:, 0].to(dtype).float())  # CLS passes through untouched
 
 
@@ -174,6 +208,7 @@ def discriminator_pair():
     eager = ProjectedDiscriminator(resolution=SIZE, seed=0)
     randomize_batchnorm_statistics(eager.features)
     fused = ProjectedDiscriminator(resolution=SIZE, seed=0, fused=True)
+    fused.fused_input = FusedDiscriminatorInput(devices=ON_CPU)
     fused.load_state_dict(eager.state_dict())  # the post-load hook refolds the features
     return eager.eval(), fused.eval()
 
@@ -197,18 +232,21 @@ def test_fused_discriminator_matches_eager_with_gradient_to_the_image():
         out.sum().backward()
         logits.append(out)
         grads.append(x.grad)
-    torch.testing.assert_close(logits[1], logits[0], rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
+    # random frozen weights make logits O(1e3): tolerances relative to the scale (fp32 rounding)
+    scale = logits[0].abs().max().item()
+    torch.testing.assert_close(logits[1], logits[0], rtol=1e-4, atol=1e-5 * scale)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-5 * grads[0].abs().max().item())
     assert grads[1].abs().sum() > 0
 
 
 def test_fused_input_map_commutes_with_the_resize():
     x = torch.randn(BATCH, 3, 32, 32)
-    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
     unit = F.interpolate((x * std + mean) * 2 - 1, size=(SIZE, SIZE), mode="bilinear", align_corners=False)
     expected = diff_augment_color(unit, torch.Generator().manual_seed(4))
     with torch.no_grad():
-        got = FusedDiscriminatorInput()(x, mean, std, SIZE, torch.Generator().manual_seed(4))
+        got = FusedDiscriminatorInput(devices=ON_CPU)(x, mean, std, SIZE, torch.Generator().manual_seed(4))
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -222,11 +260,13 @@ def test_folded_features_equal_the_unfolded_in_fp32_and_stay_out_of_state_and_op
     expected = features(x)
     x_folded = x.detach().clone().requires_grad_(True)
     got = folded(x_folded)
-    for e, g in zip(expected, got):
-        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+    for e, g in zip(expected, got):  # fp32 parity up to rounding of the folded weights
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5 * e.abs().max().item())
     sum(m.sum() for m in expected).backward()
     sum(m.sum() for m in got).backward()
-    torch.testing.assert_close(x_folded.grad, x.grad, rtol=1e-4, atol=1e-6)
+    # ReLU6 gates whose input sits within rounding of 0 or 6 may flip: compare in norm
+    assert (x_folded.grad - x.grad).norm() / x.grad.norm() < 1e-3
+    assert x.grad.norm() > 0
 
 
 def test_fused_discriminator_state_dict_is_the_eager_one_and_loading_refolds():
@@ -239,10 +279,26 @@ def test_fused_discriminator_state_dict_is_the_eager_one_and_loading_refolds():
         randomize_batchnorm_statistics(eager.features, seed=8)
         fused.load_state_dict(eager.state_dict())
         after = fused(x, augment=False)
-        torch.testing.assert_close(after, eager(x, augment=False), rtol=1e-4, atol=1e-4)
+        expected = eager(x, augment=False)
+        torch.testing.assert_close(after, expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
     assert not torch.allclose(before, after)
 
 
 def test_folding_a_network_in_train_mode_is_refused():
     with pytest.raises(ValueError, match="eval"):
         folded_copy(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)))
+
+
+def test_folded_copy_is_outside_the_module_tree_and_follows_moves():
+    from move_scale.models.discriminator import ProjectedDiscriminator
+
+    disc = ProjectedDiscriminator(64, seed=0, fused=True)
+    plain = ProjectedDiscriminator(64, seed=0, fused=False)
+    # nothing extra for DDP to broadcast or for an optimizer/state dict to see
+    assert sum(b.numel() for b in disc.buffers()) == sum(b.numel() for b in plain.buffers())
+    assert disc.state_dict().keys() == plain.state_dict().keys()
+    before = disc.features_folded
+    disc.to(torch.float64)
+    assert disc.features_folded is not before
+    assert all(t.dtype == torch.float64 for t in disc.features_folded.state_dict().values()
+               if t.is_floating_point())

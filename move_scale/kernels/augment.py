@@ -12,11 +12,13 @@ fused path: the two commute, and this lets the map join the colour kernel.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .compose_ops import compiled
+from .compose_ops import COMPILE_DEVICES, Kernel
 
 
 def color_factors(x: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -39,11 +41,12 @@ def _unit_range_color_body(x: Tensor, scale: Tensor, offset: Tensor, factors: Te
 
 class FusedDiscriminatorInput:
     """ImageNet-normalised (B,3,H,W) → D's colour-augmented input (B,3,R,R): resize (eager), then
-    one compiled kernel for the map to [-1,1] and the colour policy. The eager reference is the
-    start of `ProjectedDiscriminator.forward` with `diff_augment_color`."""
+    one compiled kernel for the map to [-1,1] and the colour policy (on `devices`, see
+    `compose_ops.Kernel`; elsewhere the same body runs eagerly). The eager reference is the start
+    of `ProjectedDiscriminator.forward` with `diff_augment_color`."""
 
-    def __init__(self):
-        self._map_and_color = compiled(_unit_range_color_body)
+    def __init__(self, devices: Sequence[str] = COMPILE_DEVICES):
+        self._map_and_color = Kernel(_unit_range_color_body, _unit_range_color_body, devices)
 
     def __call__(self, x: Tensor, mean: Tensor, std: Tensor, resolution: int,
                  generator: torch.Generator | None) -> Tensor:

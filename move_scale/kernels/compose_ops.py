@@ -8,8 +8,9 @@ Two stages run between the networks, so each is one compiled region:
    one read of the shared operands.
 
 `ComposeOps(fused=False)` calls `move_scale.compose` (the reference the parity tests compare
-against); `fused=True` calls the `torch.compile`d bodies below. Gradients flow into the mask
-through both (the compiled regions are differentiable: AOTAutograd builds their backward).
+against); `fused=True` calls the `torch.compile`d bodies below on CUDA tensors (`Kernel`). Gradients
+flow into the mask through both (the compiled regions are differentiable: AOTAutograd builds their
+backward).
 Frozen network passes run under `torch.inference_mode` in the fused mode (`frozen`), under
 `torch.no_grad` in the eager one.
 """
@@ -24,11 +25,38 @@ from torch import Tensor
 from move_scale import compose
 
 COMPOSITE_KINDS = ("composite_noshift", "composite_shifted", "copy_paste")
+COMPILE_DEVICES = ("cuda",)  # device types whose tensors run the compiled kernels by default
 
 
-def compiled(fn: Callable) -> Callable:
-    """The one place compile options live: static shapes (few, cheap recompiles), one graph."""
-    return torch.compile(fn, dynamic=False, fullgraph=True)
+class Kernel:
+    """A fused body compiled with torch.compile (static shapes: few, cheap recompiles; one graph),
+    run on tensors of the device types in `devices`; on other devices its eager `fallback` runs.
+
+    The default is CUDA only: on the CPU, inductor's first compile on a machine costs ≈ 45 s (it
+    builds a precompiled header) and each graph ≈ 2.5 s, while the pointwise work fused here is a
+    few ms of a CPU step (benchmarks/RESULTS.md). Parity tests and the CPU benchmark pass
+    devices=("cpu", "cuda") (or call `compile_on`) to run the compiled code on the CPU.
+    """
+
+    def __init__(self, body: Callable, fallback: Callable, devices: Sequence[str] = COMPILE_DEVICES):
+        self.compiled = torch.compile(body, dynamic=False, fullgraph=True)
+        self.fallback = fallback
+        self.devices = tuple(devices)
+
+    def __call__(self, *args):
+        device = next(a.device for a in args if isinstance(a, Tensor))
+        return (self.compiled if device.type in self.devices else self.fallback)(*args)
+
+
+def compile_on(objective, devices: Sequence[str]) -> None:
+    """Run every fused kernel of a fused `MoveObjective` compiled on `devices` (e.g. ("cpu", "cuda"))."""
+    discriminator = getattr(objective.discriminator, "module", objective.discriminator)  # DDP-wrapped
+    holders = (objective.ops, objective.mae.mix_tokens, discriminator.fused_input)
+    kernels = [k for h in holders if h is not None for k in vars(h).values() if isinstance(k, Kernel)]
+    if not kernels:
+        raise ValueError("compile_on needs an objective built with fused=True (train.fused)")
+    for kernel in kernels:
+        kernel.devices = tuple(devices)
 
 
 def mask_chain_reference(mask: Tensor, shifts: Tensor, patch_size: int) -> tuple[Tensor, Tensor]:
@@ -69,10 +97,10 @@ def _composites_body(kinds, mask, mask_shifted, autoencoded, autoencoded_shifted
 class ComposeOps:
     """The compose chain for `MoveObjective`: eager reference (fused=False) or compiled (fused=True)."""
 
-    def __init__(self, fused: bool):
+    def __init__(self, fused: bool, devices: Sequence[str] = COMPILE_DEVICES):
         self.fused = bool(fused)
-        self._mask_chain = compiled(_mask_chain_body) if self.fused else mask_chain_reference
-        self._composites = compiled(_composites_body) if self.fused else composites_reference
+        self._mask_chain = Kernel(_mask_chain_body, mask_chain_reference, devices) if fused else mask_chain_reference
+        self._composites = Kernel(_composites_body, composites_reference, devices) if fused else composites_reference
 
     def mask_chain(self, mask: Tensor, shifts: Tensor, patch_size: int) -> tuple[Tensor, Tensor]:
         """(m_δ (B,1,H,W), tile mask m̂ (B,N)) (eq. 4). H, W must be multiples of `patch_size`."""

@@ -7,10 +7,12 @@ to t in one kernel too.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
-from .compose_ops import compiled
+from .compose_ops import COMPILE_DEVICES, Kernel
 
 
 def mix_reference(tokens: Tensor, mask_token: Tensor, tile_mask: Tensor) -> Tensor:
@@ -28,11 +30,12 @@ def _mix_body(tokens: Tensor, mask_token: Tensor, tile_mask: Tensor) -> Tensor:
 
 
 class MaskTokenMixer:
-    """`mix(tokens, mask_token, tile_mask)`: eager reference (fused=False) or one compiled kernel."""
+    """`mix(tokens, mask_token, tile_mask)`: eager reference (fused=False) or one compiled kernel
+    (on `devices`, see `compose_ops.Kernel`)."""
 
-    def __init__(self, fused: bool):
+    def __init__(self, fused: bool, devices: Sequence[str] = COMPILE_DEVICES):
         self.fused = bool(fused)
-        self._mix = compiled(_mix_body) if self.fused else mix_reference
+        self._mix = Kernel(_mix_body, mix_reference, devices) if fused else mix_reference
 
     def __call__(self, tokens: Tensor, mask_token: Tensor, tile_mask: Tensor) -> Tensor:
         return self._mix(tokens, mask_token, tile_mask)

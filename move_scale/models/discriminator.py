@@ -153,17 +153,25 @@ class ProjectedDiscriminator(nn.Module):
         self.heads = nn.ModuleList(_head(c, resolution // s) for c, s in zip(channels, SCALE_STRIDES))
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
-        # fused: input map + colour in one kernel, and a conv+BN-folded copy of the frozen features
-        # (constants only, not in the state dict; refolded whenever a state dict is loaded)
+        # fused: input map + colour in one kernel, and a conv+BN-folded copy of the frozen features.
+        # The copy is derived, so it lives outside the module tree: no state dict entry, no
+        # optimizer, and no DDP buffer broadcast on every forward. It is rebuilt whenever the
+        # features change: after a state dict is loaded and after a move (.to, .cuda, .bfloat16).
         self.fused_input = FusedDiscriminatorInput() if fused else None
-        self.features_folded = None
+        object.__setattr__(self, "features_folded", None)
         if fused:
             self.fold_features()
             self.register_load_state_dict_post_hook(lambda module, _: module.fold_features())
 
     def fold_features(self) -> None:
         """(Re)build the folded copy of `features` used by the fused forward (kernels/fold.py)."""
-        self.features_folded = folded_copy(self.features).to(self.mean.device)
+        object.__setattr__(self, "features_folded", folded_copy(self.features).to(self.mean.device))
+
+    def _apply(self, fn, *args, **kwargs):
+        module = super()._apply(fn, *args, **kwargs)
+        if self.fused_input is not None:
+            self.fold_features()
+        return module
 
     def forward(self, x: torch.Tensor, augment: bool = True,
                 generator: torch.Generator | None = None) -> torch.Tensor:
