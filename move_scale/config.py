@@ -65,10 +65,13 @@ class MAEConfig:
 
 @dataclass(frozen=True)
 class DiscConfig:
-    """Projected discriminator on a frozen EfficientNet-lite0 (Sauer et al. 2021)."""
+    """The discriminator: projected on a frozen EfficientNet-lite0 (Sauer et al. 2021, the paper's),
+    or a small trainable conv D for offline runs where no ImageNet weights exist."""
 
-    weights: str = "efficientnet_lite0"  # a weight name, a file path, or "random"
-    resolution: int = 224  # D inputs are resized to this side
+    kind: str = "projected"  # "projected" | "conv"
+    weights: str = "efficientnet_lite0"  # projected only: a weight name, a file path, or "random"
+    resolution: int = 224  # projected only: D inputs are resized to this side
+    conv_widths: tuple[int, ...] = (64, 128, 256)  # conv only: stride-2 layers
     diffaug: tuple[str, ...] = ("color",)
 
 

@@ -1,7 +1,7 @@
 """The offline demo: MOVE learns to segment synthetic scenes from nothing, on a CPU, in minutes.
 
     python -m move_scale.demo                   # everything under runs/demo/
-    python -m move_scale.demo --out /tmp/demo --train 4000 --mae-steps 1500
+    python -m move_scale.demo --out /tmp/demo --train 2000 --mae-steps 800
 
 Four steps, each skipped when its output is already there (so a second run only re-trains):
   1. synthetic scenes with ground-truth masks → train/val shards  (`move-shard synth`)
@@ -34,9 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Trailing key=value arguments override the MOVE config, e.g. train.max_steps=400.")
     parser.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="MOVE config (configs/demo.yaml)")
-    parser.add_argument("--train", type=int, default=3000, help="training scenes (default 3000)")
-    parser.add_argument("--val", type=int, default=200, help="held-out scenes (default 200)")
-    parser.add_argument("--mae-steps", type=int, default=1200, help="MAE pretraining steps (1200)")
+    parser.add_argument("--train", type=int, default=600, help="training scenes (default 600)")
+    parser.add_argument("--val", type=int, default=100, help="held-out scenes (default 100)")
+    parser.add_argument("--mae-steps", type=int, default=200, help="MAE pretraining steps (200)")
     parser.add_argument("--fresh", action="store_true", help="retrain MOVE even if a run exists")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="MOVE config overrides")
     return parser

@@ -158,3 +158,21 @@ def test_wrong_backbone_file_lists_the_keys(tmp_path):
     torch.save(state, path)
     with pytest.raises(WeightsError, match=r"missing keys: conv_stem\.weight.*blocks\.0\.0\.conv_dw\.weight"):
         build_discriminator(disc_cfg(str(path), tmp_path), seed=0)
+
+
+def test_conv_kind_builds_a_trainable_conv_discriminator_without_weights():
+    from move_scale.config import load_config
+    from move_scale.models.build import build_discriminator
+    from move_scale.models.conv_discriminator import ConvDiscriminator
+
+    cfg = load_config(None, ["model.disc.kind=conv", "model.disc.conv_widths=[8,16]",
+                             "model.disc.weights=/nonexistent.pth"])  # weights unused by kind conv
+    disc = build_discriminator(cfg.model, seed=0)
+    assert isinstance(disc, ConvDiscriminator)
+    images = torch.randn(2, 3, 32, 32, requires_grad=True)
+    logits = disc(images, augment=True, generator=torch.Generator().manual_seed(0))
+    assert logits.shape == (2, 64)  # 32 → 16 → 8: an 8×8 patch map per image
+    logits.sum().backward()
+    assert images.grad is not None and all(p.grad is not None for p in disc.parameters())
+    with pytest.raises(ValueError, match="model.disc.kind must be 'projected' or 'conv'"):
+        build_discriminator(load_config(None, ["model.disc.kind=stylegan"]).model, seed=0)

@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 GENERATOR = "move_scale.synthetic/1"  # bump when scenes change, so old shards are not reused
 SPLITS = {"train": 0, "val": 1}  # the split id is part of every scene's seed: splits never overlap
 MIN_COLOUR_DISTANCE = 0.3  # RGB in [0, 1]: objects differ from the background under them
+BACKGROUND_FREQ = (3.0, 8.0)  # cycles per image side of the background patterns
 MIN_OBJECT_AREA = 0.01  # share of the image; smaller shapes are redrawn
 
 
@@ -95,9 +96,11 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     u, _ = _rotated(rng, yy, xx)
     t = (u - u.min()) / (np.ptp(u) + 1e-6)
     image = _colour(rng) * (1 - t[..., None]) + _colour(rng) * t[..., None]
-    for _ in range(rng.integers(1, 3)):
-        kind = rng.choice(["stripes", "checkers", "noise"])
-        weight = _pattern(rng, kind, yy, xx, freq=rng.uniform(1.5, 6.0)) * rng.uniform(0.3, 0.7)
+    # A strong periodic layer makes any shifted piece of background show a seam (the cue MOVE
+    # needs); an optional second layer adds irregular structure.
+    layers = [rng.choice(["stripes", "checkers"])] + ([rng.choice(["stripes", "checkers", "noise"])] if rng.random() < 0.5 else [])
+    for kind in layers:
+        weight = _pattern(rng, kind, yy, xx, freq=rng.uniform(*BACKGROUND_FREQ)) * rng.uniform(0.5, 0.9)
         image = image * (1 - weight[..., None]) + _colour(rng) * weight[..., None]
     return image
 
@@ -222,7 +225,7 @@ def write_synthetic(out: str | Path, *, train: int, val: int, size: int = 64, se
         options = {"generator": GENERATOR, "split": split, "count": count, "size": size, "seed": seed}
         write_samples(samples(count, size, seed, split), str(folder), name=f"synthetic-{split}",
                       max_count=samples_per_shard, image_format="png", options=options,
-                      overwrite=overwrite)
+                      resume=not overwrite, overwrite=overwrite)
         manifests[split] = folder / MANIFEST_NAME
         log.info("synthetic %s: %d scenes of %d px in %.1f s -> %s",
                  split, count, size, time.perf_counter() - start, manifests[split])

@@ -13,6 +13,7 @@ import torch
 from ..config import ModelConfig
 from ..weights import RANDOM, load_strict, load_weights, read_state_dict, resolve_weights
 from .backbone import FrozenViT
+from .conv_discriminator import ConvDiscriminator
 from .discriminator import ProjectedDiscriminator
 from .mae import MAE, sincos_pos_embed_2d
 from .segmenter import Segmenter
@@ -106,12 +107,18 @@ def _regrid_fixed_positions(state_dict: dict[str, torch.Tensor], mae: MAE) -> di
     return state_dict
 
 
-def build_discriminator(model_cfg: ModelConfig, seed: int, fused: bool = False) -> ProjectedDiscriminator:
-    """The projected D (paper §2.3): frozen EfficientNet-lite0 + random CCM/CSM, trainable heads.
+def build_discriminator(model_cfg: ModelConfig, seed: int, fused: bool = False
+                        ) -> ProjectedDiscriminator | ConvDiscriminator:
+    """The projected D (paper §2.3): frozen EfficientNet-lite0 + random CCM/CSM, trainable heads;
+    or, with `disc.kind: conv`, a small trainable conv D that needs no pretrained weights.
 
     `fused` (train.fused): fused input map + colour, conv+BN-folded frozen features (kernels/).
     """
     cfg = model_cfg.disc
+    if cfg.kind == "conv":
+        return ConvDiscriminator(cfg.conv_widths, cfg.diffaug)
+    if cfg.kind != "projected":
+        raise ValueError(f"model.disc.kind must be 'projected' or 'conv', got {cfg.kind!r}")
     disc = ProjectedDiscriminator(cfg.resolution, cfg.diffaug, seed, fused=fused)
     what = f"discriminator backbone ({cfg.weights})"
     if cfg.weights == RANDOM:

@@ -3,10 +3,12 @@
 The projected discriminator (discriminator.py) relies on a frozen ImageNet EfficientNet; without
 those weights (offline, or a domain far from ImageNet) its random frozen features make a weak
 judge. This D learns its features from scratch instead: spectral-norm 4×4 stride-2 convolutions
-with LeakyReLU(0.2) (no normalisation layer, so the per-kind batches of the objective cannot
-leak batch statistics), then a 3×3 conv to one channel: a patch map of logits, each judging one
-receptive field of the image (PatchGAN), flattened to (B, K). The interface is the projected D's:
-ImageNet-normalised inputs, mapped to [-1, 1], DiffAugment "color" per sample when `augment`.
+with LeakyReLU(0.2), then a 3×3 conv to one channel: a patch map of logits, each judging one
+receptive field of the image (PatchGAN), flattened to (B, K). No normalisation layer by default:
+the objective feeds each real and fake kind as its own batch, and BatchNorm would then normalise
+away exactly the per-kind differences D must see (`batch_norm=True` adds it, as in the projected
+heads, for comparison). The interface is the projected D's: ImageNet-normalised inputs, mapped to
+[-1, 1], DiffAugment "color" per sample when `augment` and `diffaug` asks for it.
 
 At 64 px with widths (64, 128, 256): 64 → 32 → 16 → 8, logits (B, 64), receptive field 46 px.
 """
@@ -22,7 +24,8 @@ from .discriminator import IMAGENET_MEAN, IMAGENET_STD, diff_augment_color
 class ConvDiscriminator(nn.Module):
     """D(x): ImageNet-normalised images (B,3,H,W) → patch logits (B, (H/2^k)·(W/2^k)), k = len(widths)."""
 
-    def __init__(self, widths: tuple[int, ...] | list[int] = (64, 128, 256), diffaug: tuple[str, ...] = ("color",)):
+    def __init__(self, widths: tuple[int, ...] | list[int] = (64, 128, 256), diffaug: tuple[str, ...] = ("color",),
+                 batch_norm: bool = False):
         super().__init__()
         if not widths or any(w < 1 for w in widths):
             raise ValueError(f"model.disc.conv_widths must be a non-empty list of positive widths, got {list(widths)}")
@@ -34,7 +37,10 @@ class ConvDiscriminator(nn.Module):
         layers: list[nn.Module] = []
         in_ch = 3
         for width in widths:
-            layers += [spectral_norm(nn.Conv2d(in_ch, width, kernel_size=4, stride=2, padding=1)), nn.LeakyReLU(0.2)]
+            layers.append(spectral_norm(nn.Conv2d(in_ch, width, kernel_size=4, stride=2, padding=1)))
+            if batch_norm and in_ch != 3:  # as the projected D's heads; not on the first layer
+                layers.append(nn.BatchNorm2d(width))
+            layers.append(nn.LeakyReLU(0.2))
             in_ch = width
         layers.append(spectral_norm(nn.Conv2d(in_ch, 1, kernel_size=3, stride=1, padding=1)))
         self.net = nn.Sequential(*layers)
