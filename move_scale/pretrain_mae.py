@@ -66,7 +66,7 @@ def build_pretrain_mae(cfg: Config) -> torch.nn.Module:
                mlp_ratio=m.mlp_ratio, frozen=False)
 
 
-def _loader(cfg: Config, batch_size: int, epoch: int):
+def _loader(cfg: Config, batch_size: int):
     from move_scale.data.stream import build_train_loader
 
     d = cfg.data
@@ -75,16 +75,16 @@ def _loader(cfg: Config, batch_size: int, epoch: int):
     return build_train_loader(
         d.train, batch_size=batch_size, image_size=d.image_size, crop_scale=d.crop_scale,
         crop_ratio=d.crop_ratio, hflip=d.hflip, workers=d.workers, shuffle_buffer=d.shuffle_buffer,
-        seed=cfg.seed, rank=0, world_size=1, epoch=epoch,
+        seed=cfg.seed, rank=0, world_size=1,
         storage_options={"endpoint_url": d.endpoint_url} if d.endpoint_url else None)
 
 
 def _batches(cfg: Config, batch_size: int):
-    """Endless (epoch, batch) pairs, a fresh shuffle every epoch."""
-    epoch = 0
+    """Endless (epoch, batch) pairs, a fresh shuffle every epoch (the loader moves on by itself)."""
+    loader, epoch = _loader(cfg, batch_size), 0
     while True:
         count = 0
-        for batch in _loader(cfg, batch_size, epoch):
+        for batch in loader:
             count += 1
             yield epoch, batch["image"]
         if count == 0:
@@ -100,7 +100,7 @@ def pretrain(cfg: Config, recipe: PretrainRecipe, out: str | Path) -> dict[str, 
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
     mae = build_pretrain_mae(cfg).train()
-    total = recipe.steps or recipe.epochs * max(1, len(_loader(cfg, recipe.batch_size, 0)))
+    total = recipe.steps or recipe.epochs * max(1, len(_loader(cfg, recipe.batch_size)))
     params = [p for p in mae.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=recipe.lr, betas=(0.9, 0.95), weight_decay=recipe.weight_decay)
     meter = ProgressMeter(recipe.batch_size, total)

@@ -30,7 +30,7 @@ def setup(tmp_path_factory):
 
 
 def _fixed_batch(cfg):
-    loader = pretrain_mae._loader(cfg, batch_size=16, epoch=0)
+    loader = pretrain_mae._loader(cfg, batch_size=16)
     return next(iter(loader))["image"]  # (16, 3, 32, 32)
 
 
