@@ -174,8 +174,9 @@ def load_predictor(checkpoint: str | Path, device: str | torch.device, short_sid
         features_net, segmenter, meta = load_segmenter(path, device, weights_cache)
     except (CheckpointError, WeightsError, ConfigError) as err:
         raise InferenceError(str(err)) from err
+    source = meta.get("mae", meta["features"])  # kind "mae": the MAE's weights serve the features
     logger.info("loaded segmenter %s (features %s, weights %s)", path,
-                meta["features"].get("kind"), meta["features"].get("weights"))
+                meta["features"].get("kind"), source.get("weights"))
     return MaskPredictor(features_net, segmenter, device, short_side), meta
 
 
