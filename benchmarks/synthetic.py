@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> dict:
     run_dir = out / ("move-diagnostic" if args.diagnostic else "move")
     overrides = [f"data.train={manifests['train']}", f"data.val={manifests['val']}",
                  f"data.image_size={args.size}", f"model.mae.weights={mae_path}", f"run_dir={run_dir}",
-                 "train.resume=never", f"tracking.uri={(out / 'mlruns').resolve().as_uri()}"]
+                 "train.resume=never"]  # MLflow: the default local store under run_dir
     if args.diagnostic:
         overrides.append("objective.true_background=true")
     overrides += args.overrides
