@@ -342,9 +342,11 @@ RANK_SCRIPT = textwrap.dedent("""
         state["rng"] = rng
         save_checkpoint({run_dir!r}, 3, state, keep_last=1)
     accelerator.wait_for_everyone()
-    print("REPORT " + json.dumps({{"rank": accelerator.process_index, "world": accelerator.num_processes,
-          "type": str(accelerator.distributed_type), "backend": dist.get_backend(), "pid": os.getpid(),
-          "draws": draws}}), flush=True)
+    report = {{"rank": accelerator.process_index, "world": accelerator.num_processes,
+              "type": str(accelerator.distributed_type), "backend": dist.get_backend(),
+              "pid": os.getpid(), "draws": draws}}
+    with open(os.path.join({run_dir!r}, f"report-{{accelerator.process_index}}.json"), "w") as f:
+        json.dump(report, f)  # one file per rank: lines printed by two processes can interleave
 """)
 
 
@@ -372,8 +374,8 @@ def test_cpu_2proc_launch_config_gathers_rng_of_two_gloo_ranks(tmp_path):
         env={**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"},
         capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr[-3000:]
-    reports = sorted((json.loads(line[len("REPORT "):]) for line in result.stdout.splitlines()
-                      if line.startswith("REPORT ")), key=lambda r: r["rank"])
+    reports = sorted((json.loads(p.read_text()) for p in tmp_path.glob("report-*.json")),
+                     key=lambda r: r["rank"])
     assert [r["rank"] for r in reports] == [0, 1]
     assert all(r["world"] == 2 and r["backend"] == "gloo" and r["type"].endswith("MULTI_CPU")
                for r in reports)
