@@ -79,16 +79,16 @@ def _loader(cfg: Config, batch_size: int):
         storage_options={"endpoint_url": d.endpoint_url} if d.endpoint_url else None)
 
 
-def _batches(cfg: Config, batch_size: int):
+def _batches(loader, source: str, batch_size: int):
     """Endless (epoch, batch) pairs, a fresh shuffle every epoch (the loader moves on by itself)."""
-    loader, epoch = _loader(cfg, batch_size), 0
+    epoch = 0
     while True:
         count = 0
         for batch in loader:
             count += 1
             yield epoch, batch["image"]
         if count == 0:
-            raise ValueError(f"data.train={cfg.data.train!r} yielded no batch of {batch_size}: use more images or a smaller --batch-size")
+            raise ValueError(f"data.train={source!r} yielded no batch of {batch_size}: use more images or a smaller --batch-size")
         epoch += 1
 
 
@@ -100,7 +100,8 @@ def pretrain(cfg: Config, recipe: PretrainRecipe, out: str | Path) -> dict[str, 
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
     mae = build_pretrain_mae(cfg).train()
-    total = recipe.steps or recipe.epochs * max(1, len(_loader(cfg, recipe.batch_size)))
+    loader = _loader(cfg, recipe.batch_size)
+    total = recipe.steps or recipe.epochs * max(1, len(loader))
     params = [p for p in mae.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=recipe.lr, betas=(0.9, 0.95), weight_decay=recipe.weight_decay)
     meter = ProgressMeter(recipe.batch_size, total)
@@ -108,7 +109,7 @@ def pretrain(cfg: Config, recipe: PretrainRecipe, out: str | Path) -> dict[str, 
     first, recent, start = [], [], time.perf_counter()
     log.info("MAE pretraining: %d steps of %d images at %d px, %.1fM parameters",
              total, recipe.batch_size, cfg.data.image_size, sum(p.numel() for p in params) / 1e6)
-    batches = _batches(cfg, recipe.batch_size)
+    batches = _batches(loader, cfg.data.train, recipe.batch_size)
     for step in range(total):
         epoch, images = next(batches)  # (B, 3, S, S) ImageNet-normalised
         meter.data_ready()
