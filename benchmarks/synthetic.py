@@ -2,7 +2,7 @@
 
     python benchmarks/synthetic.py                       # configs/synthetic.yaml, the target setting
     python benchmarks/synthetic.py --config configs/demo.yaml --train 600 --mae-steps 200
-    python benchmarks/synthetic.py --diagnostic          # true background instead of the inpainter
+    python benchmarks/synthetic.py --diagnostic          # a perfect inpainter: the true background in the tiles
 
 Phases (each timed): generate train/val shards (reused when the same scenes are already there),
 pretrain an MAE on the training shards, train MOVE with `move_scale.train` (features = that MAE's
@@ -91,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mae-lr", type=float, default=1.5e-3)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--diagnostic", action="store_true",
-                        help="objective.true_background=true: the scenes' true background replaces the inpainter")
+                        help="objective.true_background=true: inside the inpainted tiles the scenes' true background "
+                             "replaces the MAE's painting (a perfect inpainter)")
     parser.add_argument("overrides", nargs="*", help="extra config overrides, e.g. train.max_steps=400")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -100,7 +100,7 @@ class ObjectiveConfig:
     fake_inputs: tuple[str, ...] = ("composite_shifted", "copy_paste")
     hard_tile_mask: bool = False  # the non-differentiable inpainter ablation
     inpainter: str = "gan"  # "gan": autoencoded D inputs; "mse": paste x outside tiles, no AE
-    true_background: bool = False  # diagnostic: use the data's true background, not the MAE
+    true_background: bool = False  # diagnostic: a perfect inpainter (the data's true background in the tiles)
 
 
 @dataclass(frozen=True)

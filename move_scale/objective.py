@@ -164,9 +164,10 @@ class MoveObjective:
         needs_ae = any(k in AUTOENCODED_KINDS for k in kinds)
         needs_ae_shifted = any(k in SHIFTED_KINDS for k in kinds)
         needs_background = any(k in BACKGROUND_KINDS for k in kinds)
-        use_mae_background = needs_background and not self.true_background
+        # The diagnostic keeps the MAE's output outside the tiles with the GAN inpainter (see _background)
+        decodes_background = needs_background and (self.inpainter == "gan" or not self.true_background)
         latent = None  # encoder pass 1, on x
-        if self.features is None or use_mae_background or (needs_ae and self.inpainter == "gan"):
+        if self.features is None or decodes_background or (needs_ae and self.inpainter == "gan"):
             latent = self.ops.frozen(self.mae.encode, images)  # (B, 1+N, D)
         mask = self._predict_mask(images, latent)  # (B, 1, H, W)
         shifts = compose.sample_shifts(batch, height, width, self.shift_range, generator, images.device)
@@ -220,7 +221,14 @@ class MoveObjective:
 
     def _background(self, images, latent, tiles, background):
         """b̂: the MAE inpainting from the soft tile mask (§2.2, with grad to the mask), pasted into x
-        outside the tiles for the MSE inpainter; or the supplied true background (diagnostic)."""
+        outside the tiles for the MSE inpainter.
+
+        Diagnostic (true_background): a perfect inpainter. Inside the tiles the supplied true
+        background replaces what the MAE paints; outside them b̂ keeps what the inpainter keeps
+        there (x with the MSE inpainter, the MAE's decoding of the visible tokens with the GAN one),
+        so that only the inpainting itself changes and a mask that leaves object parts outside its
+        tiles is still caught by them.
+        """
         if self.true_background:
             if background is None or background.shape != images.shape:
                 got = None if background is None else tuple(background.shape)
@@ -228,7 +236,8 @@ class MoveObjective:
                     f"objective.true_background needs a background batch of shape {tuple(images.shape)}, "
                     f"got {got}: load shards with bg.png and pass extra_keys=('background',) to the loader"
                 )
-            return background.to(images.dtype)
+            kept = images if self.inpainter == "mse" else self.mae.unpatchify(self.mae.decode(latent, tiles))
+            return compose.paste_outside_tiles(kept, background.to(images.dtype), tiles, self.mae.patch_size)
         inpainted = self.mae.unpatchify(self.mae.decode(latent, tiles))  # (B, 3, H, W)
         if self.inpainter == "mse":
             inpainted = compose.paste_outside_tiles(images, inpainted, tiles, self.mae.patch_size)

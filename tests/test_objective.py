@@ -153,13 +153,19 @@ def test_discriminator_phase_trains_only_discriminator_heads():
     assert terms["loss/disc/total"] == pytest.approx(terms["loss/disc/real"] + terms["loss/disc/fake"])
 
 
-def test_true_background_replaces_the_inpainting():
-    objective = make_objective(true_background=True)
+@pytest.mark.parametrize("inpainter", ["mse", "gan"])
+def test_true_background_replaces_the_inpainting_inside_the_tiles(inpainter):
+    objective = make_objective(true_background=True, inpainter=inpainter)
     x, background = images(), images(seed=9)
     with torch.no_grad():
         comp = objective.compose(x, torch.Generator().manual_seed(0), ALL_KINDS, background=background)
-    assert torch.equal(comp.inpainted_background, background)
-    expected = comp.mask_shifted * comp.autoencoded_shifted + (1 - comp.mask_shifted) * background
+        latent = objective.mae.encode(x)
+        painted = objective.mae.unpatchify(objective.mae.decode(latent, comp.tile_mask))
+    tiles = compose.upsample_tiles(comp.tile_mask, objective.mae.grid, objective.mae.patch_size)
+    kept = x if inpainter == "mse" else painted  # what the inpainter leaves outside its tiles
+    assert 0 < tiles.mean() < 1
+    assert torch.allclose(comp.inpainted_background, tiles * background + (1 - tiles) * kept, atol=1e-5)
+    expected = comp.mask_shifted * comp.autoencoded_shifted + (1 - comp.mask_shifted) * comp.inpainted_background
     assert torch.allclose(comp.input_for("composite_shifted"), expected)
     with pytest.raises(ValueError, match="true_background needs a background batch"):
         objective.discriminator_loss(x, torch.Generator().manual_seed(0))
