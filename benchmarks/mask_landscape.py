@@ -117,10 +117,16 @@ def _subset(data: dict[str, torch.Tensor], index: torch.Tensor) -> dict[str, tor
     return {k: v[index] for k, v in data.items()}
 
 
-def landscape(cfg, train: dict, val: dict, steps: int, true_background: bool, seed: int
-              ) -> dict[str, tuple[float, float]]:
-    """Train the config's D against a mix of candidates; return (mean D(x̂_δ), segmenter loss) per
-    candidate on `val`, and D(x) of the real images under "(real x)"."""
+def held_out_candidates(val: dict[str, torch.Tensor], theta_min: float, seed: int) -> dict[str, torch.Tensor]:
+    """Every candidate mask for the held-out scenes, drawn once so that all inpainters score the same."""
+    generator = torch.Generator().manual_seed(seed)
+    return {name: candidate(name, val, theta_min, generator) for name in CANDIDATES}
+
+
+def landscape(cfg, train: dict, val: dict, scored: dict[str, torch.Tensor], steps: int, true_background: bool,
+              seed: int) -> dict[str, tuple[float, float]]:
+    """Train the config's D against a mix of candidates; return (mean D(x̂_δ), segmenter loss) for
+    each of the `scored` masks of `val`, and D(x) of the real images under "(real x)"."""
     from move_scale.engine import disc_step, make_adamw
     from move_scale.losses import mask_losses, segmenter_adversarial_loss, segmenter_total_loss
     from move_scale.models.build import build_discriminator, build_mae
@@ -145,9 +151,9 @@ def landscape(cfg, train: dict, val: dict, steps: int, true_background: bool, se
     scores = {}
     objective.train_modes()
     with torch.no_grad():
-        for name in CANDIDATES:
+        for name, mask in scored.items():
             shifts = torch.Generator().manual_seed(seed + 1)  # the same shifts for every candidate
-            masks.masks = candidate(name, val, objective.theta_min, shifts)
+            masks.masks = mask
             comp = objective.compose(val["image"], shifts, ("composite_shifted",), val["background"])
             shifted = objective.ops.discriminator_inputs(comp, ("composite_shifted",))["composite_shifted"]
             adversarial = segmenter_adversarial_loss(objective.discriminator(shifted, augment=False))
@@ -161,15 +167,14 @@ def landscape(cfg, train: dict, val: dict, steps: int, true_background: bool, se
     return scores
 
 
-def format_table(val: dict, results: dict[str, dict[str, tuple[float, float]]], theta_min: float) -> str:
+def format_table(val: dict, scored: dict[str, torch.Tensor], results: dict[str, dict[str, tuple[float, float]]]
+                 ) -> str:
     columns = list(results)
-    ranks = {col: {name: i + 1 for i, name in enumerate(sorted(CANDIDATES, key=lambda n: results[col][n][1]))}
+    ranks = {col: {name: i + 1 for i, name in enumerate(sorted(scored, key=lambda n: results[col][n][1]))}
              for col in columns}
-    generator = torch.Generator().manual_seed(0)
     header = " | ".join(f"D(x̂_δ), {c} | seg. loss | rank" for c in columns)
     lines = [f"| candidate mask | IoU | area | {header} |", "|---|---:|---:|" + "---:|---:|---:|" * len(columns)]
-    for name in CANDIDATES:
-        mask = candidate(name, val, theta_min, generator)
+    for name, mask in scored.items():
         cells = " | ".join(f"{results[c][name][0]:+.3f} | {results[c][name][1]:.3f} | {ranks[c][name]}"
                            for c in columns)
         lines.append(f"| {name} | {_iou(mask, val['mask']):.2f} | {mask.mean().item():.2f} | {cells} |")
@@ -197,11 +202,12 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.config, [f"model.mae.weights={args.mae}", "model.features.kind=mae", *args.overrides])
     size = cfg.data.image_size
     train, val = scenes(args.train, size, args.seed, "train"), scenes(args.val, size, args.seed, "val")
+    scored = held_out_candidates(val, cfg.objective.theta_min, args.seed + 2)
     results, start = {}, time.perf_counter()
     for label, true_background in (("MAE inpainter", False), ("true background", True)):
-        results[label] = landscape(cfg, train, val, args.steps, true_background, args.seed)
+        results[label] = landscape(cfg, train, val, scored, args.steps, true_background, args.seed)
         print(f"{label}: {args.steps} D steps done after {time.perf_counter() - start:.0f} s", file=sys.stderr)
-    print(format_table(val, results, cfg.objective.theta_min))
+    print(format_table(val, scored, results))
     print(f"\nconfig {args.config} {' '.join(args.overrides)}; {args.steps} D steps of {cfg.data.batch_size} "
           f"per inpainter; {args.val} held-out scenes; {time.perf_counter() - start:.0f} s")
     return 0

@@ -38,20 +38,21 @@ def test_a_short_landscape_scores_every_candidate_and_ranks_them(landscape):
                       ["model.mae.weights=random", "data.image_size=32", "data.batch_size=4"])
     train = landscape.scenes(16, 32, seed=0, split="train")
     val = landscape.scenes(8, 32, seed=0, split="val")
-    results = {"MAE": landscape.landscape(cfg, train, val, steps=3, true_background=False, seed=0),
-               "true": landscape.landscape(cfg, train, val, steps=3, true_background=True, seed=0)}
+    scored = landscape.held_out_candidates(val, 0.05, seed=2)
+    results = {"MAE": landscape.landscape(cfg, train, val, scored, steps=3, true_background=False, seed=0),
+               "true": landscape.landscape(cfg, train, val, scored, steps=3, true_background=True, seed=0)}
     for scores in results.values():
         assert set(scores) == set(landscape.CANDIDATES) | {"(real x)"}
         assert all(math.isfinite(d) and math.isfinite(loss) for name, (d, loss) in scores.items() if name != "(real x)")
-        # the segmenter loss is −D plus the (non-negative) mask terms: a binary mask pays less
-        # the uniform haze at θ_min pays λ_bin·L_bin on every pixel
+        # the segmenter loss is −D plus the (non-negative) mask terms; the uniform haze at θ_min
+        # pays λ_bin·L_bin on every pixel, more than the true (binary) mask
         mask_terms = {name: loss + d for name, (d, loss) in scores.items() if name != "(real x)"}
         assert min(mask_terms.values()) > -1e-5
         assert mask_terms["haze θ_min"] > cfg.objective.lambda_bin * 0.04
         assert mask_terms["true"] < mask_terms["haze θ_min"]
     # the perfect inpainter changes what D sees, so its verdicts differ from the MAE's
     assert results["MAE"]["dilated 4px"] != results["true"]["dilated 4px"]
-    table = landscape.format_table(val, results, 0.05).splitlines()
+    table = landscape.format_table(val, scored, results).splitlines()
     rows = [line for line in table if line.startswith("| ") and not line.startswith(("| candidate", "| (real"))]
     assert [row.split(" | ")[0][2:] for row in rows] == list(landscape.CANDIDATES)
     for column in (5, 8):  # rank columns: a permutation of 1..8
