@@ -293,8 +293,7 @@ def export_segmenter(path: str | Path, segmenter: torch.nn.Module, features_cfg:
                                   "export_segmenter so its state is embedded")
         export["features_state"] = {k: v.detach().cpu() for k, v in features_net.state_dict().items()}
     atomic_torch_save(export, path)
-    log.info("exported segmenter to %s (features: %s, weights %s)", path, features.get("kind"),
-             features.get("weights"))
+    log.info("exported segmenter to %s (features: %s, weights %s)", path, features.get("kind"), source_weights)
     return Path(path)
 
 

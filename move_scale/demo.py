@@ -23,6 +23,7 @@ from pathlib import Path
 from move_scale import evaluate, pretrain_mae, train
 from move_scale.config import ConfigError, load_config
 from move_scale.data.synthetic import write_synthetic
+from move_scale.objective import check_objective_config
 
 log = logging.getLogger("move_scale.demo")
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
@@ -51,6 +52,14 @@ def run(args: argparse.Namespace) -> dict:
     """The four steps; returns {'iou': ..., 'seconds': {...}, 'run_dir': ...}."""
     out = Path(args.out)
     cfg = load_config(args.config, args.overrides)  # fail on a bad override before any work
+    try:
+        check_objective_config(cfg.objective)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if args.val < 1 or args.train < cfg.data.batch_size or args.mae_steps < 1:
+        raise ConfigError(f"--train {args.train}, --val {args.val}, --mae-steps {args.mae_steps}: the demo needs "
+                          f"at least one held-out scene and step, and a batch of training scenes "
+                          f"(data.batch_size={cfg.data.batch_size})")
     seconds = {}
 
     start = _step(f"1/4 synthetic scenes: {args.train} train, {args.val} val, {cfg.data.image_size} px")
@@ -63,8 +72,9 @@ def run(args: argparse.Namespace) -> dict:
     if mae_path.exists():
         log.info("kept %s (delete it to pretrain again)", mae_path)
     else:
-        pretrain_mae.main(["--config", args.config, "--out", str(mae_path), "--steps",
-                           str(args.mae_steps), f"data.train={manifests['train']}", *args.overrides])
+        pretrain_mae.main(["--config", args.config, "--out", str(mae_path), "--steps", str(args.mae_steps),
+                           "--batch-size", str(min(pretrain_mae.PretrainRecipe().batch_size, args.train)),
+                           f"data.train={manifests['train']}", *args.overrides])
     seconds["mae"] = time.perf_counter() - start
 
     run_dir = out / "move"

@@ -84,6 +84,26 @@ def _check_switches(shift_range, theta_min, lambda_min, lambda_bin, bin_ramp_ste
         raise ValueError(f"objective.inpainter = {inpainter!r}: use 'gan' or 'mse'")
 
 
+def _check_scales(scales: Sequence[str]) -> tuple[str, ...]:
+    scales = tuple(scales)
+    if len(set(scales)) != len(scales) or any(s not in MASK_LOSS_SCALES for s in scales):
+        raise ValueError(
+            f"objective.mask_loss_scales = {list(scales)}: use distinct values from "
+            f"{list(MASK_LOSS_SCALES)} (an empty list turns the mask losses off)"
+        )
+    return scales
+
+
+def check_objective_config(objective_cfg) -> None:
+    """ValueError naming the first out-of-range value of the `objective` section (ObjectiveConfig),
+    before any network is built or any data is made; MoveObjective runs the same checks."""
+    c = objective_cfg
+    _check_switches(c.shift_range, c.theta_min, c.lambda_min, c.lambda_bin, c.bin_ramp_steps, c.inpainter)
+    _check_kinds("real_inputs", c.real_inputs, compose.REAL_KINDS)
+    _check_kinds("fake_inputs", c.fake_inputs, compose.FAKE_KINDS)
+    _check_scales(c.mask_loss_scales)
+
+
 class MoveObjective:
     """The networks of MOVE plus the switches of its ablations; computes both phases' losses.
 
@@ -116,14 +136,7 @@ class MoveObjective:
         _check_switches(shift_range, theta_min, lambda_min, lambda_bin, bin_ramp_steps, inpainter)
         self.real_inputs = _check_kinds("real_inputs", real_inputs, compose.REAL_KINDS)
         self.fake_inputs = _check_kinds("fake_inputs", fake_inputs, compose.FAKE_KINDS)
-        self.mask_loss_scales = tuple(mask_loss_scales)
-        if len(set(self.mask_loss_scales)) != len(self.mask_loss_scales) or any(
-            s not in MASK_LOSS_SCALES for s in self.mask_loss_scales
-        ):
-            raise ValueError(
-                f"objective.mask_loss_scales = {list(mask_loss_scales)}: use distinct values from "
-                f"{list(MASK_LOSS_SCALES)} (an empty list turns the mask losses off)"
-            )
+        self.mask_loss_scales = _check_scales(mask_loss_scales)
         self.features, self.segmenter, self.mae, self.discriminator = features, segmenter, mae, discriminator
         self.shift_range, self.theta_min = shift_range, theta_min
         self.lambda_min, self.lambda_bin, self.bin_ramp_steps = lambda_min, lambda_bin, bin_ramp_steps

@@ -39,7 +39,7 @@ from move_scale.config import Config, ConfigError, dump_config, flatten, load_co
 from move_scale.data.stream import build_train_loader
 from move_scale.engine import NonFiniteLossError, disc_step, effective_precision, make_adamw, seg_step
 from move_scale.gallery import save_mask_gallery
-from move_scale.objective import MoveObjective, build_objective
+from move_scale.objective import MoveObjective, build_objective, check_objective_config
 from move_scale.progress import ProgressMeter, format_duration
 from move_scale.tracking import start_tracker
 
@@ -47,9 +47,10 @@ log = logging.getLogger("move_scale.train")
 
 EXAMPLES = """\
 examples:
-  python -m move_scale.train --config configs/debug.yaml data.train=shards/demo/train/manifest.json
+  python -m move_scale.demo        # then, on the data and MAE it made:
+  python -m move_scale.train --config configs/demo.yaml data.train=runs/demo/data/train/manifest.json
   python -m move_scale.train --config configs/paper_duts.yaml optim.seg.lr=1e-4 train.resume=never
-  accelerate launch --config_file launch/1gpu.yaml -m move_scale.train --config configs/paper_duts.yaml
+  accelerate launch --config_file launch/one_gpu.yaml -m move_scale.train --config configs/paper_duts.yaml
 
 Overrides are dotted keys of the config (see move_scale/config.py), e.g. data.batch_size=16,
 objective.shift_range=0.0625, objective.real_inputs=[autoencoded], tracking.uri=http://host:5000.
@@ -371,7 +372,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-    except ConfigError as err:
+        check_objective_config(cfg.objective)
+    except ValueError as err:  # ConfigError included
         print(f"error: {err}", file=sys.stderr)
         return 2
     if not cfg.data.train:

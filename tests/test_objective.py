@@ -1,15 +1,17 @@
 """MoveObjective on tiny real networks: REFERENCE §1 step by step, encoder passes, grads, switches."""
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from move_scale import compose
-from move_scale.config import load_config
+from move_scale.config import ObjectiveConfig, load_config
 from move_scale.models.backbone import FrozenViT
 from move_scale.models.discriminator import ProjectedDiscriminator
 from move_scale.models.mae import MAE
 from move_scale.models.segmenter import Segmenter
-from move_scale.objective import MoveObjective, build_objective, objective_from_config
+from move_scale.objective import MoveObjective, build_objective, check_objective_config, objective_from_config
 
 SIZE = 64  # MAE patch 16 → 4×4 tiles; DINO patch 8 → 8×8 tokens
 ALL_KINDS = compose.REAL_KINDS + compose.FAKE_KINDS
@@ -193,11 +195,15 @@ def test_mae_features_feed_the_segmenter_encoder_tokens():
         (dict(shift_range=-0.1), "objective.shift_range"),
         (dict(mask_loss_scales=("avg", "mean")), "objective.mask_loss_scales"),
         (dict(bin_ramp_steps=-1), "objective.bin_ramp_steps"),
+        (dict(theta_min=2.0), "objective.theta_min"),
     ],
 )
 def test_invalid_switches_are_rejected_with_the_key(switches, message):
     with pytest.raises(ValueError, match=message):
         MoveObjective(**tiny_networks(), **switches)
+    with pytest.raises(ValueError, match=message):  # the same check on the config, before any build
+        check_objective_config(dataclasses.replace(ObjectiveConfig(), **switches))
+    check_objective_config(ObjectiveConfig())
 
 
 def test_segmenter_that_does_not_reach_image_size_is_reported():

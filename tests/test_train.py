@@ -153,6 +153,9 @@ def test_config_errors_exit_with_a_message(capsys, tmp_path):
     assert "did you mean 'optim.seg.lr'" in capsys.readouterr().err
     assert train_main(["--config", DEBUG]) == 2
     assert "data.train is empty" in capsys.readouterr().err
+    assert train_main(["--config", DEBUG, "data.train=x", f"run_dir={tmp_path}", "objective.theta_min=2"]) == 2
+    assert "objective.theta_min = 2.0: use a value in [0, 1]" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
 
 
 def test_sigterm_checkpoints_at_once_and_the_run_resumes_from_there(shards, tmp_path):
