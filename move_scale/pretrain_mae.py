@@ -20,6 +20,7 @@ import argparse
 import logging
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ import torch
 
 from move_scale.config import Config, load_config
 from move_scale.progress import ProgressMeter, format_duration
+from move_scale.weights import WeightsError
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +172,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     recipe = PretrainRecipe(steps=args.steps, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                             weight_decay=args.weight_decay, warmup_fraction=args.warmup_fraction,
                             mask_ratio=args.mask_ratio, log_every=args.log_every)
-    return pretrain(load_config(args.config, args.overrides), recipe, args.out)
+    try:
+        return pretrain(load_config(args.config, args.overrides), recipe, args.out)
+    except (ValueError, WeightsError) as err:  # ConfigError, DataError and bad data sizes included
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

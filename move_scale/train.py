@@ -27,6 +27,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object
 
 from move_scale.checkpoint import (
+    CheckpointError,
     CheckpointPolicy,
     capture_rng_state,
     export_segmenter,
@@ -35,13 +36,15 @@ from move_scale.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from move_scale.config import Config, ConfigError, dump_config, flatten, load_config
+from move_scale.config import Config, dump_config, flatten, load_config
+from move_scale.data.storage import DataError
 from move_scale.data.stream import build_train_loader
 from move_scale.engine import NonFiniteLossError, disc_step, effective_precision, make_adamw, seg_step
 from move_scale.gallery import save_mask_gallery
 from move_scale.objective import MoveObjective, build_objective, check_objective_config
 from move_scale.progress import ProgressMeter, format_duration
 from move_scale.tracking import start_tracker
+from move_scale.weights import WeightsError
 
 log = logging.getLogger("move_scale.train")
 
@@ -332,10 +335,10 @@ def train(cfg: Config, accelerator: Accelerator) -> TrainResult:
     objective, opt_seg, opt_disc = _build(cfg, accelerator)
     state, generator = TrainState(), _rank_generator(cfg.seed, accelerator.process_index)
     run_id = _resume(cfg, objective, opt_seg, opt_disc, state, generator, accelerator)
+    loader = _build_loader(cfg, state, accelerator)  # bad data fails here, before an MLflow run opens
     tracker, run_id = _start_tracking(cfg, accelerator, run_id)
     objective.segmenter, objective.discriminator, opt_seg, opt_disc = accelerator.prepare(
         objective.segmenter, objective.discriminator, opt_seg, opt_disc)
-    loader = _build_loader(cfg, state, accelerator)
     total = cfg.train.max_steps or cfg.train.epochs * len(loader)
     run = _Run(cfg, accelerator, objective, opt_seg, opt_disc, state, generator, tracker, run_id, total)
     log.info("training %d steps (%d batches of %d per epoch per process, %d processes, %s, %s)",
@@ -347,6 +350,9 @@ def train(cfg: Config, accelerator: Accelerator) -> TrainResult:
         run.loop(loader, stop)
     except NonFiniteLossError as err:
         log.error("%s", err)
+        tracker.end("FAILED")
+        raise
+    except Exception:
         tracker.end("FAILED")
         raise
     finally:
@@ -387,6 +393,9 @@ def main(argv: list[str] | None = None) -> int:
         result = train(cfg, accelerator)
     except NonFiniteLossError:
         return 1
+    except (DataError, WeightsError, CheckpointError) as err:  # bad input, said in full: no traceback
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     return 0 if result.completed else 143  # stopped by SIGTERM/SIGINT after a checkpoint
 
 

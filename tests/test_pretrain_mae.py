@@ -82,10 +82,14 @@ def test_learning_rate_warms_up_linearly_then_decays_by_cosine():
     assert lrs[-1] < 0.01 * base
 
 
-def test_bad_options_and_missing_data_say_what_to_do(setup, tmp_path):
+def test_bad_options_and_missing_data_say_what_to_do(setup, tmp_path, capsys):
     root, config = setup
     with pytest.raises(SystemExit):
         pretrain_mae.main(["--config", str(config), "--out", str(tmp_path / "x.pth"), "--mask-ratio", "1.0"])
-    with pytest.raises(ValueError, match="data.train"):
-        pretrain_mae.main(["--config", str(config), "--out", str(tmp_path / "x.pth"), "data.train="])
+    for bad, message in [("data.train=", "error: data.train"),
+                         (f"data.train={tmp_path / 'none.json'}", "error: no manifest at"),
+                         ("data.image_size=seven", "error: data.image_size")]:
+        with pytest.raises(SystemExit) as stopped:
+            pretrain_mae.main(["--config", str(config), "--out", str(tmp_path / "x.pth"), bad])
+        assert stopped.value.code == 2 and message in capsys.readouterr().err
     assert not Path(tmp_path / "x.pth").exists()

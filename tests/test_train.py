@@ -148,7 +148,7 @@ def test_resume_skips_a_checkpoint_cut_off_mid_write(shards, tmp_path, caplog):
     assert (resumed["step"], resumed["seg_steps"]) == (6, 3)
 
 
-def test_config_errors_exit_with_a_message(capsys, tmp_path):
+def test_config_errors_exit_with_a_message(capsys, tmp_path, monkeypatch):
     assert train_main(["--config", DEBUG, "optim.seg.lrr=1"]) == 2
     assert "did you mean 'optim.seg.lr'" in capsys.readouterr().err
     assert train_main(["--config", DEBUG]) == 2
@@ -156,6 +156,12 @@ def test_config_errors_exit_with_a_message(capsys, tmp_path):
     assert train_main(["--config", DEBUG, "data.train=x", f"run_dir={tmp_path}", "objective.theta_min=2"]) == 2
     assert "objective.theta_min = 2.0: use a value in [0, 1]" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the store would be run_dir/mlruns
+    run_dir = tmp_path / "run"
+    assert train_main(["--config", DEBUG, f"data.train={tmp_path / 'none' / 'manifest.json'}",
+                       f"run_dir={run_dir}"]) == 2
+    assert "error: no manifest at" in capsys.readouterr().err
+    assert not (run_dir / "mlruns").exists()  # no MLflow run was opened for a run that cannot start
 
 
 def test_sigterm_checkpoints_at_once_and_the_run_resumes_from_there(shards, tmp_path):
