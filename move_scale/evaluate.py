@@ -29,6 +29,7 @@ from tqdm import tqdm
 from move_scale.boxes import largest_box, mask_to_boxes
 from move_scale.inference import InferenceError, list_images, load_predictor, read_image
 from move_scale.metrics import CorLocMeter, SaliencyMeter
+from move_scale.processes import exit_process
 
 logger = logging.getLogger(__name__)
 
@@ -362,4 +363,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -42,6 +42,7 @@ from move_scale.data.stream import build_train_loader
 from move_scale.engine import NonFiniteLossError, disc_step, effective_precision, make_adamw, seg_step
 from move_scale.gallery import save_mask_gallery
 from move_scale.objective import MoveObjective, build_objective, check_objective_config
+from move_scale.processes import exit_process
 from move_scale.progress import ProgressMeter, format_duration
 from move_scale.tracking import start_tracker
 from move_scale.weights import WeightsError
@@ -400,4 +401,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())  # under torchrun: no interpreter teardown with a live gloo group (processes.py)

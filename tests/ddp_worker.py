@@ -11,6 +11,7 @@ import torch
 from accelerate import Accelerator
 
 from move_scale.config import load_config
+from move_scale.processes import exit_process
 from move_scale.train import parse_args, train
 
 
@@ -27,3 +28,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_process(0)
