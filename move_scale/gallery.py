@@ -1,5 +1,6 @@
 """Mask gallery: one PNG with a row per image of (input | mask | inpainted background | shifted
-composite), the four things to look at when judging a MOVE run (paper Fig. 2)."""
+composite), the four things to look at when judging a MOVE run (paper Fig. 2); from tensors
+(save_mask_gallery) or from a training objective and a batch (save_objective_gallery)."""
 from __future__ import annotations
 
 import logging
@@ -9,6 +10,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+
+from move_scale.objective import MoveObjective
 
 log = logging.getLogger(__name__)
 
@@ -77,3 +80,26 @@ def save_mask_gallery(path: str | Path, images: torch.Tensor, masks: torch.Tenso
     Image.fromarray(grid).save(path, format="PNG")
     log.info("wrote mask gallery %s (%d rows)", path, min(max_rows, images.shape[0]))
     return path
+
+
+def save_objective_gallery(path: str | Path, objective: MoveObjective, segmenter: torch.nn.Module,
+                           discriminator: torch.nn.Module, images: torch.Tensor,
+                           background: torch.Tensor | None, seed: int, rows: int = 4) -> Path:
+    """The gallery of the first `rows` images of a training batch, composed by `objective` with
+    its networks given unwrapped (not DDP). Runs in eval mode with its own generator (`seed`):
+    training RNG and BatchNorm statistics are untouched."""
+    view = MoveObjective(features=objective.features, segmenter=segmenter, mae=objective.mae,
+                         discriminator=discriminator, shift_range=objective.shift_range,
+                         inpainter=objective.inpainter, true_background=objective.true_background,
+                         hard_tile_mask=objective.hard_tile_mask)
+    was_training = segmenter.training
+    segmenter.eval()
+    try:
+        with torch.no_grad():
+            batch = images[:rows]
+            comp = view.compose(batch, torch.Generator().manual_seed(seed), ("composite_shifted",),
+                                None if background is None else background[:rows])
+            return save_mask_gallery(path, batch, comp.mask, comp.inpainted_background,
+                                     comp.input_for("composite_shifted"), rows)
+    finally:
+        segmenter.train(was_training)

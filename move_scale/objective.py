@@ -94,14 +94,20 @@ def _check_scales(scales: Sequence[str]) -> tuple[str, ...]:
     return scales
 
 
+def _checked(shift_range, theta_min, lambda_min, lambda_bin, bin_ramp_steps, inpainter, real_inputs,
+             fake_inputs, mask_loss_scales) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+    """Every check of the objective's settings; returns (real_inputs, fake_inputs, mask_loss_scales)."""
+    _check_switches(shift_range, theta_min, lambda_min, lambda_bin, bin_ramp_steps, inpainter)
+    return (_check_kinds("real_inputs", real_inputs, compose.REAL_KINDS),
+            _check_kinds("fake_inputs", fake_inputs, compose.FAKE_KINDS), _check_scales(mask_loss_scales))
+
+
 def check_objective_config(objective_cfg) -> None:
     """ValueError naming the first out-of-range value of the `objective` section (ObjectiveConfig),
     before any network is built or any data is made; MoveObjective runs the same checks."""
     c = objective_cfg
-    _check_switches(c.shift_range, c.theta_min, c.lambda_min, c.lambda_bin, c.bin_ramp_steps, c.inpainter)
-    _check_kinds("real_inputs", c.real_inputs, compose.REAL_KINDS)
-    _check_kinds("fake_inputs", c.fake_inputs, compose.FAKE_KINDS)
-    _check_scales(c.mask_loss_scales)
+    _checked(c.shift_range, c.theta_min, c.lambda_min, c.lambda_bin, c.bin_ramp_steps, c.inpainter,
+             c.real_inputs, c.fake_inputs, c.mask_loss_scales)
 
 
 class MoveObjective:
@@ -133,10 +139,9 @@ class MoveObjective:
         true_background: bool = False,
         fused: bool = False,
     ) -> None:
-        _check_switches(shift_range, theta_min, lambda_min, lambda_bin, bin_ramp_steps, inpainter)
-        self.real_inputs = _check_kinds("real_inputs", real_inputs, compose.REAL_KINDS)
-        self.fake_inputs = _check_kinds("fake_inputs", fake_inputs, compose.FAKE_KINDS)
-        self.mask_loss_scales = _check_scales(mask_loss_scales)
+        self.real_inputs, self.fake_inputs, self.mask_loss_scales = _checked(
+            shift_range, theta_min, lambda_min, lambda_bin, bin_ramp_steps, inpainter, real_inputs,
+            fake_inputs, mask_loss_scales)
         self.features, self.segmenter, self.mae, self.discriminator = features, segmenter, mae, discriminator
         self.shift_range, self.theta_min = shift_range, theta_min
         self.lambda_min, self.lambda_bin, self.bin_ramp_steps = lambda_min, lambda_bin, bin_ramp_steps

@@ -40,7 +40,7 @@ from move_scale.config import Config, dump_config, flatten, load_config
 from move_scale.data.storage import DataError
 from move_scale.data.stream import build_train_loader
 from move_scale.engine import NonFiniteLossError, disc_step, effective_precision, make_adamw, seg_step
-from move_scale.gallery import save_mask_gallery
+from move_scale.gallery import save_objective_gallery
 from move_scale.objective import MoveObjective, build_objective, check_objective_config
 from move_scale.processes import exit_process
 from move_scale.progress import ProgressMeter, format_duration
@@ -51,8 +51,8 @@ log = logging.getLogger("move_scale.train")
 
 EXAMPLES = """\
 examples:
-  python -m move_scale.demo        # then, on the data and MAE it made:
-  python -m move_scale.train --config configs/demo.yaml data.train=runs/demo/data/train/manifest.json
+  python -m move_scale.demo        # then, again on the data and MAE it made:
+  python -m move_scale.train --config configs/demo.yaml run_dir=runs/demo/again
   python -m move_scale.train --config configs/paper_duts.yaml optim.seg.lr=1e-4 train.resume=never
   accelerate launch --config_file launch/one_gpu.yaml -m move_scale.train --config configs/paper_duts.yaml
 
@@ -157,33 +157,6 @@ def _save(cfg: Config, accelerator: Accelerator, objective: MoveObjective, opt_s
     accelerator.wait_for_everyone()
 
 
-def _gallery(cfg: Config, accelerator: Accelerator, objective: MoveObjective, images: torch.Tensor,
-             step: int, tracker, background: torch.Tensor | None) -> None:
-    """Input | mask | inpainted background | shifted composite for a few images of this batch.
-
-    Runs in eval mode with its own generator: training RNG and BatchNorm statistics are untouched.
-    """
-    segmenter = accelerator.unwrap_model(objective.segmenter)
-    view = MoveObjective(features=objective.features, segmenter=segmenter, mae=objective.mae,
-                         discriminator=accelerator.unwrap_model(objective.discriminator),
-                         shift_range=objective.shift_range, inpainter=objective.inpainter,
-                         true_background=objective.true_background,
-                         hard_tile_mask=objective.hard_tile_mask)
-    was_training = segmenter.training
-    segmenter.eval()
-    try:
-        with torch.no_grad():
-            rows = images[:4]
-            comp = view.compose(rows, torch.Generator().manual_seed(step), ("composite_shifted",),
-                                None if background is None else background[:4])
-            path = save_mask_gallery(Path(cfg.run_dir) / "gallery" / f"step-{step:08d}.png", rows,
-                                     comp.mask, comp.inpainted_background,
-                                     comp.input_for("composite_shifted"))
-    finally:
-        segmenter.train(was_training)
-    tracker.log_image(path)
-
-
 def _sync_buffers(accelerator: Accelerator, *modules: torch.nn.Module) -> None:
     """Rank 0's buffers (BatchNorm statistics, spectral-norm vectors) to every rank.
 
@@ -275,7 +248,11 @@ class _Run:
         if step % cfg.train.log_every == 0 or last:
             self._log_window()
         if main and cfg.train.gallery_every and (step % cfg.train.gallery_every == 0 or last):
-            _gallery(cfg, self.accelerator, self.objective, images, step, self.tracker, background)
+            unwrap = self.accelerator.unwrap_model
+            path = save_objective_gallery(
+                Path(cfg.run_dir) / "gallery" / f"step-{step:08d}.png", self.objective,
+                unwrap(self.objective.segmenter), unwrap(self.objective.discriminator), images, background, step)
+            self.tracker.log_image(path)
         return self.checkpoint_if_due(last, stop)
 
     def _log_window(self) -> None:
@@ -349,11 +326,9 @@ def train(cfg: Config, accelerator: Accelerator) -> TrainResult:
     previous_handlers = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         run.loop(loader, stop)
-    except NonFiniteLossError as err:
-        log.error("%s", err)
-        tracker.end("FAILED")
-        raise
-    except Exception:
+    except Exception as err:
+        if isinstance(err, NonFiniteLossError):
+            log.error("%s", err)
         tracker.end("FAILED")
         raise
     finally:

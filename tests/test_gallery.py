@@ -62,3 +62,30 @@ def test_shape_errors(tmp_path):
     with pytest.raises(ValueError, match="column 2"):
         save_mask_gallery(tmp_path / "g.png", images, torch.zeros(2, 1, 8, 8),
                           torch.zeros(2, 3, 4, 4), images)
+
+
+def test_objective_gallery_leaves_training_state_untouched(tmp_path):
+    from pathlib import Path
+
+    from move_scale.config import load_config
+    from move_scale.gallery import save_objective_gallery
+    from move_scale.objective import build_objective
+
+    torch.manual_seed(0)
+    objective = build_objective(load_config(Path(__file__).resolve().parents[1] / "configs" / "debug.yaml"))
+    objective.train_modes()
+    segmenter = objective.segmenter
+    stats = {k: v.clone() for k, v in segmenter.state_dict().items()}
+    images = torch.randn(6, 3, 64, 64)
+    rng = torch.get_rng_state()
+    path = save_objective_gallery(tmp_path / "g.png", objective, segmenter, objective.discriminator,
+                                  images, None, seed=3)
+    grid = np.asarray(Image.open(path))
+    assert grid.shape == (4 * (64 + GAP) - GAP, 4 * (64 + GAP) - GAP, 3)  # four rows of the six
+    assert np.array_equal(grid[:64, :64], tile(np.asarray(Image.open(save_mask_gallery(
+        tmp_path / "in.png", images, torch.zeros(6, 1, 64, 64), images, images))), 0, 0, 64))
+    assert segmenter.training and torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(v, stats[k]) for k, v in segmenter.state_dict().items())  # BatchNorm stats too
+    again = np.asarray(Image.open(save_objective_gallery(tmp_path / "h.png", objective, segmenter,
+                                                         objective.discriminator, images, None, seed=3)))
+    assert np.array_equal(grid, again)  # its own generator: the same seed, the same shifts
