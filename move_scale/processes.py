@@ -5,7 +5,7 @@ collectives are done aborts now and then ('terminate called without an active ex
 -6): a C++ thread is still joinable when it is destroyed at exit. Calling `barrier` and
 `destroy_process_group` first does not prevent it. Measured on the test machine (torch 2.14,
 2 CPU cores) with the evaluation of tests/test_evaluate.py under torchrun, 2 processes: 1 failed
-run in 9 as it was, 1 in 25 with destroy_process_group, 1 in 45 with barrier and destroy; 4
+run in 9 as it was, 1 in 25 with destroy_process_group, 1 in 46 with barrier and destroy; 4
 processes: 1 in 19; with `exit_process`, 0 in 70 with 4 processes. It waits for every process,
 flushes what Python buffers and leaves with `os._exit`, which skips that teardown. Outside a
 process group it is `sys.exit`.
