@@ -33,8 +33,6 @@ import torch.nn.functional as F
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
-IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 CANDIDATES = ("true", "eroded 2px", "dilated 2px", "dilated 4px", "boxes", "all ones", "haze θ_min",
               "ellipse")
 
@@ -52,22 +50,20 @@ class CandidateMasks(nn.Module):
         return self.masks
 
 
-def _to_tensor(arrays: list[np.ndarray]) -> torch.Tensor:
-    """uint8 (N, S, S, 3) → ImageNet-normalised (N, 3, S, S)."""
-    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255
-    return (images - IMAGENET_MEAN) / IMAGENET_STD
-
-
 def scenes(count: int, size: int, seed: int, split: str) -> dict[str, torch.Tensor]:
+    """Synthetic scenes as a batch: image/background ImageNet-normalised (N,3,S,S), mask and the
+    objects' filled boxes (N,1,S,S) in {0, 1}."""
     from move_scale.data.synthetic import generate
+    from move_scale.data.transforms import collate_normalise
 
     items = list(generate(count, size, seed, split))
-    boxes = torch.zeros(count, 1, size, size)
+    batch = collate_normalise([{"image": s.image, "background": s.background, "mask": s.mask.astype(np.uint8)}
+                               for s in items])
+    batch["boxes"] = torch.zeros_like(batch["mask"])
     for i, scene in enumerate(items):
         for x0, y0, x1, y1 in scene.boxes:
-            boxes[i, 0, y0:y1, x0:x1] = 1
-    return {"image": _to_tensor([s.image for s in items]), "background": _to_tensor([s.background for s in items]),
-            "mask": torch.from_numpy(np.stack([s.mask for s in items])).float()[:, None], "boxes": boxes}
+            batch["boxes"][i, 0, y0:y1, x0:x1] = 1
+    return batch
 
 
 def _grow(mask: torch.Tensor, pixels: int) -> torch.Tensor:
@@ -108,9 +104,12 @@ def candidate(name: str, batch: dict[str, torch.Tensor], theta_min: float, gener
 
 
 def _iou(pred: torch.Tensor, truth: torch.Tensor) -> float:
-    p, t = pred > 0.5, truth > 0.5
-    union = (p | t).flatten(1).sum(1).clamp(min=1)
-    return ((p & t).flatten(1).sum(1) / union).mean().item()
+    """Mean IoU of masks (B,1,H,W) against the truth, as move_scale.evaluate scores it."""
+    from move_scale.metrics import SaliencyMeter
+
+    meter = SaliencyMeter()
+    meter.update(pred, truth[:, 0].bool())
+    return meter.compute()["iou"]
 
 
 def _subset(data: dict[str, torch.Tensor], index: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -27,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from move_scale.config import Config, load_config
+from move_scale.config import Config, ConfigError, load_config
+from move_scale.data.storage import DataError
 from move_scale.progress import ProgressMeter, format_duration
 from move_scale.weights import WeightsError
 
@@ -73,7 +74,7 @@ def _loader(cfg: Config, batch_size: int):
 
     d = cfg.data
     if not d.train:
-        raise ValueError("data.train is empty: pass the training shards, e.g. data.train=shards/synthetic/train/manifest.json")
+        raise ConfigError("data.train is empty: pass the training shards, e.g. data.train=shards/synthetic/train/manifest.json")
     return build_train_loader(
         d.train, batch_size=batch_size, image_size=d.image_size, crop_scale=d.crop_scale,
         crop_ratio=d.crop_ratio, hflip=d.hflip, workers=d.workers, shuffle_buffer=d.shuffle_buffer,
@@ -90,7 +91,7 @@ def _batches(loader, source: str, batch_size: int):
             count += 1
             yield epoch, batch["image"]
         if count == 0:
-            raise ValueError(f"data.train={source!r} yielded no batch of {batch_size}: use more images or a smaller --batch-size")
+            raise DataError(f"data.train={source!r} yielded no batch of {batch_size}: use more images or a smaller --batch-size")
         epoch += 1
 
 
@@ -101,7 +102,10 @@ def pretrain(cfg: Config, recipe: PretrainRecipe, out: str | Path) -> dict[str, 
     """
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
-    mae = build_pretrain_mae(cfg).train()
+    try:
+        mae = build_pretrain_mae(cfg).train()
+    except ValueError as err:  # sizes the model cannot take (image side vs patch, widths vs heads)
+        raise ConfigError(f"model.mae / data.image_size: {err}") from None
     loader = _loader(cfg, recipe.batch_size)
     total = recipe.steps or recipe.epochs * max(1, len(loader))
     params = [p for p in mae.parameters() if p.requires_grad]
@@ -174,7 +178,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                             mask_ratio=args.mask_ratio, log_every=args.log_every)
     try:
         return pretrain(load_config(args.config, args.overrides), recipe, args.out)
-    except (ValueError, WeightsError) as err:  # ConfigError, DataError and bad data sizes included
+    except (ConfigError, DataError, WeightsError) as err:  # bad input: said in full, no traceback
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
 

@@ -88,7 +88,9 @@ def test_bad_options_and_missing_data_say_what_to_do(setup, tmp_path, capsys):
         pretrain_mae.main(["--config", str(config), "--out", str(tmp_path / "x.pth"), "--mask-ratio", "1.0"])
     for bad, message in [("data.train=", "error: data.train"),
                          (f"data.train={tmp_path / 'none.json'}", "error: no manifest at"),
-                         ("data.image_size=seven", "error: data.image_size")]:
+                         ("data.image_size=seven", "error: data.image_size"),
+                         ("data.image_size=36", "error: model.mae / data.image_size: MAE image size 36"),
+                         ("--batch-size=100000", "error: batch_size 100000 is larger than the data")]:
         with pytest.raises(SystemExit) as stopped:
             pretrain_mae.main(["--config", str(config), "--out", str(tmp_path / "x.pth"), bad])
         assert stopped.value.code == 2 and message in capsys.readouterr().err

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from move_scale.data.shardlist import Shard, balanced_split
+from move_scale.data.storage import DataError
 
 
 def epoch_rng(seed: int, epoch: int, *stream: int) -> np.random.Generator:
@@ -52,13 +53,13 @@ def batches_per_epoch(
     if resampled:
         n = total // (world_size * batch_size)
         if n == 0:
-            raise ValueError(
+            raise DataError(
                 f"batch_size {batch_size} is larger than the data per rank ({where}): "
                 "lower data.batch_size or use fewer processes"
             )
         return n
     if len(shards) < world_size:
-        raise ValueError(
+        raise DataError(
             f"only {len(shards)} shards for {world_size} ranks: each rank needs its own shards; "
             "re-shard with fewer images per shard (move-shard make) or set data.resampled=true"
         )
@@ -66,7 +67,7 @@ def batches_per_epoch(
     smallest = min(sum(shards[i].count for i in g) for g in groups)
     n = smallest // batch_size
     if n == 0:
-        raise ValueError(
+        raise DataError(
             f"batch_size {batch_size} is larger than the data per rank (the smallest rank gets "
             f"{smallest} samples; {where}): lower data.batch_size, use fewer processes, or "
             "set data.resampled=true"
