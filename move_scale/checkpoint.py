@@ -36,6 +36,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from move_scale.errors import UserError
+
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "move_scale.checkpoint/1"
@@ -48,7 +50,7 @@ _NAME = re.compile(r"^ckpt-(\d{8,})\.pt$")
 _TEMP = re.compile(r"^\.ckpt-\d{8,}\.pt\.\d+\.tmp$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint or export file that cannot be written, read or used."""
 
 

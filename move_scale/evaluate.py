@@ -27,6 +27,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from move_scale.boxes import largest_box, mask_to_boxes
+from move_scale.errors import UserError
 from move_scale.inference import InferenceError, list_images, load_predictor, read_image
 from move_scale.metrics import CorLocMeter, SaliencyMeter
 from move_scale.processes import exit_process
@@ -34,7 +35,7 @@ from move_scale.processes import exit_process
 logger = logging.getLogger(__name__)
 
 
-class GroundTruthError(ValueError):
+class GroundTruthError(UserError, ValueError):
     """Evaluation data or ground truth that cannot be used; the message names the file."""
 
 

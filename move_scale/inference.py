@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from move_scale.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -25,7 +27,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 T = TypeVar("T")
 
 
-class InferenceError(ValueError):
+class InferenceError(UserError, ValueError):
     """A checkpoint or input that inference cannot use; the message says what to do."""
 
 

@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from move_scale.errors import UserError
+
 log = logging.getLogger(__name__)
 
 PARAM_VALUE_LIMIT = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH in MLflow >= 2.9
@@ -30,7 +32,7 @@ PARAMS_PER_BATCH = 100
 METRICS_PER_BATCH = 1000
 
 
-class TrackingError(RuntimeError):
+class TrackingError(UserError, RuntimeError):
     """The tracking store cannot be used, or the run to resume does not exist."""
 
 

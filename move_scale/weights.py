@@ -26,13 +26,15 @@ from typing import Mapping
 import torch
 from torch import nn
 
+from move_scale.errors import UserError
+
 log = logging.getLogger(__name__)
 
 RANDOM = "random"
 _MAX_LISTED = 10
 
 
-class WeightsError(RuntimeError):
+class WeightsError(UserError, RuntimeError):
     """A weight file that cannot be found, read or loaded; the message says what to do."""
 
 

@@ -53,6 +53,7 @@ def test_the_demo_runs_every_step_and_leaves_a_complete_mlflow_run(demo_run):
     assert len(gallery) == 2 and all(p.endswith(".png") for p in gallery)
 
 
+@pytest.mark.slow
 def test_a_second_run_keeps_data_and_mae_and_fresh_retrains_only_move(demo_run):
     out, _ = demo_run
     mae, export = out / "mae.pth", out / "move" / "segmenter.pt"

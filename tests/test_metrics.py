@@ -134,6 +134,7 @@ def _reduce_worker(rank: int, port: int, results):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_reduce_sums_across_gloo_processes():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -25,6 +25,7 @@ def test_outside_a_process_group_it_is_sys_exit():
     assert stopped.value.code == 3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("code", [0, 5])
 def test_under_torchrun_every_rank_flushes_and_exits_with_the_code(tmp_path, code):
     script = tmp_path / "worker.py"

@@ -47,6 +47,7 @@ def _trainable(path: Path) -> dict[str, torch.Tensor]:
         {f"disc.{k}": v for k, v in state["discriminator"].items()}
 
 
+@pytest.mark.slow
 def test_two_process_ddp_keeps_ranks_identical_and_logs_to_mlflow(shards, tmp_path):
     from mlflow.tracking import MlflowClient
 
@@ -90,6 +91,7 @@ def _train_cmd(shards: str, run_dir: Path, *extra: str) -> list[str]:
             *_overrides(shards, run_dir, "train.gallery_every=0", "train.keep_last=0", *extra)]
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_auto_matches_an_uninterrupted_run(shards, tmp_path):
     k = 4
     straight = tmp_path / "straight"
@@ -164,6 +166,7 @@ def test_config_errors_exit_with_a_message(capsys, tmp_path, monkeypatch):
     assert not (run_dir / "mlruns").exists()  # no MLflow run was opened for a run that cannot start
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_at_once_and_the_run_resumes_from_there(shards, tmp_path):
     run_dir = tmp_path / "run"
     # checkpoints only by time (never due here), so the one found after SIGTERM is the signal's

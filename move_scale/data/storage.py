@@ -17,10 +17,12 @@ from typing import Iterator
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from move_scale.errors import UserError
+
 _OBJECT_STORES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl"}
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Bad user input for the data tools (a path, a value, a file); the message says what to do."""
 
 

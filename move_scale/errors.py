@@ -1,0 +1,13 @@
+"""The one base class of errors that mean "the user's input or setting is wrong".
+
+Every command catches `UserError`, prints `error: <message>` on one line and exits 2; anything
+else is a bug or an outage and keeps its traceback. The subclasses live where they arise
+(`config.ConfigError`, `data.storage.DataError`, `checkpoint.CheckpointError`,
+`weights.WeightsError`, ...) and keep their older builtin bases so existing `except ValueError`
+callers still work.
+"""
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """Bad input or settings; the message names the key, path or value and says what to do."""

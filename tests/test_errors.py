@@ -1,0 +1,24 @@
+"""Every error that means "bad input" shares one base class, which the commands catch."""
+from __future__ import annotations
+
+import pytest
+
+from move_scale.checkpoint import CheckpointError
+from move_scale.config import ConfigError, load_config
+from move_scale.data.storage import DataError
+from move_scale.errors import UserError
+from move_scale.evaluate import GroundTruthError
+from move_scale.inference import InferenceError
+from move_scale.tracking import TrackingError
+from move_scale.weights import WeightsError
+
+
+@pytest.mark.parametrize("cls", [ConfigError, DataError, CheckpointError, WeightsError,
+                                 InferenceError, GroundTruthError, TrackingError])
+def test_input_errors_are_user_errors(cls):
+    assert issubclass(cls, UserError)
+
+
+def test_a_bad_key_is_caught_as_a_user_error():
+    with pytest.raises(UserError, match="did you mean 'optim.seg.lr'"):
+        load_config(None, ["optim.seg.lt=1e-4"])
