@@ -1,17 +1,13 @@
 """move-shard index on shards written by webdataset.ShardWriter (real tars, sidecars, another key
 layout), on local disk and on a moto S3 server: counts equal what the readers yield."""
 import hashlib
-import io
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import fsspec
-import numpy as np
 import pytest
-import webdataset as wds
-from PIL import Image
 
 from move_scale.data import index as index_module
 from move_scale.data.cli import main
@@ -20,36 +16,7 @@ from move_scale.data.shardlist import resolve_shards
 from move_scale.data.tario import SkipTally, iter_tar_samples
 from move_scale.data.transforms import IMAGE_EXTS
 from move_scale.data.write import write_shards
-
-
-def encode(array: np.ndarray, fmt: str) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, fmt)
-    return buffer.getvalue()
-
-
-def write_foreign_shards(folder: Path, n: int = 14, maxcount: int = 5, no_image=(7,),
-                         upper_case=(11,)) -> dict:
-    """ShardWriter shards `part-%06d.tar`: keys `clsK/img_NNNN` (a sub-folder per class), members
-    `.cls`, `.jpeg` or `.png`, `.json` (ShardWriter writes them sorted: the image is not first).
-    Samples in ``no_image`` have only sidecars, those in ``upper_case`` a `.JPG` image (which the
-    readers do not take). Returns {key: (H, W, 3) uint8} of the samples with a usable image."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    images = {}
-    with wds.ShardWriter(str(folder / "part-%06d.tar"), maxcount=maxcount, verbose=0) as sink:
-        for i in range(n):
-            key = f"cls{i % 3}/img_{i:04d}"
-            sample = {"__key__": key, "json": {"index": i, "caption": f"scene {i}"}, "cls": i % 3}
-            image = rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)
-            if i in upper_case:
-                sample["JPG"] = encode(image, "JPEG")
-            elif i not in no_image:
-                fmt = "png" if i % 2 else "jpeg"
-                sample[fmt] = encode(image, "PNG" if fmt == "png" else "JPEG")
-                images[key] = image if fmt == "png" else np.asarray(Image.open(io.BytesIO(sample[fmt])))
-            sink.write(sample)
-    return images
+from wdsutil import write_foreign_shards
 
 
 def _cli(*args) -> subprocess.CompletedProcess:

@@ -264,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"move-shard {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"move-shard {args.command}: interrupted; rerun with --resume to continue", file=sys.stderr)
+        hint = "; rerun with --resume to continue" if args.command == "make" else ""
+        print(f"move-shard {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
     except BrokenPipeError:  # output piped into `head` and the like
         sys.stderr.close()  # keep Python from complaining about the closed pipe at exit

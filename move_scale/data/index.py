@@ -13,7 +13,10 @@ takes); other members (`.json`, `.txt`, `.cls`, ...) ride along and are never ne
 without an image member is not in the shard's `samples`: it is counted under
 `skipped_by_reason["no_image"]` (so `inputs` = samples + skipped) and listed in the report with its
 members; the readers skip it each time they meet it. A shard that is missing, not a tar, or stops
-before the tar's end-of-archive blocks (a truncated copy) is an error that names it.
+before the tar's end-of-archive blocks (a truncated copy) is an error that names it. That end
+check needs the tar's own bytes, so it is made for plain tars only: a compressed shard (`.tar.gz`)
+cut inside its last member's padding or its gzip trailer is not caught here (`verify` catches any
+later change against the recorded sha256).
 
 Why the tar is not parsed with `webdataset.tariterators`: the counts must equal what the readers
 yield, and webdataset groups differently in edge cases (it lower-cases extensions, drops `__*__`
