@@ -183,3 +183,16 @@ def test_index_on_s3_beside_the_shards_and_from_a_local_manifest(tmp_path, s3_en
     assert [(s.bytes, s.sha256) for s in local.shards] == [(s.bytes, s.sha256) for s in manifest.shards]
     shards = resolve_shards(str(tmp_path / "idx"), options)
     assert _reader_counts([s.url for s in shards], options) == [s.count for s in shards] == [5, 4, 3]
+
+
+def test_shard_urls_resolve_relative_and_absolute_names():
+    from move_scale.data.manifest import Manifest, ShardRecord
+
+    names = ("a.tar", "sub/b.tar", "s3://other/c.tar", "/abs/d.tar")
+    manifest = Manifest("x", tuple(ShardRecord(name, 1, 1, "") for name in names))
+    tail = ["s3://other/c.tar", "/abs/d.tar"]
+    for base in ("shards/x/manifest.json", "shards/x/mine.json", "shards/x", "shards/x/"):
+        assert manifest.shard_urls(base) == ["shards/x/a.tar", "shards/x/sub/b.tar", *tail], base
+    for base in ("s3://bucket/m/manifest.json", "s3://bucket/m/mine.json", "s3://bucket/m"):
+        assert manifest.shard_urls(base) == ["s3://bucket/m/a.tar", "s3://bucket/m/sub/b.tar", *tail]
+    assert manifest.shard_urls("manifest.json") == ["a.tar", "sub/b.tar", *tail]
