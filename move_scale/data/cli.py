@@ -1,9 +1,17 @@
-"""`move-shard`: make WebDataset shards from images, show a manifest, verify shard hashes.
+"""`move-shard`: make WebDataset shards from images, index shards made by other tools, show a
+manifest, verify shard hashes.
 
     move-shard make SRC... OUT [options]     images -> OUT/{name}-000000.tar ... + manifest.json
+    move-shard index SHARDS... [--out OUT]   existing WebDataset shards -> manifest.json (no copy)
     move-shard info MANIFEST                 the manifest as a table
     move-shard verify MANIFEST               re-hash every shard; exit 1 on any mismatch
     move-shard synth OUT [options]           synthetic scenes with masks -> OUT/{train,val}/ shards
+
+`index` makes shards written by other tools (webdataset.ShardWriter, img2dataset, tarp, ...)
+trainable as they are: it reads each shard once and records its samples, bytes and sha256.
+A sample is the tar members sharing a key (the path up to the first dot of the file name); it
+counts when it has an image member (KEY.jpg/.jpeg/.png/.webp); sidecars (.json, .txt, .cls, ...)
+are kept but not needed, and samples without an image are counted and listed in report.jsonl.
 """
 from __future__ import annotations
 
@@ -16,6 +24,8 @@ import sys
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from move_scale.data.images import DEFAULT_MAX_PIXELS, IMAGE_FORMATS
+from move_scale.data.index import DEFAULT_WORKERS as DEFAULT_INDEX_WORKERS
+from move_scale.data.index import index_shards
 from move_scale.data.manifest import format_table, human_bytes, load_manifest, verify_manifest
 from move_scale.data.storage import DataError, storage_options_for
 from move_scale.data.write import DEFAULT_MAX_COUNT, DEFAULT_MAX_SIZE, write_shards
@@ -106,6 +116,53 @@ def _add_make(commands, common) -> None:
     add("--no-progress", action="store_true", help="no progress bar on stderr")
 
 
+INDEX_EXAMPLES = """examples:
+  move-shard index 'shards/cc3m-{000000..000331}.tar'          # -> shards/manifest.json
+  move-shard index s3://bucket/cc3m/ --endpoint-url http://minio:9000 --workers 32
+  move-shard index shards/cc3m --out manifests/cc3m            # -> manifests/cc3m/manifest.json
+  move-shard index shard_urls.txt --out s3://bucket/manifests/mix.json
+  python -m move_scale.train --config configs/paper_duts.yaml data.train=shards/manifest.json
+
+SHARDS: brace patterns and globs (quote them), shard files or URLs, folders or prefixes holding
+*.tar (not recursive), or .txt files listing any of these one a line. Local paths or fsspec URLs.
+The manifest goes into the shards' common folder unless --out names a folder or a FILE.json;
+shards below that folder are listed by relative name, others by full URL or absolute path.
+A missing, unreadable or truncated shard stops the run (exit 2) and is named.
+"""
+
+
+def _add_index(commands, common) -> None:
+    index = commands.add_parser(
+        "index", help="write a manifest for existing WebDataset shards (no re-sharding)",
+        usage="move-shard index [options] SHARDS [SHARDS ...]",
+        description="Read existing WebDataset shards once (any tool's) and write the manifest.json "
+                    "training and evaluation read: samples with an image per shard, bytes, sha256, "
+                    "member extensions. Samples without an image member are counted and listed in "
+                    "the report, not counted as samples.",
+        epilog=INDEX_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter, parents=[common])
+    index.add_argument("sources", nargs="+", metavar="SHARDS",
+                       help="brace pattern, glob, shard file/URL, folder/prefix, or .txt list")
+    add = index.add_argument
+    add("--out", help="folder or FILE.json for the manifest (default: the shards' common folder), "
+                      "e.g. --out manifests/cc3m")
+    add("--name", help="dataset name in the manifest (default: last component of its folder)")
+    add("--workers", type=_positive_int, default=DEFAULT_INDEX_WORKERS,
+        help=f"shards read at once, in threads (default {DEFAULT_INDEX_WORKERS}); the manifest "
+             "does not depend on it, e.g. --workers 32")
+    add("--overwrite", action="store_true", help="replace a manifest.json / report already there")
+    add("--endpoint-url", help="S3-compatible endpoint for s3:// shards and --out, e.g. http://127.0.0.1:9000")
+    add("--no-progress", action="store_true", help="no progress bar (shown only when stderr is a terminal)")
+
+
+def _index(args) -> int:
+    manifest, url = index_shards(args.sources, args.out, name=args.name, overwrite=args.overwrite,
+                                 workers=args.workers, endpoint_url=args.endpoint_url,
+                                 progress=sys.stderr.isatty() and not args.no_progress)
+    print(f"{len(manifest.shards)} shards, {manifest.samples} samples, {human_bytes(manifest.bytes)}; "
+          f"without an image {manifest.skipped} (see {manifest.report}) -> {url}")
+    return 0
+
+
 def _add_synth(commands, common) -> None:
     text = ("synthetic scenes (textured backgrounds, 1-3 textured objects) with masks, boxes and the "
             "true background, as train/ and val/ shards: data for offline MOVE runs and the demo")
@@ -140,8 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="move-shard", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True,
-                                     metavar="{make,info,verify,synth}")
+                                     metavar="{make,index,info,verify,synth}")
     _add_make(commands, common)
+    _add_index(commands, common)
     _add_synth(commands, common)
     for command, text in (("info", "print a manifest as a table"),
                           ("verify", "re-hash every shard; exit 1 on a mismatch or a missing shard")):
@@ -194,6 +252,9 @@ def main(argv: list[str] | None = None) -> int:
                 return _make(args)
         if args.command == "synth":
             return _synth(args)
+        if args.command == "index":
+            with logging_redirect_tqdm():
+                return _index(args)
         if args.command == "info":
             manifest = load_manifest(args.manifest, storage_options_for(args.manifest, args.endpoint_url))
             print(format_table(manifest, limit=0 if args.all else 20))
@@ -203,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"move-shard {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"move-shard {args.command}: interrupted; rerun with --resume to continue", file=sys.stderr)
+        hint = "; rerun with --resume to continue" if args.command == "make" else ""
+        print(f"move-shard {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
     except BrokenPipeError:  # output piped into `head` and the like
         sys.stderr.close()  # keep Python from complaining about the closed pipe at exit

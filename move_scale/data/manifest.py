@@ -10,8 +10,10 @@ Format (``"format": "move_scale.shards/1"``)::
      "report": "report.jsonl",             # one JSON line per skipped input (source, reason, detail)
      "options": {...}}                     # the options of the run, including the fingerprint
 
-Shard names are relative to the folder holding the manifest. No timestamps: the same inputs and
-options give the same manifest.
+Shard names are relative to the folder holding the manifest, or absolute (a full URL such as
+``s3://bucket/x/a.tar``, or an absolute local path): `move-shard index --out` writes those for
+shards outside the manifest's folder. No timestamps: the same inputs and options give the same
+manifest.
 """
 from __future__ import annotations
 
@@ -94,11 +96,22 @@ class Manifest:
             raise DataError(f"{where} is malformed ({type(err).__name__}: {err})") from err
 
     def shard_urls(self, base_url: str) -> list[str]:
-        """Full URLs of the shards, given the folder (or manifest URL) they are relative to."""
-        base = base_url[: -len(MANIFEST_NAME)] if base_url.endswith(MANIFEST_NAME) else base_url
-        base = base.rstrip("/")
-        return [posixpath.join(base, shard.name) if "://" in base else f"{base}/{shard.name}"
-                for shard in self.shards]
+        """Full URLs of the shards, given the folder (or manifest URL) they are relative to.
+        Absolute names (a URL, or a path starting with "/") are returned as they are."""
+        base = posixpath.dirname(base_url) if base_url.endswith(".json") else base_url
+        return [resolve_name(base, shard.name) for shard in self.shards]
+
+
+def is_absolute_name(name: str) -> bool:
+    """A shard name that does not depend on the manifest's folder: a URL or an absolute path."""
+    return "://" in name or name.startswith("/")
+
+
+def resolve_name(folder: str, name: str) -> str:
+    """The URL of shard ``name`` listed by a manifest in ``folder`` ("" = the working directory)."""
+    if is_absolute_name(name) or not folder:
+        return name
+    return posixpath.join(folder, name) if "://" in folder else f"{folder.rstrip('/')}/{name}"
 
 
 def manifest_url(path_or_url: str) -> str:

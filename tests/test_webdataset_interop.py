@@ -1,0 +1,148 @@
+"""The webdataset ecosystem, both ways: the `webdataset` library reads `move-shard make` output as
+our readers do, and shards written by `webdataset.ShardWriter` train, evaluate and predict after
+`move-shard index`."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+
+from move_scale.data.index import index_shards
+from move_scale.data.stream import build_eval_loader, build_train_loader
+from move_scale.data.tario import SkipTally, iter_tar_samples
+from move_scale.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from move_scale.data.write import write_shards
+from wdsutil import write_foreign_shards
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _members(sample: dict) -> dict:
+    return {name: value for name, value in sample.items() if not name.startswith("__")}
+
+
+def test_plain_webdataset_reads_make_output_as_our_readers_do(make_images, tmp_path):
+    images = make_images(n=7, masks=True)
+    coco = {"images": [{"id": i, "file_name": path.name} for i, path in enumerate(images.paths.values())],
+            "annotations": [{"image_id": i, "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]]}
+                            for i, b in enumerate(images.boxes.values())]}
+    (tmp_path / "coco.json").write_text(json.dumps(coco))
+    out = tmp_path / "made"
+    made = write_shards([str(images.root)], str(out), masks=str(images.mask_root),
+                        boxes=str(tmp_path / "coco.json"), max_count=3)
+    urls = made.shard_urls(str(out))
+    assert len(urls) == 3
+
+    # raw: the same samples, keys and member bytes, in the same order
+    tally = SkipTally("test")
+    ours = [sample for url in urls for sample in iter_tar_samples(url, None, tally)]
+    theirs = list(wds.WebDataset(urls, shardshuffle=False))
+    assert [s["__key__"] for s in theirs] == [s["__key__"] for s in ours]
+    assert len(theirs) == made.samples == 7
+    for their, our in zip(theirs, ours):
+        assert _members(their) == _members(our)
+        assert set(_members(their)) == {"jpg", "mask.png", "boxes.json"} or \
+            set(_members(their)) == {"png", "mask.png", "boxes.json"}
+
+    # decoded by webdataset's own decoders: the pixels, masks and boxes our evaluation reader gives
+    decoded = list(wds.WebDataset(urls, shardshuffle=False).decode("pil"))
+    evaluated = list(build_eval_loader(str(out), rank=0, world_size=1))
+    assert [d["__key__"] for d in decoded] == [e["key"] for e in evaluated]
+    for their, our in zip(decoded, evaluated):
+        image = their.get("jpg") or their.get("png")
+        np.testing.assert_array_equal(np.asarray(image.convert("RGB")), our["image"])
+        np.testing.assert_array_equal(np.asarray(their["mask.png"].convert("L")) > 127, our["mask"])
+        np.testing.assert_allclose(np.asarray(their["boxes.json"], np.float32).reshape(-1, 4),
+                                   our["boxes"])
+        assert our["mask"].any() and not our["mask"].all()
+
+
+def _normalised(image: np.ndarray, size: int) -> torch.Tensor:
+    """What the training transform makes of a whole image (crop = the image, no flip)."""
+    resized = np.asarray(Image.fromarray(image).resize((size, size), Image.BICUBIC,
+                                                       box=(0, 0, image.shape[1], image.shape[0])))
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1) * 255
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1) * 255
+    return (torch.from_numpy(resized.copy()).permute(2, 0, 1).float() - mean) / std
+
+
+def test_train_and_eval_loaders_on_shardwriter_shards_after_index(tmp_path):
+    folder = tmp_path / "foreign"
+    usable = write_foreign_shards(folder)  # 14 samples in 3 shards; 12 with a usable image
+    manifest, _ = index_shards([str(folder)])
+    assert [s.samples for s in manifest.shards] == [5, 4, 3]
+
+    # scale 1 and the images' own aspect (48/40): every crop is the whole image
+    loader = build_train_loader(
+        str(folder), batch_size=4, image_size=24, crop_scale=(1.0, 1.0), crop_ratio=(1.2, 1.2),
+        hflip=False, workers=2, shuffle_buffer=4, seed=0, rank=0, world_size=1, return_keys=True)
+    assert len(loader) == 3
+    batches = list(loader)
+    keys = [key for batch in batches for key in batch["key"]]
+    assert sorted(keys) == sorted(usable), "every usable sample once, nothing else"
+    for batch in batches:
+        assert batch["image"].shape == (4, 3, 24, 24)
+        for key, image in zip(batch["key"], batch["image"]):
+            torch.testing.assert_close(image, _normalised(usable[key]["image"], 24), atol=1e-4, rtol=0)
+    assert dict(loader.skipped) == {"no image": 2}  # the .json-only and the .JPG sample
+
+    evaluated = list(build_eval_loader(str(folder), rank=0, world_size=1))
+    assert [e["key"] for e in evaluated] == list(usable)
+    for sample in evaluated:
+        np.testing.assert_array_equal(sample["image"], usable[sample["key"]]["image"])
+
+
+def _env() -> dict:
+    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
+@pytest.mark.slow
+def test_a_real_training_run_on_shardwriter_shards_after_index(tmp_path):
+    folder = tmp_path / "foreign"
+    write_foreign_shards(folder, n=26, maxcount=7)  # 24 usable samples in 4 shards
+    indexed = subprocess.run([sys.executable, "-m", "move_scale.data.cli", "index", str(folder)],
+                             capture_output=True, text=True, timeout=120)
+    assert indexed.returncode == 0, indexed.stderr
+    run_dir = tmp_path / "run"
+    done = subprocess.run(
+        [sys.executable, "-m", "move_scale.train", "--config", str(ROOT / "configs" / "debug.yaml"),
+         f"data.train={folder}", f"run_dir={run_dir}", "data.workers=0", "train.max_steps=4",
+         "train.log_every=2", "train.ckpt_every_steps=4", "train.gallery_every=0"],
+        env=_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    state = torch.load(run_dir / "ckpt-00000004.pt", map_location="cpu", weights_only=True)
+    assert (state["seg_steps"], state["disc_steps"]) == (2, 2)
+
+
+def test_evaluate_and_predict_read_shardwriter_shards_after_index(tmp_path):
+    from test_evaluate import make_export
+
+    from move_scale.evaluate import main as evaluate_main
+    from move_scale.predict import main as predict_main
+
+    folder = tmp_path / "foreign"
+    usable = write_foreign_shards(folder, n=5, masks=True, no_image=(), upper_case=())
+    index_shards([str(folder)])
+    export = make_export(tmp_path, bias=20.0)  # predicts the whole image: IoU = mask area
+    out = tmp_path / "eval.json"
+    assert evaluate_main(["--checkpoint", str(export), "--data", str(folder), "--task", "saliency",
+                          "--short-side", "64", "--out", str(out), "--no-progress",
+                          "--device", "cpu"]) == 0
+    metrics = json.loads(out.read_text())["metrics"]
+    assert metrics["images"] == len(usable) == 5
+    expected_iou = np.mean([sample["mask"].mean() for sample in usable.values()])
+    assert metrics["iou"] == pytest.approx(float(expected_iou), abs=1e-6)
+
+    assert predict_main(["--checkpoint", str(export), str(folder), str(tmp_path / "pred"),
+                         "--short-side", "64", "--no-progress", "--device", "cpu"]) == 0
+    for key in usable:
+        mask = np.asarray(Image.open(tmp_path / "pred" / "masks" / f"{key}.png"))
+        assert mask.shape == (40, 48) and mask.min() == 255
