@@ -8,8 +8,19 @@ eager step, over the device's dense bf16 peak), peak memory (CUDA: max_memory_al
 process RSS high-water mark, cumulative over the run) and a per-component breakdown from one more
 step timed with synchronised forward hooks.
 
-Variants: {eager,fused}_{fp32,bf16}[_cl] (fused = train.fused, its kernels compiled on --device even
-on the CPU, where training would run their eager fallback; _cl = channels-last conv networks).
+Variants: {eager,fused}_{fp32,bf16}[_cl][_compiled] (fused = train.fused, its kernels compiled on
+--device even on the CPU, where training would run their eager fallback; _cl = channels-last conv
+networks; _compiled = the frozen transformer blocks compiled as well, see below). `--json PATH`
+writes the rows as they finish, so a run stopped by a time limit keeps the variants it measured.
+
+`_compiled` is regional compilation of the frozen forward: every timm Block of the frozen ViTs
+(DINO, the MAE encoder and decoder) gets `Module.compile(dynamic=False)`; identical blocks share
+one compiled graph per shape and grad mode, so compiling costs a few graphs, not 12 + 24 + 8. The
+whole step is not compiled, and CUDA graphs are not tried: the step draws shifts and DiffAugment
+factors from a CPU generator between kernels and reads its metrics with one device sync, so a
+captured graph would need those draws moved on the device first, and at batch 32 on the paper
+networks each kernel runs long enough that launch gaps are a small share of the step (the
+component breakdown of a GPU run says how small).
 
     python benchmarks/train_step.py --config configs/debug.yaml --device cpu --batch 4
     python benchmarks/train_step.py --config configs/paper_duts.yaml --batch 32 --device cuda \\
@@ -21,9 +32,11 @@ import argparse
 import dataclasses
 import datetime
 import gc
+import json
 import resource
 import statistics
 import time
+from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -51,16 +64,30 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads (torch.set_num_threads); 1 gives steady timings on a shared machine")
     parser.add_argument("--peak-tflops", type=float, default=None, help="device peak; default from the table")
+    parser.add_argument("--json", default=None, help="also write the rows here (JSON), after each variant")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. model.mae.weights=random")
     return parser.parse_args(argv)
 
 
-def parse_variant(name: str) -> tuple[bool, str, bool]:
+def parse_variant(name: str) -> tuple[bool, str, bool, bool]:
+    """(fused, precision, channels_last, compiled) of e.g. "fused_bf16_cl_compiled"."""
     parts = name.split("_")
-    if len(parts) not in (2, 3) or parts[0] not in ("eager", "fused") or parts[1] not in ("fp32", "bf16") \
-            or (len(parts) == 3 and parts[2] != "cl"):
-        raise SystemExit(f"--variants: unknown variant {name!r}; use {{eager,fused}}_{{fp32,bf16}}[_cl]")
-    return parts[0] == "fused", parts[1], len(parts) == 3
+    suffixes = parts[2:]
+    if len(parts) < 2 or parts[0] not in ("eager", "fused") or parts[1] not in ("fp32", "bf16") \
+            or suffixes not in ([], ["cl"], ["compiled"], ["cl", "compiled"]):
+        raise SystemExit(f"--variants: unknown variant {name!r}; use "
+                         f"{{eager,fused}}_{{fp32,bf16}}[_cl][_compiled]")
+    return parts[0] == "fused", parts[1], "cl" in suffixes, "compiled" in suffixes
+
+
+def compile_frozen_blocks(objective) -> int:
+    """Regional torch.compile of the frozen ViTs: each transformer block; returns how many."""
+    blocks = [*objective.mae.blocks, *objective.mae.decoder_blocks]
+    if objective.features is not None:
+        blocks += list(objective.features.blocks[: objective.features.layer + 1])
+    for block in blocks:
+        block.compile(dynamic=False)
+    return len(blocks)
 
 
 def synchronize(device: torch.device) -> None:
@@ -71,7 +98,7 @@ def synchronize(device: torch.device) -> None:
 class Setup:
     """One variant: objective, optimisers, a fixed batch and generator on the device."""
 
-    def __init__(self, args, fused: bool, precision: str, channels_last: bool):
+    def __init__(self, args, fused: bool, precision: str, channels_last: bool, compiled: bool = False):
         overrides = [*args.overrides, f"train.fused={str(fused).lower()}"]
         if args.batch:
             overrides.append(f"data.batch_size={args.batch}")
@@ -84,6 +111,8 @@ class Setup:
             compile_on(self.objective, (self.device.type,))  # on the CPU too: measure the kernels
         if channels_last:
             use_channels_last(self.objective)
+        if compiled:
+            compile_frozen_blocks(self.objective)
         self.opt_seg = make_adamw(self.objective.segmenter, **dataclasses.asdict(cfg.optim.seg))
         self.opt_disc = make_adamw(self.objective.discriminator, **dataclasses.asdict(cfg.optim.disc))
         size, self.batch = cfg.data.image_size, cfg.data.batch_size
@@ -164,10 +193,11 @@ def instrumented_step(setup: Setup, timer: ComponentTimer) -> None:
 
 def count_flops(setup: Setup) -> int:
     """Model FLOPs of one step (forward + backward of both phases), counted on this setup with its
-    fused kernels (pointwise, no FLOPs counted in them anyway) running eagerly under the counter."""
+    fused kernels (pointwise, no FLOPs counted in them anyway) and any compiled block running
+    eagerly under the counter (compiled code bypasses the dispatcher the counter listens on)."""
     if setup.objective.ops.fused:
         compile_on(setup.objective, ())
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False) as counter, torch.compiler.set_stance("force_eager"):
         setup.step()
     if setup.objective.ops.fused:
         compile_on(setup.objective, (setup.device.type,))
@@ -193,8 +223,8 @@ def device_peak(args, device: torch.device) -> tuple[float | None, str]:
 
 
 def run_variant(args, name: str, flops: int | None) -> dict:
-    fused, precision, channels_last = parse_variant(name)
-    setup = Setup(args, fused, precision, channels_last)
+    fused, precision, channels_last, compiled = parse_variant(name)
+    setup = Setup(args, fused, precision, channels_last, compiled)
     if setup.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(setup.device)
     compile_start = time.perf_counter()
@@ -240,6 +270,16 @@ def format_table(rows: list[dict], peak: float | None) -> str:
     return "\n".join(lines)
 
 
+def write_json(path: str, args, device_name: str, peak: float | None, rows: list[dict]) -> None:
+    """The rows so far with what they were measured on; MFU over `peak` (None when unknown)."""
+    for row in rows:
+        row["mfu"] = row["flops"] / row["step_s"] / (peak * 1e12) if peak else None
+    report = dict(date=str(datetime.date.today()), device=device_name, torch=torch.__version__,
+                  config=args.config, overrides=args.overrides, steps=args.steps, warmup=args.warmup,
+                  peak_tflops=peak, components=COMPONENTS, rows=rows)
+    Path(path).write_text(json.dumps(report, indent=1))
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
@@ -249,13 +289,15 @@ def main(argv=None) -> int:
         parse_variant(name)
     device = torch.device(args.device)
     peak, peak_text = device_peak(args, device)
+    threads = torch.get_num_threads()
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({threads} threads)"
     flops = None
     rows = []
     for name in variants:
         rows.append(run_variant(args, name, flops))
         flops = rows[0]["flops"]  # model FLOPs do not depend on the variant: count once
-    threads = torch.get_num_threads()
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({threads} threads)"
+        if args.json:
+            write_json(args.json, args, device_name, peak, rows)
     print(f"{datetime.date.today()} · {device_name} · config {args.config} · batch {rows[0]['batch']} · "
           f"{args.steps} timed steps after {args.warmup} warm-up · median step")
     print(f"model FLOPs per step (D + segmenter, fwd + bwd): {flops / 1e9:.2f} GFLOP · peak {peak_text}")

@@ -16,6 +16,14 @@ Image fixtures (all files are real JPEG/PNG/WebP bytes written by Pillow/OpenCV,
   ``bad`` {stem: reason}: truncated_jpg (truncated), text_jpg (not_an_image), empty_png
   (empty_file).
 
+Device:
+
+- ``--device`` (pytest option, default ``cpu``): the torch device of the tests that take the
+  ``device`` fixture (kernel parity, the bf16 step, the objective), e.g. ``pytest --device cuda
+  tests/test_kernels.py``. Other tests run on the CPU either way.
+- ``device`` (session) -> ``torch.device``; skips the test when ``--device cuda`` is asked and CUDA
+  is absent. On CUDA it turns TF32 off, so that fp32 parity means fp32 on both paths.
+
 S3 fixtures:
 
 - ``moto_endpoint`` (session): starts ``moto_server`` on 127.0.0.1 on a free port, yields its URL,
@@ -42,6 +50,27 @@ import cv2
 import numpy as np
 import pytest
 from PIL import Image
+
+
+def pytest_addoption(parser):
+    parser.addoption("--device", default="cpu",
+                     help="torch device for the device-aware tests (kernels, precision, objective): "
+                          "cpu (default), cuda or cuda:N; benchmarks/gpu_check.py passes cuda")
+
+
+@pytest.fixture(scope="session")
+def device(request):
+    import torch
+
+    device = torch.device(request.config.getoption("--device"))
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            pytest.skip(f"--device {device}: CUDA is not available here (torch {torch.__version__})")
+        # cuDNN convolutions default to TF32 (10-bit mantissa): parity at fp32 would then compare
+        # two roundings of TF32, not the kernels. The benchmarks keep PyTorch's defaults.
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+    return device
 
 
 @dataclass

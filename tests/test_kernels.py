@@ -1,8 +1,10 @@
-"""Fused ops vs their eager references on the CPU: torch.compile'd kernels at fp32 (exact up to
-rounding) and bf16 (bf16 tolerance), values and gradients; conv+BN folding; SDPA attention.
+"""Fused ops vs their eager references: torch.compile'd kernels at fp32 (exact up to rounding) and
+bf16 (bf16 tolerance), values and gradients; conv+BN folding; SDPA attention.
 
+On the CPU by default; `pytest --device cuda` runs the parity tests on CUDA (`device` fixture in
+conftest.py), where the compiled kernels are Triton code, not the CPU's C++.
 Shapes match the tiny objective (B=2, 64×64, inpainter patch 16) so compiled graphs stay few.
-Kernels compile on CUDA only by default; here they are built with devices=("cpu",).
+Kernels compile on CUDA only by default; here they are built for the test's device type.
 """
 import pytest
 import torch
@@ -19,7 +21,6 @@ from move_scale.models.discriminator import ProjectedDiscriminator, ProjectedFea
 from move_scale.models.mae import MAE
 
 SIZE, PATCH, BATCH = 64, 16, 2
-ON_CPU = ("cpu",)  # compile the fused kernels for CPU tensors too
 FP32 = dict(rtol=1e-5, atol=1e-6)
 BF16 = dict(rtol=2e-2, atol=2e-2)  # bf16 keeps 8 mantissa bits: ~4e-3 relative per rounding
 
@@ -31,12 +32,13 @@ def assert_close(got, expected, tol, msg=""):
 
 
 @pytest.fixture(scope="module")
-def fused_ops():
-    return ComposeOps(fused=True, devices=ON_CPU)
+def fused_ops(device):
+    return ComposeOps(fused=True, devices=(device.type,))  # compiled on the test's device, CPU too
 
 
-def rand(*shape, seed=0, dtype=torch.float32):
-    return torch.rand(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+def rand(*shape, seed=0, dtype=torch.float32, device="cpu"):
+    """Uniform [0, 1) drawn on the CPU (the same values on every device), then moved."""
+    return torch.rand(*shape, generator=torch.Generator().manual_seed(seed)).to(device, dtype)
 
 
 SHIFTS = torch.tensor([[21, -25], [-16, 0]])  # ≥ one tile: no peak lands in its own tile (see peaked_mask)
@@ -56,18 +58,18 @@ class CountSDPA(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_both_vits_run_attention_through_scaled_dot_product_attention():
-    features = FrozenViT(32, 3, 2, 8, layer=1, img_size=SIZE)
-    mae = MAE(SIZE, PATCH, 32, 2, 2, 32, 1, 2)
+def test_both_vits_run_attention_through_scaled_dot_product_attention(device):
+    features = FrozenViT(32, 3, 2, 8, layer=1, img_size=SIZE).to(device)
+    mae = MAE(SIZE, PATCH, 32, 2, 2, 32, 1, 2).to(device)
     attentions = [m for m in [*features.modules(), *mae.modules()] if type(m).__name__ == "Attention"]
     assert len(attentions) == 3 + 2 + 1 and all(m.fused_attn for m in attentions)
-    x = torch.randn(BATCH, 3, SIZE, SIZE)
+    x = torch.randn(BATCH, 3, SIZE, SIZE).to(device)
     with torch.no_grad(), CountSDPA() as counter:
         features(x)
         assert counter.calls == 2  # blocks 0..layer only
         latent = mae.encode(x)
         assert counter.calls == 2 + 2
-        mae.decode(latent, rand(BATCH, 16))
+        mae.decode(latent, rand(BATCH, 16, device=device))
         assert counter.calls == 2 + 2 + 1
 
 
@@ -76,8 +78,8 @@ def test_both_vits_run_attention_through_scaled_dot_product_attention():
 
 def mask_chain_outputs(chain, mask, patch=PATCH):
     mask = mask.detach().requires_grad_(True)
-    shifted, tiles = chain(mask, SHIFTS, patch)
-    weights = rand(*shifted.shape, seed=3), rand(*tiles.shape, seed=4)
+    shifted, tiles = chain(mask, SHIFTS.to(mask.device), patch)
+    weights = rand(*shifted.shape, seed=3, device=mask.device), rand(*tiles.shape, seed=4, device=mask.device)
     (shifted.float() * weights[0]).sum().add((tiles.float() * weights[1]).sum()).backward()
     return shifted.float(), tiles.float(), mask.grad.float()
 
@@ -97,9 +99,9 @@ def peaked_mask(seed=1):
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, FP32), (torch.bfloat16, BF16)])
-def test_fused_mask_chain_matches_compose_with_gradient(fused_ops, dtype, tol):
-    mask = peaked_mask()
-    expected = mask_chain_outputs(mask_chain_reference, mask)
+def test_fused_mask_chain_matches_compose_with_gradient(fused_ops, device, dtype, tol):
+    mask = peaked_mask().to(device)
+    expected = mask_chain_outputs(mask_chain_reference, mask)  # fp32 on the same device
     got = mask_chain_outputs(fused_ops.mask_chain, mask.to(dtype))
     for name, e, g in zip(("mask_shifted", "tiles", "grad"), expected, got):
         assert_close(g, e, tol, msg=name)
@@ -107,28 +109,32 @@ def test_fused_mask_chain_matches_compose_with_gradient(fused_ops, dtype, tol):
     assert got[2].abs().sum() > 0
 
 
-def test_fused_mask_chain_reports_a_size_that_is_not_a_multiple_of_the_patch(fused_ops):
+def test_fused_mask_chain_reports_a_size_that_is_not_a_multiple_of_the_patch(fused_ops, device):
     with pytest.raises(ValueError, match="data.image_size"):
-        fused_ops.mask_chain(torch.rand(1, 1, 40, 40), torch.zeros(1, 2, dtype=torch.long), PATCH)
+        fused_ops.mask_chain(torch.rand(1, 1, 40, 40, device=device),
+                             torch.zeros(1, 2, dtype=torch.long, device=device), PATCH)
 
 
 class FakeComposition:
-    def __init__(self, dtype):
-        self.image = rand(BATCH, 3, SIZE, SIZE, seed=10, dtype=dtype)
-        self.mask = rand(BATCH, 1, SIZE, SIZE, seed=11, dtype=dtype).requires_grad_(True)
-        self.mask_shifted = rand(BATCH, 1, SIZE, SIZE, seed=12, dtype=dtype).requires_grad_(True)
-        self.autoencoded = rand(BATCH, 3, SIZE, SIZE, seed=13, dtype=dtype)
-        self.autoencoded_shifted = rand(BATCH, 3, SIZE, SIZE, seed=14, dtype=dtype)
-        self.inpainted_background = rand(BATCH, 3, SIZE, SIZE, seed=15, dtype=dtype).requires_grad_(True)
+    def __init__(self, dtype, device="cpu"):
+        def draw(channels, seed):
+            return rand(BATCH, channels, SIZE, SIZE, seed=seed, dtype=dtype, device=device)
+
+        self.image = draw(3, 10)
+        self.mask = draw(1, 11).requires_grad_(True)
+        self.mask_shifted = draw(1, 12).requires_grad_(True)
+        self.autoencoded = draw(3, 13)
+        self.autoencoded_shifted = draw(3, 14)
+        self.inpainted_background = draw(3, 15).requires_grad_(True)
 
     def input_for(self, kind):
         return {"input": self.image, "autoencoded": self.autoencoded}[kind]
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, FP32), (torch.bfloat16, BF16)])
-def test_fused_discriminator_inputs_match_compose_with_gradient(fused_ops, dtype, tol):
+def test_fused_discriminator_inputs_match_compose_with_gradient(fused_ops, device, dtype, tol):
     kinds = compose.REAL_KINDS + compose.FAKE_KINDS
-    reference, comp = FakeComposition(torch.float32), FakeComposition(dtype)
+    reference, comp = FakeComposition(torch.float32, device), FakeComposition(dtype, device)
     expected = {k: compose.discriminator_input(
         k, image=reference.image, mask=reference.mask, mask_shifted=reference.mask_shifted,
         autoencoded=reference.autoencoded, autoencoded_shifted=reference.autoencoded_shifted,
@@ -185,14 +191,15 @@ def test_frozen_passes_run_in_inference_mode_yet_feed_autograd(fused_ops):
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, FP32), (torch.bfloat16, BF16)])
-def test_fused_mask_token_mixing_matches_reference_with_gradient(dtype, tol):
-    tokens, mask_token = torch.randn(BATCH, 17, 32), torch.randn(1, 1, 32)
-    tile_mask = rand(BATCH, 16, seed=5)
+def test_fused_mask_token_mixing_matches_reference_with_gradient(device, dtype, tol):
+    tokens, mask_token = torch.randn(BATCH, 17, 32).to(device), torch.randn(1, 1, 32).to(device)
+    tile_mask = rand(BATCH, 16, seed=5, device=device)
     outputs = []
-    for mix, cast in ((mix_reference, torch.float32), (MaskTokenMixer(fused=True, devices=ON_CPU), dtype)):
+    fused = MaskTokenMixer(fused=True, devices=(device.type,))
+    for mix, cast in ((mix_reference, torch.float32), (fused, dtype)):
         tiles = tile_mask.detach().clone().to(cast).requires_grad_(True)
         mixed = mix(tokens.to(cast), mask_token.to(cast), tiles)
-        (mixed.float() * torch.linspace(-1, 1, 32)).sum().backward()
+        (mixed.float() * torch.linspace(-1, 1, 32, device=device)).sum().backward()
         outputs.append((mixed.float(), tiles.grad.float()))
     (expected, expected_grad), (got, got_grad) = outputs
     assert_close(got, expected, tol)
@@ -203,14 +210,14 @@ def test_fused_mask_token_mixing_matches_reference_with_gradient(dtype, tol):
 # ------------------------------------------------------------------ discriminator
 
 
-def discriminator_pair():
+def discriminator_pair(device="cpu"):
     torch.manual_seed(0)
     eager = ProjectedDiscriminator(resolution=SIZE, seed=0)
     randomize_batchnorm_statistics(eager.features)
     fused = ProjectedDiscriminator(resolution=SIZE, seed=0, fused=True)
-    fused.fused_input = FusedDiscriminatorInput(devices=ON_CPU)
+    fused.fused_input = FusedDiscriminatorInput(devices=(torch.device(device).type,))
     fused.load_state_dict(eager.state_dict())  # the post-load hook refolds the features
-    return eager.eval(), fused.eval()
+    return eager.to(device).eval(), fused.to(device).eval()
 
 
 def randomize_batchnorm_statistics(module, seed=7):
@@ -223,11 +230,12 @@ def randomize_batchnorm_statistics(module, seed=7):
             m.bias.data.copy_(torch.randn(m.num_features, generator=generator) * 0.1)
 
 
-def test_fused_discriminator_matches_eager_with_gradient_to_the_image():
-    eager, fused = discriminator_pair()
+def test_fused_discriminator_matches_eager_with_gradient_to_the_image(device):
+    eager, fused = discriminator_pair(device)
     logits, grads = [], []
     for disc in (eager, fused):
-        x = torch.randn(BATCH, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(2)).requires_grad_(True)
+        x = torch.randn(BATCH, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(2)).to(device)
+        x.requires_grad_(True)
         out = disc(x, augment=True, generator=torch.Generator().manual_seed(3))
         out.sum().backward()
         logits.append(out)
@@ -239,24 +247,26 @@ def test_fused_discriminator_matches_eager_with_gradient_to_the_image():
     assert grads[1].abs().sum() > 0
 
 
-def test_fused_input_map_commutes_with_the_resize():
-    x = torch.randn(BATCH, 3, 32, 32)
-    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+def test_fused_input_map_commutes_with_the_resize(device):
+    x = torch.randn(BATCH, 3, 32, 32).to(device)
+    mean = torch.tensor([0.485, 0.456, 0.406], device=device).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225], device=device).view(1, 3, 1, 1)
     unit = F.interpolate((x * std + mean) * 2 - 1, size=(SIZE, SIZE), mode="bilinear", align_corners=False)
     expected = diff_augment_color(unit, torch.Generator().manual_seed(4))
     with torch.no_grad():
-        got = FusedDiscriminatorInput(devices=ON_CPU)(x, mean, std, SIZE, torch.Generator().manual_seed(4))
+        fused_input = FusedDiscriminatorInput(devices=(device.type,))
+        got = fused_input(x, mean, std, SIZE, torch.Generator().manual_seed(4))
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_folded_features_equal_the_unfolded_in_fp32_and_stay_out_of_state_and_optimiser():
+def test_folded_features_equal_the_unfolded_in_fp32_and_stay_out_of_state_and_optimiser(device):
     features = ProjectedFeatures(seed=0)
     randomize_batchnorm_statistics(features)
+    features.to(device)
     folded = folded_copy(features)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
     assert len(folded.state_dict()) == 0 and len(list(folded.parameters())) == 0
-    x = torch.randn(BATCH, 3, SIZE, SIZE, requires_grad=True)
+    x = torch.randn(BATCH, 3, SIZE, SIZE).to(device).requires_grad_(True)
     expected = features(x)
     x_folded = x.detach().clone().requires_grad_(True)
     got = folded(x_folded)
@@ -269,11 +279,11 @@ def test_folded_features_equal_the_unfolded_in_fp32_and_stay_out_of_state_and_op
     assert x.grad.norm() > 0
 
 
-def test_fused_discriminator_state_dict_is_the_eager_one_and_loading_refolds():
-    eager, fused = discriminator_pair()
+def test_fused_discriminator_state_dict_is_the_eager_one_and_loading_refolds(device):
+    eager, fused = discriminator_pair(device)
     assert fused.state_dict().keys() == eager.state_dict().keys()
     assert [n for n, _ in fused.named_parameters()] == [n for n, _ in eager.named_parameters()]
-    x = torch.randn(BATCH, 3, SIZE, SIZE)
+    x = torch.randn(BATCH, 3, SIZE, SIZE).to(device)
     with torch.no_grad():
         before = fused(x, augment=False)
         randomize_batchnorm_statistics(eager.features, seed=8)
@@ -289,16 +299,15 @@ def test_folding_a_network_in_train_mode_is_refused():
         folded_copy(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)))
 
 
-def test_folded_copy_is_outside_the_module_tree_and_follows_moves():
-    from move_scale.models.discriminator import ProjectedDiscriminator
-
+def test_folded_copy_is_outside_the_module_tree_and_follows_moves(device):
     disc = ProjectedDiscriminator(64, seed=0, fused=True)
     plain = ProjectedDiscriminator(64, seed=0, fused=False)
     # nothing extra for DDP to broadcast or for an optimizer/state dict to see
     assert sum(b.numel() for b in disc.buffers()) == sum(b.numel() for b in plain.buffers())
     assert disc.state_dict().keys() == plain.state_dict().keys()
     before = disc.features_folded
-    disc.to(torch.float64)
+    disc.to(device).to(torch.float64)
     assert disc.features_folded is not before
-    assert all(t.dtype == torch.float64 for t in disc.features_folded.state_dict().values()
-               if t.is_floating_point())
+    folded = list(disc.features_folded.buffers())  # non-persistent: not in its state dict
+    assert folded and all(t.device.type == device.type for t in folded)
+    assert all(t.dtype == torch.float64 for t in folded if t.is_floating_point())

@@ -1,4 +1,6 @@
-"""MoveObjective on tiny real networks: REFERENCE §1 step by step, encoder passes, grads, switches."""
+"""MoveObjective on tiny real networks: REFERENCE §1 step by step, encoder passes, grads, switches.
+
+The forward-pass tests take the `device` fixture (CPU by default, `pytest --device cuda` on CUDA)."""
 import dataclasses
 
 import pytest
@@ -28,14 +30,15 @@ def tiny_networks(mae_features: bool = False) -> dict:
     return dict(features=features, segmenter=segmenter, mae=mae, discriminator=discriminator)
 
 
-def make_objective(mae_features: bool = False, **switches) -> MoveObjective:
-    objective = MoveObjective(**tiny_networks(mae_features), **switches)
+def make_objective(mae_features: bool = False, device="cpu", **switches) -> MoveObjective:
+    objective = MoveObjective(**tiny_networks(mae_features), **switches).to(device)
     objective.train_modes()
     return objective
 
 
-def images(batch: int = 2, seed: int = 1) -> torch.Tensor:
-    return torch.randn(batch, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
+def images(batch: int = 2, seed: int = 1, device="cpu") -> torch.Tensor:
+    """Drawn on the CPU (the same values on every device), then moved."""
+    return torch.randn(batch, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed)).to(device)
 
 
 def count_encoder_passes(mae: MAE) -> list:
@@ -50,20 +53,20 @@ def ae(mae: MAE, x: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("mae_features", [False, True])
-def test_encoder_runs_exactly_twice_per_forward(mae_features):
-    objective = make_objective(mae_features=mae_features)
+def test_encoder_runs_exactly_twice_per_forward(mae_features, device):
+    objective = make_objective(mae_features=mae_features, device=device)
     calls = count_encoder_passes(objective.mae)
-    objective.discriminator_loss(images(), torch.Generator().manual_seed(0))
+    objective.discriminator_loss(images(device=device), torch.Generator().manual_seed(0))
     assert len(calls) == 2  # x and shift(x); features of x (MAE ablation) reuse pass 1
     calls.clear()
-    objective.segmenter_loss(images(), torch.Generator().manual_seed(0), segmenter_step=0)
+    objective.segmenter_loss(images(device=device), torch.Generator().manual_seed(0), segmenter_step=0)
     assert len(calls) == 2
 
 
-def test_mse_inpainter_runs_the_encoder_once_and_pastes_the_input_back():
-    objective = make_objective(inpainter="mse")
+def test_mse_inpainter_runs_the_encoder_once_and_pastes_the_input_back(device):
+    objective = make_objective(inpainter="mse", device=device)
     calls = count_encoder_passes(objective.mae)
-    x = images()
+    x = images(device=device)
     with torch.no_grad():
         comp = objective.compose(x, torch.Generator().manual_seed(3), ALL_KINDS)
     assert len(calls) == 1
@@ -76,12 +79,12 @@ def test_mse_inpainter_runs_the_encoder_once_and_pastes_the_input_back():
     assert torch.allclose(comp.inpainted_background, expected, atol=1e-6)
 
 
-def test_composition_follows_reference_section_1():
-    objective = make_objective(shift_range=0.25)
-    x, mae = images(), objective.mae
+def test_composition_follows_reference_section_1(device):
+    objective = make_objective(shift_range=0.25, device=device)
+    x, mae = images(device=device), objective.mae
     with torch.no_grad():
         comp = objective.compose(x, torch.Generator().manual_seed(5), ALL_KINDS)
-        expected_shifts = compose.sample_shifts(2, SIZE, SIZE, 0.25, torch.Generator().manual_seed(5))
+        expected_shifts = compose.sample_shifts(2, SIZE, SIZE, 0.25, torch.Generator().manual_seed(5), device)
         assert torch.equal(comp.shifts, expected_shifts) and comp.shifts.abs().sum() > 0
         m, m_shift = comp.mask, comp.mask_shifted
         assert torch.equal(m_shift, compose.translate(m, comp.shifts))
@@ -105,18 +108,19 @@ def test_composition_follows_reference_section_1():
         assert torch.allclose(comp.input_for(kind), value, atol=1e-5), kind
 
 
-def test_zero_shift_makes_shifted_composites_unshifted():
-    objective = make_objective(shift_range=0.0)
+def test_zero_shift_makes_shifted_composites_unshifted(device):
+    objective = make_objective(shift_range=0.0, device=device)
     with torch.no_grad():
-        comp = objective.compose(images(), torch.Generator().manual_seed(0), ALL_KINDS)
-    assert torch.equal(comp.shifts, torch.zeros(2, 2, dtype=torch.int64))
+        comp = objective.compose(images(device=device), torch.Generator().manual_seed(0), ALL_KINDS)
+    assert torch.equal(comp.shifts.cpu(), torch.zeros(2, 2, dtype=torch.int64))
     assert torch.allclose(comp.input_for("composite_shifted"), comp.input_for("composite_noshift"), atol=1e-5)
     assert torch.allclose(comp.input_for("copy_paste"), comp.autoencoded, atol=1e-5)
 
 
-def test_segmenter_phase_gradient_reaches_only_the_segmenter_through_the_decoder():
-    objective = make_objective()
-    loss, terms = objective.segmenter_loss(images(), torch.Generator().manual_seed(0), segmenter_step=0)
+def test_segmenter_phase_gradient_reaches_only_the_segmenter_through_the_decoder(device):
+    objective = make_objective(device=device)
+    loss, terms = objective.segmenter_loss(images(device=device), torch.Generator().manual_seed(0),
+                                           segmenter_step=0)
     loss.backward()
     seg_grads = [p.grad for p in objective.segmenter.parameters()]
     assert all(g is not None for g in seg_grads) and objective.segmenter.norm.weight.grad.abs().sum() > 0
@@ -125,25 +129,25 @@ def test_segmenter_phase_gradient_reaches_only_the_segmenter_through_the_decoder
     assert all(p.grad is None and not p.requires_grad for p in frozen)
     assert terms["lambda_bin"] == 0.0 and "loss/seg/bin_max" in terms and "loss/seg/min_avg" in terms
 
-    comp = objective.compose(images(), torch.Generator().manual_seed(0), ("composite_shifted",))
+    comp = objective.compose(images(device=device), torch.Generator().manual_seed(0), ("composite_shifted",))
     comp.tile_mask.retain_grad()
     objective.discriminator(comp.input_for("composite_shifted")).mean().backward()
     assert comp.tile_mask.grad.abs().sum() > 0  # the soft tile mask carries D's signal via the decoder
 
 
-def test_hard_tile_mask_blocks_the_inpainting_gradient():
-    objective = make_objective(hard_tile_mask=True)
-    comp = objective.compose(images(), torch.Generator().manual_seed(0), ("composite_shifted",))
+def test_hard_tile_mask_blocks_the_inpainting_gradient(device):
+    objective = make_objective(hard_tile_mask=True, device=device)
+    comp = objective.compose(images(device=device), torch.Generator().manual_seed(0), ("composite_shifted",))
     assert not comp.tile_mask.requires_grad
     assert set(comp.tile_mask.unique().tolist()) <= {0.0, 1.0}
     assert comp.input_for("composite_shifted").requires_grad  # the mask still gets the composite's gradient
 
 
-def test_discriminator_phase_trains_only_discriminator_heads():
-    objective = make_objective(real_inputs=("input", "composite_noshift"))
+def test_discriminator_phase_trains_only_discriminator_heads(device):
+    objective = make_objective(real_inputs=("input", "composite_noshift"), device=device)
     seen = []
     objective.discriminator.register_forward_pre_hook(lambda _, args: seen.append(args[0]))
-    x = images()
+    x = images(device=device)
     loss, terms = objective.discriminator_loss(x, torch.Generator().manual_seed(0))
     loss.backward()
     assert torch.equal(seen[0], x)  # the "input" real kind is x itself
@@ -156,9 +160,9 @@ def test_discriminator_phase_trains_only_discriminator_heads():
 
 
 @pytest.mark.parametrize("inpainter", ["mse", "gan"])
-def test_true_background_replaces_the_inpainting_inside_the_tiles(inpainter):
-    objective = make_objective(true_background=True, inpainter=inpainter)
-    x, background = images(), images(seed=9)
+def test_true_background_replaces_the_inpainting_inside_the_tiles(inpainter, device):
+    objective = make_objective(true_background=True, inpainter=inpainter, device=device)
+    x, background = images(device=device), images(seed=9, device=device)
     with torch.no_grad():
         comp = objective.compose(x, torch.Generator().manual_seed(0), ALL_KINDS, background=background)
         latent = objective.mae.encode(x)
@@ -173,11 +177,11 @@ def test_true_background_replaces_the_inpainting_inside_the_tiles(inpainter):
         objective.discriminator_loss(x, torch.Generator().manual_seed(0))
 
 
-def test_mae_features_feed_the_segmenter_encoder_tokens():
-    objective = make_objective(mae_features=True)
+def test_mae_features_feed_the_segmenter_encoder_tokens(device):
+    objective = make_objective(mae_features=True, device=device)
     seen = []
     objective.segmenter.register_forward_pre_hook(lambda _, args: seen.append(args))
-    x = images()
+    x = images(device=device)
     with torch.no_grad():
         objective.compose(x, torch.Generator().manual_seed(0), ("composite_shifted",))
         tokens = objective.mae.encode(x)[:, 1:]
