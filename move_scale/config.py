@@ -15,10 +15,25 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
+from move_scale.config_rules import (
+    OneOf,
+    Range,
+    ResumeRef,
+    TRACKING_SCHEMES,
+    UrlRef,
+    WeightsRef,
+    NonEmpty,
+    above,
+    at_least,
+    each,
+    one_of,
+    problem_of,
+    ruled,
+)
 from move_scale.errors import UserError
 
 
@@ -29,40 +44,72 @@ class ConfigError(UserError, ValueError):
 # ----------------------------------------------------------------------------- schema
 
 
+FEATURE_KINDS = ("dino", "mae")
+DISC_KINDS = ("projected", "conv")
+PRECISIONS = ("bf16", "fp32")
+DIFFAUG_POLICIES = ("color",)  # the policy MOVE uses (DiffAugment, Zhao et al. 2020)
+POSITIVE = Range(1)
+UNIT = Range(0.0, 1.0, high_open=True)
+
+
+def _multiple(value: int, of: int, of_key: str) -> str | None:
+    if value % of == 0:
+        return None
+    return f"not a multiple of {of_key} = {of}; use a multiple of {of}, e.g. {max(of, round(value / of) * of)}"
+
+
+def _heads(embed_dim: int, heads: int, heads_key: str) -> str | None:
+    if embed_dim % heads == 0:
+        return None
+    return f"does not split into {heads_key} = {heads} heads; use a multiple of {heads}"
+
+
 @dataclass(frozen=True)
 class FeaturesConfig:
     """The frozen self-supervised ViT whose patch tokens feed the segmenter (paper §3)."""
 
-    kind: str = "dino"  # "dino": a ViT of its own; "mae": the inpainter's encoder (ablation)
-    weights: str = "dino_vits8"  # a weight name (see weights.py), a file path, or "random"
-    embed_dim: int = 384
-    depth: int = 12
-    num_heads: int = 6
-    patch_size: int = 8
-    layer: int = 10  # block index whose output tokens are used (10 = the 11th of 12)
+    kind: str = one_of("dino", FEATURE_KINDS)  # "dino": a ViT of its own; "mae": the inpainter's encoder
+    weights: str = ruled("dino_vits8", WeightsRef())  # a weight name (see weights.py), a file path, or "random"
+    embed_dim: int = at_least(384, 1)
+    depth: int = at_least(12, 1)
+    num_heads: int = at_least(6, 1)
+    patch_size: int = at_least(8, 1)
+    layer: int = at_least(10, 0)  # block index whose output tokens are used (10 = the 11th of 12)
+
+    def relations(self):
+        if self.layer >= self.depth:
+            yield "layer", f"use a block index below model.features.depth = {self.depth}"
+        yield "embed_dim", _heads(self.embed_dim, self.num_heads, "model.features.num_heads")
 
 
 @dataclass(frozen=True)
 class SegmenterConfig:
     """Upsampling CNN head (supplementary §D): one block per width, the last without upsampling."""
 
-    widths: tuple[int, ...] = (192, 128, 128, 128)
-    convs_per_block: int = 1  # 2 for the ImageNet100 variant
+    widths: tuple[int, ...] = each((192, 128, 128, 128), POSITIVE, non_empty=True)
+    convs_per_block: int = at_least(1, 1)  # 2 for the ImageNet100 variant
 
 
 @dataclass(frozen=True)
 class MAEConfig:
     """The frozen MAE inpainter (`mae_vit_large_patch16_dec512d8b` by default)."""
 
-    weights: str = "mae_vitl16_gan"
-    patch_size: int = 16
-    embed_dim: int = 1024
-    depth: int = 24
-    num_heads: int = 16
-    decoder_embed_dim: int = 512
-    decoder_depth: int = 8
-    decoder_num_heads: int = 16
-    mlp_ratio: float = 4.0
+    weights: str = ruled("mae_vitl16_gan", WeightsRef())
+    patch_size: int = at_least(16, 1)
+    embed_dim: int = at_least(1024, 1)
+    depth: int = at_least(24, 1)
+    num_heads: int = at_least(16, 1)
+    decoder_embed_dim: int = at_least(512, 1)
+    decoder_depth: int = at_least(8, 1)
+    decoder_num_heads: int = at_least(16, 1)
+    mlp_ratio: float = above(4.0, 0.0)
+
+    def relations(self):
+        for name, heads in (("embed_dim", "num_heads"), ("decoder_embed_dim", "decoder_num_heads")):
+            dim = getattr(self, name)
+            yield name, _heads(dim, getattr(self, heads), f"model.mae.{heads}")
+            if dim % 4:  # fixed sin-cos positions (MAE) split the width in four
+                yield name, f"use a multiple of 4 (sin-cos positions), e.g. {dim // 4 * 4 or 4}"
 
 
 @dataclass(frozen=True)
@@ -70,11 +117,15 @@ class DiscConfig:
     """The discriminator: projected on a frozen EfficientNet-lite0 (Sauer et al. 2021, the paper's),
     or a small trainable conv D for offline runs where no ImageNet weights exist."""
 
-    kind: str = "projected"  # "projected" | "conv"
-    weights: str = "efficientnet_lite0"  # projected only: a weight name, a file path, or "random"
-    resolution: int = 224  # projected only: D inputs are resized to this side
-    conv_widths: tuple[int, ...] = (64, 128, 256)  # conv only: stride-2 layers
-    diffaug: tuple[str, ...] = ("color",)
+    kind: str = one_of("projected", DISC_KINDS)
+    weights: str = ruled("efficientnet_lite0", WeightsRef())  # projected only: name, path or "random"
+    resolution: int = at_least(224, 64)  # projected only: D inputs are resized to this side
+    conv_widths: tuple[int, ...] = each((64, 128, 256), POSITIVE, non_empty=True)  # conv only: stride-2 layers
+    diffaug: tuple[str, ...] = each(("color",), OneOf(DIFFAUG_POLICIES), distinct=True)
+
+    def relations(self):
+        if self.kind == "projected" and self.resolution % 32:
+            yield "resolution", f"use a multiple of 32 (EfficientNet strides), e.g. {self.resolution // 32 * 32}"
 
 
 @dataclass(frozen=True)
@@ -83,12 +134,13 @@ class ModelConfig:
     segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
     mae: MAEConfig = field(default_factory=MAEConfig)
     disc: DiscConfig = field(default_factory=DiscConfig)
-    weights_cache: str = "~/.cache/move_scale"  # where named weights are looked for and downloaded
+    weights_cache: str = ruled("~/.cache/move_scale", NonEmpty(), mid_run=True)  # named weights live here
 
 
 @dataclass(frozen=True)
 class ObjectiveConfig:
-    """The MOVE objective (paper eq. 1-8) and the switches of its ablations (Table 5)."""
+    """The MOVE objective (paper eq. 1-8) and the switches of its ablations (Table 5). The ranges
+    and choices are checked by `objective.check_objective_config`, the objective's own checks."""
 
     shift_range: float = 0.125  # Δ: |δ| ≤ Δ·min(H, W) on each axis
     theta_min: float = 0.05
@@ -104,12 +156,22 @@ class ObjectiveConfig:
     inpainter: str = "gan"  # "gan": autoencoded D inputs; "mse": paste x outside tiles, no AE
     true_background: bool = False  # diagnostic: a perfect inpainter (the data's true background in the tiles)
 
+    def relations(self):
+        from move_scale.objective import check_objective_config  # the objective's one list of checks
+
+        try:
+            check_objective_config(self)
+        except ValueError as err:  # a whole message: "objective.theta_min = 2.0: use a value in [0, 1] ..."
+            yield None, str(err)
+
 
 @dataclass(frozen=True)
 class AdamWConfig:
-    lr: float = 2e-4
-    betas: tuple[float, float] = (0.9, 0.95)
-    weight_decay: float = 0.0
+    MID_RUN: ClassVar[bool] = True  # applied to the optimizer's param groups on resume
+
+    lr: float = above(2e-4, 0.0)
+    betas: tuple[float, float] = each((0.9, 0.95), UNIT)
+    weight_decay: float = at_least(0.0, 0.0)
 
 
 @dataclass(frozen=True)
@@ -124,49 +186,73 @@ class OptimConfig:
 class DataConfig:
     train: str = ""  # a manifest, a brace pattern or a list of shards; local path or fsspec URL
     val: str = ""  # evaluation shards (images with masks or boxes)
-    image_size: int = 224
-    batch_size: int = 32  # per process
-    workers: int = 4
-    shuffle_buffer: int = 1000
+    image_size: int = at_least(224, 1)
+    batch_size: int = at_least(32, 1)  # per process
+    workers: int = ruled(4, Range(0), mid_run=True)
+    shuffle_buffer: int = at_least(1000, 1)
     resampled: bool = False  # sample shards with replacement; epoch length from the manifest
-    crop_scale: tuple[float, float] = (0.9, 1.0)
-    crop_ratio: tuple[float, float] = (0.75, 4.0 / 3.0)
+    crop_scale: tuple[float, float] = each((0.9, 1.0), Range(0.0, 1.0, low_open=True), ordered=True)
+    crop_ratio: tuple[float, float] = each((0.75, 4.0 / 3.0), Range(0.0, low_open=True), ordered=True)
     hflip: bool = True
-    endpoint_url: str = ""  # S3-compatible endpoint for s3:// URLs
+    endpoint_url: str = ruled("", UrlRef(("http", "https"), "AWS's own endpoint"), mid_run=True)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 80
-    max_steps: int = 0  # batches (D and segmenter steps together); 0: train for `epochs`
-    precision: str = "bf16"  # "bf16" (autocast where the device supports it) or "fp32"
+    MID_RUN: ClassVar[bool] = True  # steps, schedule, logging: applied on resume
+
+    epochs: int = at_least(80, 0)
+    max_steps: int = at_least(0, 0)  # batches (D and segmenter steps together); 0: train for `epochs`
+    precision: str = one_of("bf16", PRECISIONS)  # bf16: autocast where the device supports it
     fused: bool = True  # fused kernels on the hot path (kernels/)
-    log_every: int = 50
-    ckpt_every_steps: int = 2000
-    ckpt_every_minutes: float = 30.0
-    keep_last: int = 3
-    gallery_every: int = 1000
-    resume: str = "auto"  # "auto": latest complete checkpoint in run_dir; "never"; or a file
+    log_every: int = at_least(50, 1)
+    ckpt_every_steps: int = at_least(2000, 0)  # 0: off
+    ckpt_every_minutes: float = at_least(30.0, 0.0)  # 0: off
+    keep_last: int = at_least(3, 0)  # 0: keep all
+    gallery_every: int = at_least(1000, 0)  # 0: off
+    resume: str = ruled("auto", ResumeRef())  # "auto": latest complete checkpoint in run_dir; "never"; or a file
+
+    def relations(self):
+        if self.max_steps == 0 and self.epochs == 0:
+            yield "epochs", "with train.max_steps = 0 the run lasts train.epochs: use a value ≥ 1"
 
 
 @dataclass(frozen=True)
 class TrackingConfig:
-    uri: str = ""  # "" → $MLFLOW_TRACKING_URI, else a local store under run_dir/mlruns
-    experiment: str = "move"
+    MID_RUN: ClassVar[bool] = True
+
+    uri: str = ruled("", UrlRef(TRACKING_SCHEMES, "$MLFLOW_TRACKING_URI or a store under run_dir"))
+    experiment: str = ruled("move", NonEmpty(), mid_run=False)  # a resumed run stays in its experiment
     run_name: str = ""
 
 
 @dataclass(frozen=True)
 class Config:
-    name: str = "move"
-    seed: int = 0
-    run_dir: str = "runs/move"
+    name: str = ruled("move", NonEmpty(), mid_run=True)
+    seed: int = at_least(0, 0)
+    run_dir: str = ruled("runs/move", NonEmpty(), mid_run=True)
     model: ModelConfig = field(default_factory=ModelConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def relations(self):
+        """Sizes that must agree across sections (else the first forward step fails)."""
+        size, model = self.data.image_size, self.model
+        yield "data.image_size", _multiple(size, model.mae.patch_size, "model.mae.patch_size")
+        patch_key = "model.mae.patch_size" if model.features.kind == "mae" else "model.features.patch_size"
+        patch = model.mae.patch_size if model.features.kind == "mae" else model.features.patch_size
+        if model.features.kind == "dino":
+            yield "data.image_size", _multiple(size, patch, patch_key)
+        widths = model.segmenter.widths
+        if 2 ** (len(widths) - 1) != patch:
+            need = patch.bit_length() if patch & (patch - 1) == 0 else None
+            fix = f"give {need} widths (log2 {patch} + 1)" if need else f"use a power-of-2 {patch_key}"
+            yield "model.segmenter.widths", (
+                f"{len(widths)} widths upsample the token grid ×{2 ** (len(widths) - 1)}, but the "
+                f"features come in patches of {patch} ({patch_key}): {fix}")
 
 
 # ----------------------------------------------------------------------------- loading
@@ -238,7 +324,32 @@ def _build(cls: type, data: dict, prefix: str = "") -> Any:
             raise _unknown_key(cls, str(name), prefix + "." if prefix else "")
         key = f"{prefix}.{name}" if prefix else name
         kwargs[name] = _convert(value, hints[name], key)
-    return cls(**kwargs)
+    section = cls(**kwargs)
+    _check(section, prefix)
+    return section
+
+
+def _shown(value: Any) -> str:
+    return repr(list(value)) if isinstance(value, tuple) else repr(value)
+
+
+def _check(section: Any, prefix: str) -> None:
+    """Every field's rule (config_rules.py), then the section's relations between its fields."""
+    dotted = (prefix + ".") if prefix else ""
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        problem = problem_of(f, value)
+        if problem is not None:
+            raise ConfigError(f"{dotted}{f.name} = {_shown(value)}: {problem}")
+    for name, problem in getattr(section, "relations", lambda: ())():
+        if problem is None:
+            continue
+        if name is None:  # a whole message already
+            raise ConfigError(problem)
+        value = section
+        for part in name.split("."):
+            value = getattr(value, part)
+        raise ConfigError(f"{dotted}{name} = {_shown(value)}: {problem}")
 
 
 def to_dict(cfg: Any) -> dict:
