@@ -63,6 +63,7 @@ def test_the_schema_says_what_may_change_mid_run():
     assert [c.key for c in refused] == ["model.segmenter.widths"]
 
 
+@pytest.mark.slow  # trains the debug config (about 20 s for the shared run)
 def test_changed_steps_and_learning_rate_are_applied_and_listed(finished, tmp_path, monkeypatch, caplog):
     from mlflow.tracking import MlflowClient
 
@@ -91,6 +92,7 @@ def test_changed_steps_and_learning_rate_are_applied_and_listed(finished, tmp_pa
     assert run.info.status == "FINISHED" and _statuses(run_dir) == ["FINISHED"]
 
 
+@pytest.mark.slow  # trains the debug config (about 20 s for the shared run)
 def test_a_changed_network_shape_stops_in_one_line(finished, tmp_path, monkeypatch, capsys):
     shards, source = finished
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -106,6 +108,7 @@ def test_a_changed_network_shape_stops_in_one_line(finished, tmp_path, monkeypat
     assert sorted(p.name for p in run_dir.iterdir()) == before and _statuses(run_dir) == ["FINISHED"]
 
 
+@pytest.mark.slow  # trains the debug config (about 20 s for the shared run)
 def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_complete_one(finished, tmp_path, monkeypatch,
                                                                              caplog):
     shards, source = finished
@@ -120,6 +123,7 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_complete_one(fin
     assert torch.load(newest, weights_only=True)["step"] == 4  # redone, whole
 
 
+@pytest.mark.slow  # trains the debug config (about 20 s for the shared run)
 def test_when_every_checkpoint_is_corrupt_the_run_stops_and_keeps_them(finished, tmp_path, monkeypatch, capsys):
     shards, source = finished
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -134,6 +138,7 @@ def test_when_every_checkpoint_is_corrupt_the_run_stops_and_keeps_them(finished,
     assert _statuses(run_dir) == ["FINISHED"]  # no new MLflow run
 
 
+@pytest.mark.slow  # trains the debug config (about 20 s for the shared run)
 def test_resume_never_sets_the_earlier_run_aside(finished, tmp_path, monkeypatch):
     shards, source = finished
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
