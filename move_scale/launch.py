@@ -54,7 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-    args = launch_command_parser().parse_args(argv)
+    parser = launch_command_parser()
+    parser.prog = "python -m move_scale.launch"
+    parser.description = ("accelerate launch with a scheduler's exit codes: 143 after SIGTERM (the workers "
+                          "checkpoint), 2 after a user error, no launcher traceback. Same arguments as "
+                          "`accelerate launch`.")
+    args = parser.parse_args(argv)
     os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")  # see the module docstring
     try:
         launch_command(args)

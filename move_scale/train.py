@@ -10,6 +10,8 @@ reads its own shards and gets the same number of batches). The D phase calls the
 no_grad and the segmenter phase calls D under `no_sync`, so DDP never waits for gradients that a
 phase does not produce. A run survives preemption: checkpoints every N steps, every M minutes, on
 SIGTERM and at the end; `train.resume=auto` continues bit-exactly into the same MLflow run.
+What happens around the loop lives beside it: the checks before any work, signals and the MLflow
+run's end status in lifecycle.py, the stored-vs-requested config of a resume in resume.py.
 """
 from __future__ import annotations
 
