@@ -29,9 +29,9 @@ from move_scale.boxes import largest_box, mask_to_boxes
 from move_scale.cli_args import device, number
 from move_scale.config_rules import Range
 from move_scale.errors import UserError, report
+from move_scale.eval_io import check_arguments, features_description, format_table, log_to_mlflow, write_results
 from move_scale.inference import list_images, load_predictor, read_image
 from move_scale.metrics import CorLocMeter, SaliencyMeter
-from move_scale.eval_io import check_arguments, features_description, format_table, log_to_mlflow, write_results
 from move_scale.processes import exit_process
 
 logger = logging.getLogger(__name__)
