@@ -35,7 +35,7 @@ from move_scale.cli_args import device, number
 from move_scale.config_rules import Range
 from move_scale.errors import UserError, report
 from move_scale.inference import IMAGE_SUFFIXES, InferenceError, list_images, load_predictor, read_image
-from move_scale.paths import check_output_dir
+from move_scale.paths import check_output_dir, save_or_keep
 
 logger = logging.getLogger(__name__)
 LIST_SUFFIXES = (".txt", ".lst", ".list")
@@ -153,10 +153,16 @@ class OutputWriter:
         boxes_json = {"threshold": self.threshold, "min_area_fraction": self.min_area_fraction,
                       "box_convention": "[x0, y0, x1, y1], pixels, x1/y1 exclusive",
                       "images": records}
-        (self.out_dir / "boxes.json").write_text(json.dumps(boxes_json, indent=1))
-        (self.out_dir / "coco_multi.json").write_text(json.dumps(coco_detections(detections)))
-        (self.out_dir / "coco_largest.json").write_text(
-            json.dumps(coco_detections(detections, largest_only=True)))
+        texts = {"boxes.json": json.dumps(boxes_json, indent=1),
+                 "coco_multi.json": json.dumps(coco_detections(detections)),
+                 "coco_largest.json": json.dumps(coco_detections(detections, largest_only=True))}
+
+        def write(folder: Path) -> None:
+            folder.mkdir(parents=True, exist_ok=True)
+            for name, text in texts.items():
+                (folder / name).write_text(text)
+
+        save_or_keep(write, self.out_dir, "the box files")  # elsewhere, and said, if OUTPUT fails now
 
 
 def build_parser() -> argparse.ArgumentParser:
