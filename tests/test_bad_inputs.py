@@ -9,6 +9,9 @@ exit code other than 0 and 2), `exit 0` (accepted), `no command` (the module doe
 The same table tallies any version of the code:
 
     PYTHONPATH=/path/to/checkout python tests/test_bad_inputs.py     # prints the outcome of each case
+
+Measured on the 106 cases: at ffea889 (before issue 15) 40 clear, 48 traceback, 10 exit 0,
+2 unclear, 6 no command (there was no export command); after it, 106 clear.
 """
 from __future__ import annotations
 
