@@ -165,16 +165,25 @@ def load_latest_checkpoint(run_dir: str | Path, map_location: str | torch.device
                            ) -> tuple[Path, dict] | None:
     """(path, state) of the newest checkpoint in run_dir that loads, or None when there is none.
 
-    Truncated or corrupt checkpoints and interrupted temporary files are skipped with a WARNING.
+    Truncated or corrupt checkpoints and interrupted temporary files are skipped with a WARNING
+    that names them; when checkpoints exist but none loads, CheckpointError (starting over would
+    write over them without a word).
     """
     run_dir = Path(run_dir)
     for stray in _stray_temp_files(run_dir):
         log.warning("ignoring %s: temporary file of an interrupted checkpoint save", stray)
-    for _, path in _listed_checkpoints(run_dir):
+    listed = _listed_checkpoints(run_dir)
+    for index, (_, path) in enumerate(listed):
         try:
             return path, load_checkpoint(path, map_location)
         except CheckpointError as err:
-            log.warning("skipping checkpoint %s, falling back to the previous one: %s", path, err)
+            left = len(listed) - index - 1
+            log.warning("skipping checkpoint %s (%s); %s", path, err,
+                        f"falling back to the previous one ({left} left)" if left else "no older one left")
+    if listed:
+        raise CheckpointError(
+            f"none of the {len(listed)} checkpoints in {run_dir} loads (newest: {listed[0][1].name}); "
+            f"move them away to start over, or set train.resume=never to start over beside them")
     return None
 
 
@@ -311,7 +320,7 @@ def read_segmenter_export(path: str | Path) -> dict:
                               f"({type(err).__name__}: {err})") from err
     found = export.get("format") if isinstance(export, dict) else type(export).__name__
     if found != EXPORT_FORMAT:
-        hint = (" (it is a training checkpoint: export it with export_segmenter)"
+        hint = (f" (it is a training checkpoint: export it with `python -m move_scale.export {path}`)"
                 if found == CHECKPOINT_FORMAT else "")
         raise CheckpointError(f"{path} is not a move_scale segmenter export: format {found!r}, "
                               f"expected {EXPORT_FORMAT!r}{hint}")
@@ -340,7 +349,8 @@ def load_segmenter(path: str | Path, device: str | torch.device = "cpu",
     if weights_cache is not None:
         model_tree["weights_cache"] = weights_cache
     try:
-        model_cfg = config_from_dict({"model": model_tree}).model  # every key and type checked
+        model_cfg = config_from_dict({"model": model_tree,  # every key, type and size checked
+                                      "data": {"image_size": export["image_size"]}}).model
     except ConfigError as err:
         raise CheckpointError(f"{path}: the export's model description does not fit this "
                               f"version of move_scale: {err}") from err

@@ -1,4 +1,4 @@
-"""The offline demo: MOVE learns to segment synthetic scenes from nothing, on a CPU, in minutes.
+"""The offline demo: the whole MOVE pipeline on synthetic scenes, on a CPU, in minutes.
 
     python -m move_scale.demo                   # everything under runs/demo/
     python -m move_scale.demo --out /tmp/demo --train 2000 --mae-steps 800
@@ -10,7 +10,8 @@ Four steps, each skipped when its output is already there (so a second run only 
      "MAE feature extractor"), a trainable conv discriminator    (`python -m move_scale.train`)
   4. saliency metrics on the held-out scenes                     (`python -m move_scale.evaluate`)
 Nothing is downloaded. The MOVE run is an MLflow run under OUT/move/mlruns; the evaluation is
-logged into it too.
+logged into it too. At this scale the segmenter does not yet find the objects (README, "What to
+expect"): the demo shows every step working, not the paper's results.
 """
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ from pathlib import Path
 from move_scale import evaluate, pretrain_mae, train
 from move_scale.config import ConfigError, load_config
 from move_scale.data.synthetic import write_synthetic
-from move_scale.objective import check_objective_config
+from move_scale.errors import UserError, report
+from move_scale.paths import check_output_dir
 
 log = logging.getLogger("move_scale.demo")
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
@@ -32,7 +34,9 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m move_scale.demo", description=__doc__.split("\n\n")[0],
-        epilog="Trailing key=value arguments override the MOVE config, e.g. train.max_steps=400.")
+        epilog="\n\n".join(__doc__.split("\n\n")[2:]) + "\n\nTrailing key=value arguments "
+               "override the MOVE config, e.g. train.max_steps=400.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="MOVE config (configs/demo.yaml)")
     parser.add_argument("--train", type=int, default=600, help="training scenes (default 600)")
@@ -48,14 +52,18 @@ def _step(title: str) -> float:
     return time.perf_counter()
 
 
+class StepFailed(Exception):
+    """A step's command failed and has said why; the demo exits with its code."""
+
+    def __init__(self, code: int):
+        super().__init__(f"exit {code}")
+        self.code = code
+
+
 def run(args: argparse.Namespace) -> dict:
     """The four steps; returns {'iou': ..., 'seconds': {...}, 'run_dir': ...}."""
-    out = Path(args.out)
+    out = check_output_dir(args.out, "--out")
     cfg = load_config(args.config, args.overrides)  # fail on a bad override before any work
-    try:
-        check_objective_config(cfg.objective)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
     if args.val < 1 or args.train < cfg.data.batch_size or args.mae_steps < 1:
         raise ConfigError(f"--train {args.train}, --val {args.val}, --mae-steps {args.mae_steps}: the demo needs "
                           f"at least one held-out scene and step, and a batch of training scenes "
@@ -72,9 +80,11 @@ def run(args: argparse.Namespace) -> dict:
     if mae_path.exists():
         log.info("kept %s (delete it to pretrain again)", mae_path)
     else:
-        pretrain_mae.main(["--config", args.config, "--out", str(mae_path), "--steps", str(args.mae_steps),
-                           "--batch-size", str(min(pretrain_mae.PretrainRecipe().batch_size, args.train)),
-                           f"data.train={manifests['train']}", *args.overrides])
+        code = pretrain_mae.main(["--config", args.config, "--out", str(mae_path), "--steps", str(args.mae_steps),
+                                  "--batch-size", str(min(pretrain_mae.PretrainRecipe().batch_size, args.train)),
+                                  f"data.train={manifests['train']}", *args.overrides])
+        if code != 0:
+            raise StepFailed(code)
     seconds["mae"] = time.perf_counter() - start
 
     run_dir = out / "move"
@@ -88,7 +98,7 @@ def run(args: argparse.Namespace) -> dict:
                            "train.resume=never" if args.fresh else "train.resume=auto",
                            *args.overrides])
         if code != 0:
-            raise SystemExit(f"MOVE training failed (exit {code})")
+            raise StepFailed(code)
     seconds["move"] = time.perf_counter() - start
 
     start = _step("4/4 evaluation on the held-out scenes")
@@ -123,9 +133,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         summary = run(args)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except UserError as err:
+        return report(err)
+    except StepFailed as failed:  # the step printed its own error
+        return failed.code
     total = sum(summary["seconds"].values())
     phases = ", ".join(f"{k} {v / 60:.1f} min" for k, v in summary["seconds"].items())
     print(f"\nMOVE demo: IoU {summary['iou']:.3f} on held-out synthetic scenes "

@@ -11,3 +11,13 @@ from __future__ import annotations
 
 class UserError(Exception):
     """Bad input or settings; the message names the key, path or value and says what to do."""
+
+
+def report(err: BaseException, prefix: str = "") -> int:
+    """Print `err` as one line `[prefix: ]error: <message>` on stderr; returns 2, the exit code of
+    a user error."""
+    import sys
+
+    text = " ".join(str(err).split())  # MLflow and torch messages may span lines
+    print(f"{prefix + ': ' if prefix else ''}error: {text}", file=sys.stderr)
+    return 2

@@ -15,7 +15,6 @@ import argparse
 import io
 import json
 import logging
-import sys
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +26,11 @@ from PIL import Image
 from tqdm import tqdm
 
 from move_scale.boxes import largest_box, mask_to_boxes
-from move_scale.errors import UserError
-from move_scale.inference import InferenceError, list_images, load_predictor, read_image
+from move_scale.cli_args import device, number
+from move_scale.config_rules import Range
+from move_scale.errors import UserError, report
+from move_scale.eval_io import check_arguments, features_description, format_table, log_to_mlflow, write_results
+from move_scale.inference import list_images, load_predictor, read_image
 from move_scale.metrics import CorLocMeter, SaliencyMeter
 from move_scale.processes import exit_process
 
@@ -259,25 +261,6 @@ def _sum_over_processes(value: int, device: torch.device) -> int:
     return int(total.item())
 
 
-def format_table(name: str, metrics: dict) -> str:
-    keys = [k for k in metrics if k != "images"]
-    header = ["dataset", "images", *keys]
-    row = [name, str(metrics["images"]), *(f"{metrics[k]:.4f}" for k in keys)]
-    widths = [max(len(h), len(v)) for h, v in zip(header, row)]
-    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
-    return "\n".join([line(header), line(["-" * w for w in widths]), line(row)])
-
-
-def log_to_mlflow(run_id: str, tracking_uri: str | None, name: str, metrics: dict) -> None:
-    """Log `eval/<name>/<metric>` into an existing MLflow run."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=tracking_uri or None)
-    for key, value in metrics.items():
-        client.log_metric(run_id, f"eval/{name}/{key}", float(value))
-    logger.info("logged %d metrics to MLflow run %s", len(metrics), run_id)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m move_scale.evaluate",
@@ -292,7 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
                "shorter side to --short-side (bicubic), reflect-padded to the patch, mask resized "
                "back to the image.",
     )
-    parser.add_argument("--checkpoint", required=True, help="segmenter export (export_segmenter)")
+    parser.add_argument("--checkpoint", required=True,
+                        help="segmenter export: run_dir/segmenter.pt, or `move-export` of a checkpoint")
     parser.add_argument("--data", required=True, help="images folder, VOC root, or evaluation shards")
     parser.add_argument("--gt", default=None, help="masks folder, VOC XML folder or COCO JSON file")
     parser.add_argument("--task", required=True, choices=("saliency", "corloc"),
@@ -303,11 +287,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="text file of image names (or stems) to keep, e.g. the COCO20K list")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     parser.add_argument("--name", default=None, help="dataset name in the table / MLflow keys")
-    parser.add_argument("--short-side", type=int, default=448, help="inference shorter side (448)")
-    parser.add_argument("--batch-size", type=int, default=1, help="images per forward (same padded size)")
+    parser.add_argument("--short-side", type=number(int, Range(1)), default=448,
+                        help="inference shorter side (448)")
+    parser.add_argument("--batch-size", type=number(int, Range(1)), default=1,
+                        help="images per forward (same padded size)")
     parser.add_argument("--bilateral", action="store_true",
                         help="refine masks with the bilateral solver (σ 16/16/8, λ 256) + hole filling")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda when available)")
+    parser.add_argument("--device", type=device, default=None,
+                        help="torch device (default: cuda when available)")
     parser.add_argument("--weights-cache", default=None, help="where named feature weights live")
     parser.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint for s3:// shards")
     parser.add_argument("--mlflow-run-id", default=None, help="log eval/<name>/<metric> to this run")
@@ -318,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> dict | None:
     """Evaluate as `args` say; returns the results dict on the main process, None elsewhere."""
+    check_arguments(args)
     rank, world_size, default_device = _distributed()
     device = torch.device(args.device) if args.device else default_device
     predictor, meta = load_predictor(args.checkpoint, device, args.short_side, args.weights_cache)
@@ -340,13 +328,11 @@ def run(args: argparse.Namespace) -> dict | None:
         "task": args.task, "dataset": name, "data": args.data, "gt": args.gt,
         "checkpoint": str(args.checkpoint), "short_side": args.short_side,
         "bilateral": args.bilateral, "skipped_images": skipped_total,
-        "features": meta.get("features"), "metrics": metrics,
+        "features": features_description(meta), "metrics": metrics,
     }
     print(format_table(name, metrics))
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results, indent=2))
-        logger.info("wrote %s", args.out)
+        write_results(results, args.out)
     if args.mlflow_run_id:
         log_to_mlflow(args.mlflow_run_id, args.tracking_uri, name, metrics)
     return results
@@ -357,9 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         run(args)
-    except (InferenceError, GroundTruthError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except UserError as err:
+        return report(err)
     return 0
 
 

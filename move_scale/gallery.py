@@ -1,6 +1,8 @@
 """Mask gallery: one PNG with a row per image of (input | mask | inpainted background | shifted
 composite), the four things to look at when judging a MOVE run (paper Fig. 2); from tensors
-(save_mask_gallery) or from a training objective and a batch (save_objective_gallery)."""
+(save_mask_gallery) or from a training objective and a batch (save_objective_gallery). The PNG has
+the column names on top, and small images are scaled up (nearest, whole pixels) to at least
+MIN_TILE pixels a side so that a 64-px run can be judged by eye."""
 from __future__ import annotations
 
 import logging
@@ -9,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from move_scale.objective import MoveObjective
 
@@ -17,7 +19,10 @@ log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-GAP = 2  # pixels of white between tiles
+GAP = 2  # pixels of white between tiles (before scaling up)
+COLUMNS = ("input", "mask", "inpainted background", "shifted composite")
+MIN_TILE = 128  # tiles smaller than this are scaled up by a whole factor
+LABEL_HEIGHT = 16  # pixels of the label strip above the tiles
 
 
 def denormalize_to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -70,6 +75,24 @@ def mask_gallery(images: torch.Tensor, masks: torch.Tensor, backgrounds: torch.T
     return grid
 
 
+def tile_scale(width: int) -> int:
+    """The whole factor that brings a tile of `width` pixels to at least MIN_TILE."""
+    return max(1, -(-MIN_TILE // max(width, 1)))
+
+
+def labelled(grid: np.ndarray, width: int) -> np.ndarray:
+    """The grid of mask_gallery scaled up by tile_scale(width), under a strip that names the
+    columns: (LABEL_HEIGHT + scale·rows_height, scale·grid_width, 3) uint8."""
+    scale = tile_scale(width)
+    big = grid.repeat(scale, axis=0).repeat(scale, axis=1)
+    canvas = Image.new("RGB", (big.shape[1], LABEL_HEIGHT + big.shape[0]), (255, 255, 255))
+    canvas.paste(Image.fromarray(big), (0, LABEL_HEIGHT))
+    draw, font = ImageDraw.Draw(canvas), ImageFont.load_default()
+    for col, name in enumerate(COLUMNS):
+        draw.text((col * (width + GAP) * scale + 2, 2), name, fill=(0, 0, 0), font=font)
+    return np.asarray(canvas)
+
+
 def save_mask_gallery(path: str | Path, images: torch.Tensor, masks: torch.Tensor,
                       backgrounds: torch.Tensor, composites: torch.Tensor,
                       max_rows: int = 4) -> Path:
@@ -77,7 +100,7 @@ def save_mask_gallery(path: str | Path, images: torch.Tensor, masks: torch.Tenso
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     grid = mask_gallery(images, masks, backgrounds, composites, max_rows)
-    Image.fromarray(grid).save(path, format="PNG")
+    Image.fromarray(labelled(grid, images.shape[-1])).save(path, format="PNG")
     log.info("wrote mask gallery %s (%d rows)", path, min(max_rows, images.shape[0]))
     return path
 

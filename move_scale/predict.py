@@ -31,7 +31,11 @@ from PIL import Image
 from tqdm import tqdm
 
 from move_scale.boxes import Box, boxes_record, coco_detections, mask_to_boxes
+from move_scale.cli_args import device, number
+from move_scale.config_rules import Range
+from move_scale.errors import UserError, report
 from move_scale.inference import IMAGE_SUFFIXES, InferenceError, list_images, load_predictor, read_image
+from move_scale.paths import check_output_dir, save_or_keep
 
 logger = logging.getLogger(__name__)
 LIST_SUFFIXES = (".txt", ".lst", ".list")
@@ -79,13 +83,15 @@ def list_inputs(spec: str) -> list[InputImage]:
     return inputs
 
 
-def _file_images(inputs: list[InputImage], skipped: list[str]) -> Iterator[tuple[InputImage, np.ndarray]]:
+def _file_images(inputs: list[InputImage], skipped: list[str],
+                 reasons: list[str]) -> Iterator[tuple[InputImage, np.ndarray]]:
     for item in inputs:
         try:
             image = np.asarray(read_image(item.path).image)
         except InferenceError as err:
             logger.warning("skipping %s", err)
             skipped.append(str(item.path))
+            reasons.append(str(err))
             continue
         yield item, image
 
@@ -147,10 +153,16 @@ class OutputWriter:
         boxes_json = {"threshold": self.threshold, "min_area_fraction": self.min_area_fraction,
                       "box_convention": "[x0, y0, x1, y1], pixels, x1/y1 exclusive",
                       "images": records}
-        (self.out_dir / "boxes.json").write_text(json.dumps(boxes_json, indent=1))
-        (self.out_dir / "coco_multi.json").write_text(json.dumps(coco_detections(detections)))
-        (self.out_dir / "coco_largest.json").write_text(
-            json.dumps(coco_detections(detections, largest_only=True)))
+        texts = {"boxes.json": json.dumps(boxes_json, indent=1),
+                 "coco_multi.json": json.dumps(coco_detections(detections)),
+                 "coco_largest.json": json.dumps(coco_detections(detections, largest_only=True))}
+
+        def write(folder: Path) -> None:
+            folder.mkdir(parents=True, exist_ok=True)
+            for name, text in texts.items():
+                (folder / name).write_text(text)
+
+        save_or_keep(write, self.out_dir, "the box files")  # elsewhere, and said, if OUTPUT fails now
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -161,14 +173,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("input", help="image folder, image file, list file (.txt) or shards")
     parser.add_argument("output", help="output folder (created)")
-    parser.add_argument("--checkpoint", required=True, help="segmenter export (export_segmenter)")
+    parser.add_argument("--checkpoint", required=True,
+                        help="segmenter export: run_dir/segmenter.pt, or `move-export` of a checkpoint")
     parser.add_argument("--overlay", action="store_true", help="also write overlays/<key>.jpg")
-    parser.add_argument("--batch-size", type=int, default=8, help="images per forward (same padded size)")
-    parser.add_argument("--short-side", type=int, default=448, help="inference shorter side (448)")
-    parser.add_argument("--threshold", type=float, default=0.5, help="mask threshold for boxes")
-    parser.add_argument("--min-box-fraction", type=float, default=0.01,
-                        help="drop boxes smaller than this share of the image (0.01)")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda when available)")
+    parser.add_argument("--batch-size", type=number(int, Range(1)), default=8,
+                        help="images per forward (same padded size)")
+    parser.add_argument("--short-side", type=number(int, Range(1)), default=448,
+                        help="inference shorter side (448)")
+    parser.add_argument("--threshold", type=number(float, Range(0.0, 1.0)), default=0.5,
+                        help="mask threshold for boxes")
+    parser.add_argument("--min-box-fraction", type=number(float, Range(0.0, 1.0, high_open=True)),
+                        default=0.01, help="drop boxes smaller than this share of the image (0.01)")
+    parser.add_argument("--device", type=device, default=None,
+                        help="torch device (default: cuda when available)")
     parser.add_argument("--weights-cache", default=None, help="where named feature weights live")
     parser.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint for s3:// shards")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -178,21 +195,25 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> dict:
     """Predict for every input image; returns {"images": written, "skipped": [paths]}."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    out_dir = check_output_dir(args.output, "OUTPUT")  # before any image is read
+    skipped: list[str] = []
+    reasons: list[str] = []
     if _is_shards(args.input):
-        images, total, skipped = _shard_images(args.input, args.endpoint_url), None, []
+        images, total = _shard_images(args.input, args.endpoint_url), None
     else:
-        inputs, skipped = list_inputs(args.input), []
-        images, total = _file_images(inputs, skipped), len(inputs)
+        inputs = list_inputs(args.input)
+        images, total = _file_images(inputs, skipped, reasons), len(inputs)
     predictor, _ = load_predictor(args.checkpoint, device, args.short_side, args.weights_cache)
-    writer = OutputWriter(Path(args.output), args.overlay, args.threshold, args.min_box_fraction)
-    writer.out_dir.mkdir(parents=True, exist_ok=True)
+    writer = OutputWriter(out_dir, args.overlay, args.threshold, args.min_box_fraction)
     prepared = (predictor.prepare(item.key, image, payload=(item, image)) for item, image in images)
     with tqdm(total=total, desc="predict", unit="img", disable=args.no_progress) as bar:
         for prepared_image, mask in predictor.predict_stream(prepared, args.batch_size):
-            writer.add(*prepared_image.payload, mask)
+            writer.add(*prepared_image.payload, mask)  # makes OUTPUT's folders with the first mask
             bar.update(1)
     if not writer.records:
-        raise InferenceError(f"no image of {args.input} could be read ({len(skipped)} skipped)")
+        why = f": {reasons[0]}" if reasons else ""
+        raise InferenceError(f"no image of {args.input} could be read ({len(skipped)} skipped){why}; "
+                             f"nothing was written to {args.output}")
     writer.finish()
     logger.info("wrote %d masks and boxes to %s (%d skipped)", len(writer.records), args.output, len(skipped))
     return {"images": len(writer.records), "skipped": skipped}
@@ -203,9 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         run(args)
-    except InferenceError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except UserError as err:
+        return report(err)
     return 0
 
 

@@ -17,6 +17,7 @@ encoder as the feature extractor, paper Table 5).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import math
 import os
@@ -28,25 +29,36 @@ from pathlib import Path
 import torch
 
 from move_scale.config import Config, ConfigError, load_config
+from move_scale.config_rules import above, at_least, between, problem_of
 from move_scale.data.storage import DataError
+from move_scale.errors import UserError, report
+from move_scale.paths import check_output_file, save_or_keep
 from move_scale.progress import ProgressMeter, format_duration
-from move_scale.weights import WeightsError
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class PretrainRecipe:
-    """The MAE pretraining schedule (MAE paper, Table 8, scaled down)."""
+    """The MAE pretraining schedule (MAE paper, Table 8, scaled down); each field is a command-line
+    option (`--mask-ratio` for mask_ratio) with the rule its values must pass (config_rules.py)."""
 
-    steps: int = 0  # total optimizer steps; 0: `epochs` passes over data.train
-    epochs: int = 20
-    batch_size: int = 64
-    lr: float = 1.5e-3
-    weight_decay: float = 0.05
-    warmup_fraction: float = 0.1  # share of the steps with a linear warm-up
-    mask_ratio: float = 0.75
-    log_every: int = 100
+    steps: int = at_least(0, 0)  # total optimizer steps; 0: `epochs` passes over data.train
+    epochs: int = at_least(20, 1)
+    batch_size: int = at_least(64, 1)
+    lr: float = above(1.5e-3, 0.0)
+    weight_decay: float = at_least(0.05, 0.0)
+    warmup_fraction: float = between(0.1, 0.0, 1.0)  # share of the steps with a linear warm-up
+    mask_ratio: float = between(0.75, 0.0, 1.0, low_open=True, high_open=True)
+    log_every: int = at_least(100, 1)
+
+    def check(self) -> None:
+        """ConfigError naming the first option whose value breaks its rule."""
+        for f in dataclasses.fields(self):
+            problem = problem_of(f, getattr(self, f.name))
+            if problem is not None:
+                option = "--" + f.name.replace("_", "-")
+                raise ConfigError(f"{option} {getattr(self, f.name)}: {problem}")
 
 
 def lr_at(step: int, total: int, base_lr: float, warmup_fraction: float) -> float:
@@ -102,11 +114,11 @@ def pretrain(cfg: Config, recipe: PretrainRecipe, out: str | Path) -> dict[str, 
     """
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
+    loader = _loader(cfg, recipe.batch_size)  # bad data.train fails here, before the network
     try:
         mae = build_pretrain_mae(cfg).train()
     except ValueError as err:  # sizes the model cannot take (image side vs patch, widths vs heads)
         raise ConfigError(f"model.mae / data.image_size: {err}") from None
-    loader = _loader(cfg, recipe.batch_size)
     total = recipe.steps or recipe.epochs * max(1, len(loader))
     params = [p for p in mae.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=recipe.lr, betas=(0.9, 0.95), weight_decay=recipe.weight_decay)
@@ -135,9 +147,9 @@ def pretrain(cfg: Config, recipe: PretrainRecipe, out: str | Path) -> dict[str, 
                      step + 1, total, epoch, loss.item(), optimizer.param_groups[0]["lr"],
                      meter.images_per_second, 100 * meter.data_wait_share,
                      format_duration(meter.eta_seconds(step + 1)))
-    save_mae(mae, out)
+    saved = save_or_keep(lambda path: save_mae(mae, path), out, "the MAE weights")
     seconds = time.perf_counter() - start
-    log.info("saved MAE weights to %s after %s", out, format_duration(seconds))
+    log.info("saved MAE weights to %s after %s", saved, format_duration(seconds))
     final = recent or first
     return {"loss_first": sum(first) / len(first), "loss_last": sum(final) / len(final), "seconds": seconds}
 
@@ -152,36 +164,59 @@ def save_mae(mae: torch.nn.Module, out: str | Path) -> Path:
     return out
 
 
-def main(argv: list[str] | None = None) -> dict[str, float]:
-    parser = argparse.ArgumentParser(prog="python -m move_scale.pretrain_mae", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", required=True, help="YAML config: model.mae architecture, data.train")
-    parser.add_argument("--out", required=True, help="where to write the MAE weights ({'model': state_dict})")
-    defaults = PretrainRecipe()
-    parser.add_argument("--steps", type=int, default=defaults.steps, help="optimizer steps (0: use --epochs)")
-    parser.add_argument("--epochs", type=int, default=defaults.epochs)
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--lr", type=float, default=defaults.lr)
-    parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
-    parser.add_argument("--warmup-fraction", type=float, default=defaults.warmup_fraction)
-    parser.add_argument("--mask-ratio", type=float, default=defaults.mask_ratio)
-    parser.add_argument("--log-every", type=int, default=defaults.log_every)
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave torch's default)")
-    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. data.train=shards/x/manifest.json")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not 0.0 < args.mask_ratio < 1.0:
-        parser.error(f"--mask-ratio must be in (0, 1), got {args.mask_ratio}")
+HELP = {
+    "steps": "optimizer steps (0: use --epochs)",
+    "epochs": "passes over data.train when --steps is 0",
+    "batch_size": "images per step",
+    "lr": "peak learning rate (AdamW, betas 0.9/0.95)",
+    "weight_decay": "AdamW weight decay",
+    "warmup_fraction": "share of the steps with a linear warm-up, then cosine decay to 0",
+    "mask_ratio": "share of the tokens masked in each image",
+    "log_every": "log the loss every this many steps",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m move_scale.pretrain_mae", description=__doc__.split("\n\n")[0],
+        epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True,
+                        help="YAML config: the model.mae architecture, data.train, data.image_size")
+    parser.add_argument("--out", required=True,
+                        help="where to write the MAE weights ({'model': state_dict}), e.g. runs/mae.pth")
+    for f in dataclasses.fields(PretrainRecipe):
+        parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
+                            help=f"{HELP[f.name]} (default {f.default})")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch CPU threads (default 0: torch's own choice)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="config overrides, e.g. data.train=shards/x/manifest.json")
+    return parser
+
+
+def run(argv: list[str] | None = None) -> dict[str, float]:
+    """Pretrain as the command line says; UserError for bad options, config, data or --out."""
+    args = build_parser().parse_args(argv)
+    recipe = PretrainRecipe(**{f.name: getattr(args, f.name) for f in dataclasses.fields(PretrainRecipe)})
+    recipe.check()
+    if args.threads < 0:
+        raise ConfigError(f"--threads {args.threads}: use a number ≥ 1, or 0 for torch's default")
+    check_output_file(args.out, "--out", example="mae.pth")
+    cfg = load_config(args.config, args.overrides)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    recipe = PretrainRecipe(steps=args.steps, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                            weight_decay=args.weight_decay, warmup_fraction=args.warmup_fraction,
-                            mask_ratio=args.mask_ratio, log_every=args.log_every)
+    return pretrain(cfg, recipe, args.out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        return pretrain(load_config(args.config, args.overrides), recipe, args.out)
-    except (ConfigError, DataError, WeightsError) as err:  # bad input: said in full, no traceback
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+        run(argv)
+    except UserError as err:  # bad input: said in full, no traceback
+        return report(err)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

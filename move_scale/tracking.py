@@ -68,6 +68,7 @@ class NullTracker:
     def log_text(self, text: str, artifact_file: str) -> None: ...
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
     def log_image(self, path: str | Path, artifact_path: str = "gallery") -> None: ...
+    def set_tags(self, tags: Mapping[str, str]) -> None: ...
     def end(self, status: str = "FINISHED") -> None: ...
 
 
@@ -136,12 +137,66 @@ class Tracker(NullTracker):
         """A PNG already on disk (e.g. from gallery.save_mask_gallery) under `artifact_path/`."""
         self.log_artifact(path, artifact_path)
 
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        """Tags can change, unlike params: e.g. the settings a resumed run changed."""
+        from mlflow.entities import RunTag
+
+        rows = [RunTag(key, param_value(value)) for key, value in tags.items()]
+        self._safe("set_tags", lambda: self._client.log_batch(self.run_id, tags=rows))
+
     def end(self, status: str = "FINISHED") -> None:
         """status: FINISHED, FAILED or KILLED."""
         self._safe("end", lambda: self._client.set_terminated(self.run_id, status=status))
         if self.failures:
             log.warning("MLflow run %s ended with %d failed tracking calls", self.run_id,
                         self.failures)
+
+
+def _probe_server(uri: str, fix: str, timeout: float) -> None:
+    """An HTTP tracking server answers at all (MLflow's own client retries for minutes)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return  # it answered
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        reason = getattr(err, "reason", err)
+        raise TrackingError(f"cannot reach the MLflow server at {uri!r} ({reason}); start it or {fix}") from err
+
+
+def check_tracking(*, uri: str = "", run_dir: str | Path | None = None, run_id: str | None = None,
+                   option: str = "tracking.uri", environ: Mapping[str, str] | None = None,
+                   timeout: float = 10.0) -> str | None:
+    """Before any work: the store answers and, when given, holds `run_id`. Opens no run; returns
+    the resolved URI. Without `run_dir` an empty `uri` means $MLFLOW_TRACKING_URI, else MLflow's
+    default. TrackingError names `option` and says what to fix."""
+    environ = os.environ if environ is None else environ
+    fix = f"fix {option} or $MLFLOW_TRACKING_URI"
+    if run_dir is not None:
+        resolved, artifact_location = resolve_tracking_uri(uri, run_dir, environ)
+        fix += f", or leave both empty for a local store under {run_dir}/mlruns"
+    else:
+        resolved, artifact_location = uri or environ.get("MLFLOW_TRACKING_URI") or None, None
+    if resolved and resolved.startswith(("http://", "https://")):
+        _probe_server(resolved, fix, timeout)
+    if artifact_location and not run_id:  # a new local store is made with the run, under run_dir
+        return resolved
+    try:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=resolved)
+        if run_id:
+            client.get_run(run_id)
+        else:
+            client.search_experiments(max_results=1)
+    except Exception as err:
+        what = f"has no run {run_id!r}" if run_id else "cannot be used"
+        first = str(err).splitlines()[0] if str(err) else ""
+        raise TrackingError(f"MLflow store {resolved or 'default'!r} {what} ({type(err).__name__}: "
+                            f"{first}); {fix}") from err
+    return resolved
 
 
 def start_tracker(*, is_main: bool, run_dir: str | Path, uri: str = "", experiment: str = "move",
@@ -165,7 +220,7 @@ def start_tracker(*, is_main: bool, run_dir: str | Path, uri: str = "", experime
         raise
     except Exception as err:
         raise TrackingError(f"cannot use MLflow tracking URI {uri!r} ({type(err).__name__}: "
-                            f"{err}); fix tracking.uri or $MLFLOW_TRACKING_URI, or leave both "
+                            f"{str(err).splitlines()[0] if str(err) else ''}); fix tracking.uri or $MLFLOW_TRACKING_URI, or leave both "
                             f"empty for a local store under {run_dir}/mlruns") from err
     log.info("MLflow run %s at %s", tracker.run_id, uri)
     return tracker

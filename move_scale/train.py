@@ -10,6 +10,8 @@ reads its own shards and gets the same number of batches). The D phase calls the
 no_grad and the segmenter phase calls D under `no_sync`, so DDP never waits for gradients that a
 phase does not produce. A run survives preemption: checkpoints every N steps, every M minutes, on
 SIGTERM and at the end; `train.resume=auto` continues bit-exactly into the same MLflow run.
+What happens around the loop lives beside it: the checks before any work, signals and the MLflow
+run's end status in lifecycle.py, the stored-vs-requested config of a resume in resume.py.
 """
 from __future__ import annotations
 
@@ -17,8 +19,6 @@ import argparse
 import dataclasses
 import logging
 import math
-import signal
-import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -26,26 +26,17 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object
 
-from move_scale.checkpoint import (
-    CheckpointError,
-    CheckpointPolicy,
-    capture_rng_state,
-    export_segmenter,
-    load_checkpoint,
-    load_latest_checkpoint,
-    restore_rng_state,
-    save_checkpoint,
-)
-from move_scale.config import Config, dump_config, flatten, load_config
-from move_scale.data.storage import DataError
+from move_scale.checkpoint import CheckpointError, CheckpointPolicy, capture_rng_state, export_segmenter, save_checkpoint
+from move_scale.config import Config, dump_config, load_config
 from move_scale.data.stream import build_train_loader
 from move_scale.engine import NonFiniteLossError, disc_step, effective_precision, make_adamw, seg_step
+from move_scale.errors import UserError, report
 from move_scale.gallery import save_objective_gallery
-from move_scale.objective import MoveObjective, build_objective, check_objective_config
+from move_scale.lifecycle import RunPlan, StopFlag, ended_on_failure, prepare_run, start_tracking, stop_on_signals
+from move_scale.objective import MoveObjective, build_objective
 from move_scale.processes import exit_process
 from move_scale.progress import ProgressMeter, format_duration
-from move_scale.tracking import start_tracker
-from move_scale.weights import WeightsError
+from move_scale.resume import data_position, restore, set_aside_checkpoints
 
 log = logging.getLogger("move_scale.train")
 
@@ -69,6 +60,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", required=True, help="experiment YAML (configs/*.yaml)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch CPU threads per process (default 0: torch's own choice, which "
+                             "can crawl when other jobs share the cores; try 1-4 there)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="dotted config overrides, applied after the file")
     return parser.parse_args(argv)
@@ -108,38 +102,6 @@ def _build(cfg: Config, accelerator: Accelerator):
     return objective, opt_seg, opt_disc
 
 
-def _resume(cfg: Config, objective: MoveObjective, opt_seg, opt_disc, state: TrainState,
-            generator: torch.Generator, accelerator: Accelerator) -> str | None:
-    """Load the checkpoint `train.resume` points at into unwrapped modules; returns its MLflow run id."""
-    if cfg.train.resume == "never":
-        return None
-    if cfg.train.resume == "auto":
-        found = load_latest_checkpoint(cfg.run_dir)
-        if found is None:
-            return None
-        path, ckpt = found
-    else:
-        path, ckpt = Path(cfg.train.resume), load_checkpoint(cfg.train.resume)
-    objective.segmenter.load_state_dict(ckpt["segmenter"])
-    objective.discriminator.load_state_dict(ckpt["discriminator"])
-    opt_seg.load_state_dict(ckpt["optim_seg"])
-    opt_disc.load_state_dict(ckpt["optim_disc"])
-    state.step, state.disc_steps, state.seg_steps = ckpt["step"], ckpt["disc_steps"], ckpt["seg_steps"]
-    data = ckpt["data"]
-    state.epoch, state.batches_in_epoch = data["epoch"], data["batches_in_epoch"]
-    rank, world = accelerator.process_index, accelerator.num_processes
-    if data.get("world_size", world) == world:
-        restore_rng_state(ckpt["rng"][rank], {"train": generator})
-    else:  # a different number of processes cannot replay exactly; keep the data position roughly
-        log.warning("checkpoint %s was written by %d processes, resuming with %d: the data position "
-                    "is rescaled and random streams are re-seeded", path, data["world_size"], world)
-        state.batches_in_epoch = state.batches_in_epoch * data["world_size"] // world
-        generator.manual_seed(cfg.seed + 7919 * rank + state.step)
-    log.info("resumed from %s at step %d (epoch %d, batch %d of the epoch)", path, state.step,
-             state.epoch, state.batches_in_epoch)
-    return ckpt.get("mlflow_run_id")
-
-
 def _save(cfg: Config, accelerator: Accelerator, objective: MoveObjective, opt_seg, opt_disc,
           state: TrainState, generator: torch.Generator, run_id: str | None) -> None:
     """All ranks gather their RNG states; the main process writes the checkpoint."""
@@ -168,17 +130,6 @@ def _sync_buffers(accelerator: Accelerator, *modules: torch.nn.Module) -> None:
     for module in modules:
         for buffer in accelerator.unwrap_model(module).buffers():
             torch.distributed.broadcast(buffer.data, src=0)
-
-
-class _StopFlag:
-    """Set by SIGTERM/SIGINT (preemption): the loop checkpoints at the next step and stops."""
-
-    def __init__(self) -> None:
-        self.raised = False
-
-    def __call__(self, signum, frame) -> None:
-        log.warning("received signal %d: checkpointing and stopping after this step", signum)
-        self.raised = True
 
 
 def _log_line(state: TrainState, total: int, meter: ProgressMeter, means: dict[str, float]) -> str:
@@ -217,7 +168,7 @@ class _Run:
         self.counts: dict[str, int] = defaultdict(int)
         self.means: dict[str, float] = {}
 
-    def step(self, batch: dict, stop: _StopFlag) -> bool:
+    def step(self, batch: dict, stop: StopFlag) -> bool:
         """Even batches train D, odd batches the segmenter (REFERENCE §4); True: stop now."""
         device, state = self.accelerator.device, self.state
         images = batch["image"].to(device, non_blocking=True)
@@ -241,7 +192,7 @@ class _Run:
         return self._after_step(images, background, stop)
 
     def _after_step(self, images: torch.Tensor, background: torch.Tensor | None,
-                    stop: _StopFlag) -> bool:
+                    stop: StopFlag) -> bool:
         """Logs, gallery, checkpoint; True when every rank must stop (preemption)."""
         cfg, step, main = self.cfg, self.state.step, self.accelerator.is_main_process
         last = step >= self.total
@@ -269,7 +220,7 @@ class _Run:
         self.sums.clear()
         self.counts.clear()
 
-    def checkpoint_if_due(self, last: bool, stop: _StopFlag) -> bool:
+    def checkpoint_if_due(self, last: bool, stop: StopFlag) -> bool:
         """The main process decides from its clock and its stop flag, and every rank follows, so
         all ranks save and stop at the same step. Returns True when the run must stop."""
         decision = None
@@ -283,7 +234,7 @@ class _Run:
             self.meter.restart_clock()
         return stopping
 
-    def loop(self, loader, stop: _StopFlag) -> None:
+    def loop(self, loader, stop: StopFlag) -> None:
         state = self.state
         while state.step < self.total:
             for batch in loader:
@@ -296,54 +247,60 @@ class _Run:
             state.batches_in_epoch = 0
 
 
-def _start_tracking(cfg: Config, accelerator: Accelerator, run_id: str | None):
-    """The MLflow run (resumed when the checkpoint names one) and its id on every rank."""
-    tracker = start_tracker(is_main=accelerator.is_main_process, run_dir=cfg.run_dir,
-                            uri=cfg.tracking.uri, experiment=cfg.tracking.experiment,
-                            run_name=cfg.tracking.run_name or cfg.name, run_id=run_id)
-    if accelerator.is_main_process and run_id is None:
-        tracker.log_params(flatten(cfg))
-        tracker.log_text(dump_config(cfg), "config.yaml")
-    return tracker, broadcast_object_list([getattr(tracker, "run_id", None)])[0]
-
-
-def train(cfg: Config, accelerator: Accelerator) -> TrainResult:
-    """The whole run on this process; metrics are the last logged means (all ranks)."""
-    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-    objective, opt_seg, opt_disc = _build(cfg, accelerator)
-    state, generator = TrainState(), _rank_generator(cfg.seed, accelerator.process_index)
-    run_id = _resume(cfg, objective, opt_seg, opt_disc, state, generator, accelerator)
-    loader = _build_loader(cfg, state, accelerator)  # bad data fails here, before an MLflow run opens
-    tracker, run_id = _start_tracking(cfg, accelerator, run_id)
-    objective.segmenter, objective.discriminator, opt_seg, opt_disc = accelerator.prepare(
-        objective.segmenter, objective.discriminator, opt_seg, opt_disc)
-    total = cfg.train.max_steps or cfg.train.epochs * len(loader)
-    run = _Run(cfg, accelerator, objective, opt_seg, opt_disc, state, generator, tracker, run_id, total)
-    log.info("training %d steps (%d batches of %d per epoch per process, %d processes, %s, %s)",
-             total, len(loader), cfg.data.batch_size, accelerator.num_processes,
-             accelerator.device, run.precision)
-    stop = _StopFlag()
-    previous_handlers = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+def _export(cfg: Config, accelerator: Accelerator, objective: MoveObjective, tracker, step: int) -> None:
+    """run_dir/segmenter.pt at the end; when it cannot be written, the last checkpoint holds the
+    same weights and the error says how to export it."""
     try:
-        run.loop(loader, stop)
-    except Exception as err:
-        if isinstance(err, NonFiniteLossError):
-            log.error("%s", err)
-        tracker.end("FAILED")
-        raise
-    finally:
-        for sig, handler in previous_handlers.items():
-            signal.signal(sig, handler)
-    completed = state.step >= total
-    _sync_buffers(accelerator, objective.segmenter, objective.discriminator)
-    if accelerator.is_main_process and completed:
         export = export_segmenter(Path(cfg.run_dir) / "segmenter.pt",
                                   accelerator.unwrap_model(objective.segmenter), cfg.model.features,
                                   cfg.model.segmenter, cfg.data.image_size, mae_cfg=cfg.model.mae,
                                   features_net=objective.features or objective.mae)
-        tracker.log_artifact(export)
-        log.info("done: %d steps; segmenter exported to %s", state.step, export)
-    tracker.end("FINISHED" if completed else "KILLED")
+    except OSError as err:
+        raise CheckpointError(f"could not write {cfg.run_dir}/segmenter.pt ({err}); the final "
+                              f"checkpoint holds the weights: python -m move_scale.export "
+                              f"{cfg.run_dir} --out OTHER_PATH") from err
+    tracker.log_artifact(export)
+    log.info("done: %d steps; segmenter exported to %s", step, export)
+
+
+def train(cfg: Config, accelerator: Accelerator, plan: RunPlan | None = None) -> TrainResult:
+    """The whole run on this process; metrics are the last logged means (all ranks). `plan`: the
+    checks of `lifecycle.prepare_run`, made here when not given."""
+    main = accelerator.is_main_process
+    plan = plan or prepare_run(cfg, main)
+    if main:
+        Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+        if cfg.train.resume == "never":
+            set_aside_checkpoints(cfg.run_dir)
+    accelerator.wait_for_everyone()
+    state, generator = TrainState(), _rank_generator(cfg.seed, accelerator.process_index)
+    state.epoch, state.batches_in_epoch = data_position(plan.point, accelerator.num_processes)
+    loader = _build_loader(cfg, state, accelerator)  # bad data fails here, before networks and MLflow
+    objective, opt_seg, opt_disc = _build(cfg, accelerator)
+    if plan.point is not None:
+        restore(plan.point, cfg, objective, opt_seg, opt_disc, state, generator,
+                accelerator.process_index, accelerator.num_processes)
+    with stop_on_signals() as stop:
+        tracker = start_tracking(cfg, main, plan.point)
+        with ended_on_failure(tracker, stop):
+            run_id = broadcast_object_list([getattr(tracker, "run_id", None)])[0]
+            objective.segmenter, objective.discriminator, opt_seg, opt_disc = accelerator.prepare(
+                objective.segmenter, objective.discriminator, opt_seg, opt_disc)
+            total = cfg.train.max_steps or cfg.train.epochs * len(loader)
+            run = _Run(cfg, accelerator, objective, opt_seg, opt_disc, state, generator, tracker, run_id, total)
+            log.info("training %d steps (%d batches of %d per epoch per process, %d processes, %s, %s)",
+                     total, len(loader), cfg.data.batch_size, accelerator.num_processes,
+                     accelerator.device, run.precision)
+            try:
+                run.loop(loader, stop)
+            except NonFiniteLossError as err:
+                log.error("%s", err)
+                raise
+            completed = state.step >= total
+            _sync_buffers(accelerator, objective.segmenter, objective.discriminator)
+            if main and completed:
+                _export(cfg, accelerator, objective, tracker, state.step)
+            tracker.end("FINISHED" if completed else "KILLED")
     accelerator.wait_for_everyone()
     return TrainResult(state.step, completed, run.means,
                        accelerator.unwrap_model(objective.segmenter),
@@ -352,26 +309,23 @@ def train(cfg: Config, accelerator: Accelerator) -> TrainResult:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.threads < 0:
+        return report(UserError(f"--threads {args.threads}: give a number of threads ≥ 1, or 0 for torch's default"))
+    if args.threads:
+        torch.set_num_threads(args.threads)
     try:
         cfg = load_config(args.config, args.overrides)
-        check_objective_config(cfg.objective)
-    except ValueError as err:  # ConfigError included
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    if not cfg.data.train:
-        print("error: data.train is empty: give shards, e.g. data.train=shards/x/manifest.json "
-              "(make them with `move-shard make`)", file=sys.stderr)
-        return 2
+    except UserError as err:
+        return report(err)
     accelerator = Accelerator(mixed_precision="no")  # train.precision drives autocast (engine.py)
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        result = train(cfg, accelerator)
+        result = train(cfg, accelerator, prepare_run(cfg, accelerator.is_main_process))
     except NonFiniteLossError:
         return 1
-    except (DataError, WeightsError, CheckpointError) as err:  # bad input, said in full: no traceback
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except UserError as err:  # bad input, said in full: no traceback
+        return report(err)
     return 0 if result.completed else 143  # stopped by SIGTERM/SIGINT after a checkpoint
 
 

@@ -87,3 +87,29 @@ def test_flatten_gives_dotted_leaves():
     assert flat["optim.disc.weight_decay"] == 0.01
     assert flat["model.features.layer"] == 10
     assert all(not isinstance(v, dict) for v in flat.values())
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.precision=fp64", r"train\.precision = 'fp64': use one of 'bf16', 'fp32'; did you mean 'fp32'\?"),
+    ("model.features.kind=dinov2", r"model\.features\.kind = 'dinov2': .*did you mean 'dino'\?"),
+    ("data.workers=-3", r"data\.workers = -3: use a value ≥ 0"),
+    ("optim.seg.lr=.nan", r"optim\.seg\.lr = nan: use a value > 0"),
+    ("model.disc.diffaug=[colour]", r"'colour' is not allowed.*did you mean 'color'\?"),
+    ("data.crop_scale=[1.0,0.5]", r"data\.crop_scale = \[1\.0, 0\.5\]: .*smallest first"),
+    ("data.image_size=100", r"data\.image_size = 100: not a multiple of model\.mae\.patch_size = 16"),
+    ("model.features.layer=12", r"model\.features\.layer = 12: use a block index below model\.features\.depth = 12"),
+    ("model.segmenter.widths=[8,8]", r"model\.segmenter\.widths = \[8, 8\]: .*give 4 widths"),
+    ("tracking.uri=htp://host", r"unknown scheme 'htp'.*did you mean 'http'\?"),
+    ("objective.theta_min=2", r"objective\.theta_min = 2\.0: use a value in \[0, 1\]"),
+])
+def test_every_value_is_checked_as_the_config_loads(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_relations_follow_the_feature_kind():
+    # MAE features: the segmenter upsamples the MAE's 16-px patches, and no ViT patch applies
+    cfg = load_config(None, ["model.features.kind=mae", "model.segmenter.widths=[512,256,128,128,128]"])
+    assert cfg.model.features.kind == "mae"
+    with pytest.raises(ConfigError, match=r"patches of 16 \(model\.mae\.patch_size\): give 5 widths"):
+        load_config(None, ["model.features.kind=mae"])

@@ -37,6 +37,7 @@ def test_the_demo_runs_every_step_and_leaves_a_complete_mlflow_run(demo_run):
     report = json.loads((out / "eval.json").read_text())
     iou = report["metrics"]["iou"]
     assert 0.0 <= iou <= 1.0 and report["metrics"]["images"] == 6
+    assert report["features"]["kind"] == "mae" and report["features"]["embed_dim"] == 128  # the demo's MAE
     assert f"MOVE demo: IoU {iou:.3f}" in done.stdout
     store = out / "move" / "mlruns" / "mlflow.db"
     assert f"mlflow ui --backend-store-uri sqlite:///{store.resolve()}" in done.stdout

@@ -9,12 +9,15 @@ from move_scale.data.storage import DataError
 from move_scale.errors import UserError
 from move_scale.evaluate import GroundTruthError
 from move_scale.inference import InferenceError
+from move_scale.paths import InputError, OutputError
+from move_scale.resume import ResumeError
 from move_scale.tracking import TrackingError
 from move_scale.weights import WeightsError
 
 
 @pytest.mark.parametrize("cls", [ConfigError, DataError, CheckpointError, WeightsError,
-                                 InferenceError, GroundTruthError, TrackingError])
+                                 InferenceError, GroundTruthError, TrackingError, OutputError,
+                                 InputError, ResumeError])
 def test_input_errors_are_user_errors(cls):
     assert issubclass(cls, UserError)
 

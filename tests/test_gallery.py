@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from move_scale.gallery import GAP, save_mask_gallery
+from move_scale.gallery import COLUMNS, GAP, LABEL_HEIGHT, MIN_TILE, save_mask_gallery, tile_scale
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
@@ -18,8 +18,10 @@ def normalised(pixels: np.ndarray) -> torch.Tensor:
 
 
 def tile(grid: np.ndarray, row: int, col: int, size: int) -> np.ndarray:
-    top, left = row * (size + GAP), col * (size + GAP)
-    return grid[top: top + size, left: left + size]
+    """One tile of a written gallery, at the image's own size (the PNG holds it scaled up)."""
+    scale = tile_scale(size)
+    top, left = LABEL_HEIGHT + row * (size + GAP) * scale, col * (size + GAP) * scale
+    return grid[top: top + size * scale: scale, left: left + size * scale: scale]
 
 
 def test_gallery_columns_are_pixel_exact(tmp_path):
@@ -32,13 +34,20 @@ def test_gallery_columns_are_pixel_exact(tmp_path):
                              torch.from_numpy(mask_levels / 255), normalised(backgrounds),
                              normalised(composites), max_rows=3)
     grid = np.asarray(Image.open(path))
-    assert grid.shape == (3 * size + 2 * GAP, 4 * size + 3 * GAP, 3)
+    scale = tile_scale(size)
+    assert scale * size >= MIN_TILE and scale == 8  # 16-px tiles are shown at 128 px
+    assert grid.shape == (LABEL_HEIGHT + scale * (3 * size + 2 * GAP), scale * (4 * size + 3 * GAP), 3)
     for row in range(3):
         assert np.array_equal(tile(grid, row, 0, size), inputs[row])
         assert np.array_equal(tile(grid, row, 1, size)[..., 0], mask_levels[row, 0].astype(np.uint8))
         assert np.array_equal(tile(grid, row, 2, size), backgrounds[row])
         assert np.array_equal(tile(grid, row, 3, size), composites[row])
-    assert (grid[size: size + GAP] == 255).all()  # white gap between rows
+    top = LABEL_HEIGHT + size * scale
+    assert (grid[top: top + GAP * scale] == 255).all()  # white gap between rows
+    labels = grid[:LABEL_HEIGHT]
+    for col in range(len(COLUMNS)):  # dark text over each column's label strip
+        left = col * (size + GAP) * scale
+        assert (labels[:, left: left + size * scale] < 128).any()
 
 
 def test_low_resolution_mask_is_resized_and_out_of_range_clamped(tmp_path):
@@ -81,8 +90,9 @@ def test_objective_gallery_leaves_training_state_untouched(tmp_path):
     path = save_objective_gallery(tmp_path / "g.png", objective, segmenter, objective.discriminator,
                                   images, None, seed=3)
     grid = np.asarray(Image.open(path))
-    assert grid.shape == (4 * (64 + GAP) - GAP, 4 * (64 + GAP) - GAP, 3)  # four rows of the six
-    assert np.array_equal(grid[:64, :64], tile(np.asarray(Image.open(save_mask_gallery(
+    side = 2 * (4 * (64 + GAP) - GAP)  # four rows of the six, 64-px tiles shown at 128
+    assert grid.shape == (LABEL_HEIGHT + side, side, 3)
+    assert np.array_equal(tile(grid, 0, 0, 64), tile(np.asarray(Image.open(save_mask_gallery(
         tmp_path / "in.png", images, torch.zeros(6, 1, 64, 64), images, images))), 0, 0, 64))
     assert segmenter.training and torch.equal(torch.get_rng_state(), rng)
     assert all(torch.equal(v, stats[k]) for k, v in segmenter.state_dict().items())  # BatchNorm stats too

@@ -44,7 +44,7 @@ def _pretrain_loss(mae, images):
 def test_pretraining_reduces_the_loss_and_saves_a_strictly_loadable_mae(setup):
     root, config = setup
     out = root / "mae.pth"
-    result = pretrain_mae.main(["--config", str(config), "--out", str(out), "--steps", "40",
+    result = pretrain_mae.run(["--config", str(config), "--out", str(out), "--steps", "40",
                                 "--batch-size", "8", "--lr", "2e-3", "--log-every", "10", "--threads", "1"])
     assert result["loss_last"] < 0.8 * result["loss_first"]
 
@@ -66,7 +66,7 @@ def test_pretraining_reduces_the_loss_and_saves_a_strictly_loadable_mae(setup):
 def test_a_shape_mismatched_config_refuses_the_file(setup):
     root, config = setup
     out = root / "mae_small.pth"
-    pretrain_mae.main(["--config", str(config), "--out", str(out), "--steps", "2", "--batch-size", "4"])
+    assert pretrain_mae.main(["--config", str(config), "--out", str(out), "--steps", "2", "--batch-size", "4"]) == 0
     cfg = load_config(config, [f"model.mae.weights={out}", "model.mae.embed_dim=64"])
     with pytest.raises(Exception, match="embed|shape|mismatch"):
         build_mae(cfg.model, cfg.data.image_size)
@@ -84,14 +84,22 @@ def test_learning_rate_warms_up_linearly_then_decays_by_cosine():
 
 def test_bad_options_and_missing_data_say_what_to_do(setup, tmp_path, capsys):
     root, config = setup
-    with pytest.raises(SystemExit):
-        pretrain_mae.main(["--config", str(config), "--out", str(tmp_path / "x.pth"), "--mask-ratio", "1.0"])
-    for bad, message in [("data.train=", "error: data.train"),
+    for bad, message in [("--mask-ratio=1.0", "error: --mask-ratio 1.0: use a value in (0.0, 1.0)"),
+                         ("data.train=", "error: data.train"),
                          (f"data.train={tmp_path / 'none.json'}", "error: no manifest at"),
                          ("data.image_size=seven", "error: data.image_size"),
-                         ("data.image_size=36", "error: model.mae / data.image_size: MAE image size 36"),
+                         ("data.image_size=36", "error: data.image_size = 36: not a multiple of "
+                                                "model.mae.patch_size = 8"),
                          ("--batch-size=100000", "error: batch_size 100000 is larger than the data")]:
-        with pytest.raises(SystemExit) as stopped:
-            pretrain_mae.main(["--config", str(config), "--out", str(tmp_path / "x.pth"), bad])
-        assert stopped.value.code == 2 and message in capsys.readouterr().err
+        assert pretrain_mae.main(["--config", str(config), "--out", str(tmp_path / "x.pth"), bad]) == 2
+        assert message in capsys.readouterr().err
     assert not Path(tmp_path / "x.pth").exists()
+
+
+def test_help_gives_every_option_a_text_and_its_default(capsys):
+    with pytest.raises(SystemExit):
+        pretrain_mae.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for option, default in (("--mask-ratio", "0.75"), ("--lr", "0.0015"), ("--warmup-fraction", "0.1"),
+                            ("--steps", "0"), ("--batch-size", "64")):
+        assert option in text and f"(default {default})" in text

@@ -190,3 +190,18 @@ def test_sigterm_checkpoints_at_once_and_the_run_resumes_from_there(shards, tmp_
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"resumed from {saved[0]}" in done.stderr
     assert (run_dir / "segmenter.pt").exists()
+
+
+@pytest.mark.slow
+def test_a_failure_after_the_run_opened_ends_it_failed_not_running(shards, tmp_path, monkeypatch):
+    import sqlite3
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    run_dir = tmp_path / "run"
+    (run_dir / "gallery" / "step-00000002.png").mkdir(parents=True)  # the step-2 gallery cannot be written
+    with pytest.raises(IsADirectoryError):  # an outage, not a user error: it keeps its traceback
+        train_main(["--config", DEBUG, *_overrides(shards, run_dir, "train.max_steps=4",
+                                                   "train.gallery_every=2")])
+    with sqlite3.connect(run_dir / "mlruns" / "mlflow.db") as db:
+        rows = db.execute("SELECT status, end_time FROM runs").fetchall()
+    assert len(rows) == 1 and rows[0][0] == "FAILED" and rows[0][1] is not None

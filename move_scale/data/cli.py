@@ -29,6 +29,7 @@ from move_scale.data.index import index_shards
 from move_scale.data.manifest import format_table, human_bytes, load_manifest, verify_manifest
 from move_scale.data.storage import DataError, storage_options_for
 from move_scale.data.write import DEFAULT_MAX_COUNT, DEFAULT_MAX_SIZE, write_shards
+from move_scale.errors import UserError, report
 
 log = logging.getLogger("move_scale.data.cli")
 
@@ -113,7 +114,8 @@ def _add_make(commands, common) -> None:
         help=f"skip images with more pixels as too_many_pixels (default {DEFAULT_MAX_PIXELS}), "
              "e.g. --max-pixels 40000000")
     add("--endpoint-url", help="S3-compatible endpoint for s3:// SRC and OUT, e.g. http://127.0.0.1:9000")
-    add("--no-progress", action="store_true", help="no progress bar on stderr")
+    add("--no-progress", action="store_true",
+        help="no progress bar (there is none anyway when stderr is not a terminal, e.g. in a log)")
 
 
 INDEX_EXAMPLES = """examples:
@@ -222,7 +224,7 @@ def _make(args) -> int:
         shuffle=args.shuffle, seed=args.seed, workers=args.workers, resume=args.resume,
         overwrite=args.overwrite, masks=args.masks, boxes=args.boxes, max_pixels=args.max_pixels,
         storage_options=storage_options_for(out, args.endpoint_url) or _sources_options(sources, args),
-        progress=not args.no_progress)
+        progress=not args.no_progress and sys.stderr.isatty())  # a bar in a log file is noise
     print(f"{len(manifest.shards)} shards, {manifest.samples} images, {human_bytes(manifest.bytes)}; "
           f"skipped {manifest.skipped} (see {manifest.report}) -> {out}")
     return 0
@@ -260,9 +262,8 @@ def main(argv: list[str] | None = None) -> int:
             print(format_table(manifest, limit=0 if args.all else 20))
             return 0
         return _verify(args)
-    except DataError as err:
-        print(f"move-shard {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    except UserError as err:  # DataError and every other bad input
+        return report(err, prefix=f"move-shard {args.command}")
     except KeyboardInterrupt:
         hint = "; rerun with --resume to continue" if args.command == "make" else ""
         print(f"move-shard {args.command}: interrupted{hint}", file=sys.stderr)

@@ -1,0 +1,85 @@
+"""`accelerate launch` with the exit codes a scheduler expects, and no launcher traceback.
+
+    python -m move_scale.launch --config_file launch/one_node_8gpu.yaml -m move_scale.train --config ...
+    move-launch --config_file launch/two_nodes_8gpu.yaml --machine_rank 0 ... -m move_scale.train ...
+
+The arguments are exactly those of `accelerate launch`, which does the work. What changes is how a
+stop ends. On SIGTERM (preemption, `scancel`) torch's elastic agent inside `accelerate launch`
+forwards the signal to the workers, which checkpoint and stop (train.py), then raises
+`SignalException` itself: `accelerate launch` prints that traceback and exits 1, so a scheduler
+cannot tell a preemption from a crash. Here the launcher exits 128 + the signal's number (143 for
+SIGTERM) with one line. When every worker failed with the same "expected" code (2: a user error,
+which the workers printed; 130/143: stopped by a signal after a checkpoint), the launcher exits
+with that code instead of torch's ChildFailedError report; any other failure keeps it.
+
+It also sets TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 unless the environment says otherwise: with torch's
+default (one TCP store shared by every rendezvous round), workers restarted by `--max_restarts`
+under the c10d rendezvous hung in init_process_group here (torch 2.14, two nodes on one machine);
+with a fresh store per round they resume (launch/README.md, "A lost process").
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+EXPECTED_CODES = (2, 130, 143)  # a user error (said by the workers), SIGINT, SIGTERM
+STOPPED = {130, 143, -2, -15, -9}  # stopped by a signal, or by the agent after a peer failed
+
+
+def _say(text: str) -> None:
+    print(f"move-launch: {text}", file=sys.stderr, flush=True)
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def _common_code(codes: set[int]) -> int | None:
+    """2 when a worker said a user error and the others were stopped after it; 143/130 when all
+    were stopped by a signal; None for any other failure."""
+    if 2 in codes and codes <= STOPPED | {2}:
+        return 2
+    if codes <= STOPPED:
+        return 130 if codes <= {130, -2} else 143
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    from accelerate.commands.launch import launch_command, launch_command_parser
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    parser = launch_command_parser()
+    parser.prog = "python -m move_scale.launch"
+    parser.description = ("accelerate launch with a scheduler's exit codes: 143 after SIGTERM (the workers "
+                          "checkpoint), 2 after a user error, no launcher traceback. Same arguments as "
+                          "`accelerate launch`.")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")  # see the module docstring
+    try:
+        launch_command(args)
+    except SignalException as err:
+        number = int(err.sigval)
+        _say(f"stopped by {_signal_name(number)}; the workers checkpointed on it: run the same command "
+             f"again to resume")
+        return 128 + number
+    except ChildFailedError as err:
+        code = _common_code({failure.exitcode for failure in err.failures.values()})
+        if code is None:
+            raise
+        _say(f"the workers exited {code} ({'a user error, said above' if code == 2 else 'stopped by a signal'})")
+        return code
+    except subprocess.CalledProcessError as err:  # one process, accelerate's simple launcher
+        if err.returncode not in EXPECTED_CODES and err.returncode >= 0:
+            raise
+        return err.returncode if err.returncode >= 0 else 128 - err.returncode
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
