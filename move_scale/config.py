@@ -48,6 +48,10 @@ class SegmenterConfig:
 
     widths: tuple[int, ...] = (192, 128, 128, 128)
     convs_per_block: int = 1  # 2 for the ImageNet100 variant
+    # A new trainable LayerNorm on the tokens before the head. "auto" (the authors', move-seg
+    # segmenter.py): one for DINO's block tokens, none for the MAE encoder's own normalised tokens
+    # (features.kind: mae). "layernorm" / "none" force it either way.
+    input_norm: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,13 @@ class DiscConfig:
     resolution: int = 224  # projected only: D inputs are resized to this side
     conv_widths: tuple[int, ...] = (64, 128, 256)  # conv only: stride-2 layers
     diffaug: tuple[str, ...] = ("color",)
+    # projected only: the frozen EfficientNet's BatchNorm statistics. "zero_image" (the authors' D,
+    # as Projected GAN's): when D is built, one all-zero 224×224 image runs through the loaded
+    # network in train mode (move-seg projector.py calc_channels), moving every running mean and
+    # variance 10 % (momentum 0.1) towards that image's statistics; the paper's D used these for its
+    # whole run. "checkpoint": the statistics of the weights file as published. Applied once, at
+    # build; a resumed run takes D's statistics from its checkpoint.
+    backbone_bn: str = "zero_image"
 
 
 @dataclass(frozen=True)
@@ -94,7 +105,9 @@ class ObjectiveConfig:
     theta_min: float = 0.05
     lambda_min: float = 100.0
     lambda_bin: float = 12.5
-    bin_ramp_steps: int = 2500  # segmenter steps over which λ_bin ramps up from 0
+    # Segmenter steps over which λ_bin ramps up from 0. The step count is checkpointed, so a resumed
+    # run continues the ramp where it stopped; the authors' code restarts it at 0 on every launch.
+    bin_ramp_steps: int = 2500
     min_loss: bool = True
     bin_loss: bool = True
     mask_loss_scales: tuple[str, ...] = ("full", "avg", "max")  # where L_min and L_bin apply

@@ -63,10 +63,26 @@ def _square_grid(pos_embed: torch.Tensor | None, default: int) -> int:
     return side if side * side == pos_embed.shape[1] - 1 and side > 0 else default
 
 
+INPUT_NORMS = ("auto", "layernorm", "none")
+BACKBONE_BN = ("zero_image", "checkpoint")
+
+
+def segmenter_input_norm(model_cfg: ModelConfig) -> bool:
+    """Whether the head starts with a new LayerNorm: `segmenter.input_norm`, where "auto" is the
+    authors' rule (move-seg segmenter.py): yes on DINO's block tokens, no on the MAE encoder's
+    tokens, which its own final norm has already normalised."""
+    choice = model_cfg.segmenter.input_norm
+    if choice not in INPUT_NORMS:
+        raise ValueError(f"model.segmenter.input_norm = {choice!r}: use one of {list(INPUT_NORMS)}")
+    if choice == "auto":
+        return model_cfg.features.kind != "mae"
+    return choice == "layernorm"
+
+
 def build_segmenter(model_cfg: ModelConfig, in_dim: int) -> Segmenter:
-    """The trainable head (LayerNorm + upsampling CNN, supplementary §D) on `in_dim` tokens."""
+    """The trainable head ([LayerNorm +] upsampling CNN, supplementary §D) on `in_dim` tokens."""
     cfg = model_cfg.segmenter
-    return Segmenter(in_dim, cfg.widths, cfg.convs_per_block)
+    return Segmenter(in_dim, cfg.widths, cfg.convs_per_block, input_norm=segmenter_input_norm(model_cfg))
 
 
 def build_mae(model_cfg: ModelConfig, image_size: int, fused: bool = False) -> MAE:
@@ -119,14 +135,18 @@ def build_discriminator(model_cfg: ModelConfig, seed: int, fused: bool = False
         return ConvDiscriminator(cfg.conv_widths, cfg.diffaug)
     if cfg.kind != "projected":
         raise ValueError(f"model.disc.kind must be 'projected' or 'conv', got {cfg.kind!r}")
+    if cfg.backbone_bn not in BACKBONE_BN:
+        raise ValueError(f"model.disc.backbone_bn = {cfg.backbone_bn!r}: use one of {list(BACKBONE_BN)}")
     disc = ProjectedDiscriminator(cfg.resolution, cfg.diffaug, seed, fused=fused)
     what = f"discriminator backbone ({cfg.weights})"
     if cfg.weights == RANDOM:
         load_weights(disc, RANDOM, model_cfg.weights_cache, what)
-        return disc
-    state_dict = read_state_dict(resolve_weights(cfg.weights, model_cfg.weights_cache))
-    disc.features.load_backbone(state_dict, what)
+    else:
+        state_dict = read_state_dict(resolve_weights(cfg.weights, model_cfg.weights_cache))
+        disc.features.load_backbone(state_dict, what)
+        log.info("loaded %s", what)
+    if cfg.backbone_bn == "zero_image":
+        disc.features.zero_image_pass()  # once, here: checkpoints carry the moved statistics
     if fused:
-        disc.fold_features()  # the folded copy must follow the loaded weights
-    log.info("loaded %s", what)
+        disc.fold_features()  # the folded copy must follow the loaded weights and statistics
     return disc
