@@ -16,6 +16,7 @@ from .backbone import FrozenViT
 from .conv_discriminator import ConvDiscriminator
 from .discriminator import ProjectedDiscriminator
 from .mae import MAE, sincos_pos_embed_2d
+from .positions import interpolate_positions
 from .segmenter import Segmenter
 
 log = logging.getLogger(__name__)
@@ -88,10 +89,11 @@ def build_segmenter(model_cfg: ModelConfig, in_dim: int) -> Segmenter:
 def build_mae(model_cfg: ModelConfig, image_size: int, fused: bool = False) -> MAE:
     """The frozen MAE inpainter on an `image_size` grid (paper §2.2).
 
-    The official checkpoints store fixed sin-cos positions for 224. At another size those rows are
-    replaced by the sin-cos table of the new grid, but only after checking they are exactly the
-    fixed table (learned positions would be a mismatch, reported as such). `fused` (train.fused):
-    compiled mask-token mixing (kernels/tokens.py).
+    The official checkpoints store fixed sin-cos positions for 224. At another size the encoder's
+    table is interpolated by the authors' rule (DINO's, `positions.py`; move-seg segmenter.py
+    MAEComposer); the decoder's, which the authors never run at another size, is replaced by the
+    sin-cos table of the new grid, after checking it is exactly the fixed table (learned positions
+    would be a mismatch, reported as such). `fused` (train.fused): compiled mask-token mixing.
     """
     cfg = model_cfg.mae
     _check_image_size(image_size, cfg.patch_size, "MAE")
@@ -115,6 +117,10 @@ def _regrid_fixed_positions(state_dict: dict[str, torch.Tensor], mae: MAE) -> di
         if stored is None or stored.shape == own[key].shape or stored.ndim != 3:
             continue
         side = _square_grid(stored, 0)
+        if key == "pos_embed" and side:
+            state_dict[key] = interpolate_positions(stored.float(), mae.grid).to(stored.dtype)
+            log.info("MAE pos_embed: interpolated from %d² to %s tokens (the authors' rule)", side, mae.grid)
+            continue
         if side and stored.shape[-1] % 4 == 0:
             table = sincos_pos_embed_2d(stored.shape[-1], side)[None]
             if torch.allclose(stored.float(), table, atol=1e-4):
