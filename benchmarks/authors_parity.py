@@ -156,7 +156,8 @@ def positions() -> None:
         table = interpolate_positions(vit.pos_embed, (56, 84))
     ref = dino_rule(vit.pos_embed, (56, 84))
     span = (ref.max() - ref.min()).item()
-    row("5 DINO positions", "max |Δ table| / range at 448×672 (56×84 grid)", ((table - ref).abs().max() / span).item())
+    row("5 DINO positions", "max |Δ table| / range at 448×672 (56×84 grid)",
+        ((table - ref).abs().max() / span).item())
 
 
 def hard_ties() -> None:

@@ -49,8 +49,9 @@ def test_d_step_calls_d_on_the_fake_kinds_first_as_the_authors():
     for kind, value in logits.items():
         assert terms[f"disc/logit/{kind}"].item() == pytest.approx(value.mean().item(), rel=1e-6, abs=1e-6)
     # the spectral-norm vectors advanced in the same order: both D's are now in the same state
-    for (name, a), b in zip(objective.discriminator.state_dict().items(), reference.discriminator.state_dict().values()):
-        assert torch.equal(a, b), name
+    after, expected_state = objective.discriminator.state_dict(), reference.discriminator.state_dict()
+    for name, value in after.items():
+        assert torch.equal(value, expected_state[name]), name
 
 
 # ----------------------------------------------------------------------------- 2. BatchNorm statistics
