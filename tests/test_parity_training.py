@@ -171,6 +171,10 @@ def test_an_export_made_before_input_norm_existed_still_loads(tmp_path):
     torch.save(export, path)
     _, loaded, _ = load_segmenter(path)
     assert isinstance(loaded.norm, torch.nn.LayerNorm)
+    from move_scale.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match="model.segmenter.input_norm=layernorm"):  # resuming such a run
+        Segmenter(32, (16, 16, 16, 16, 16), input_norm=False).load_state_dict(old_head.state_dict())
 
 
 # ----------------------------------------------------------------------------- 4. DiffAugment, then resize

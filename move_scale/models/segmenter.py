@@ -48,6 +48,16 @@ class Segmenter(nn.Module):
         ])
         self.to_mask = nn.Conv2d(widths[-1], 1, kernel_size=1)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if isinstance(self.norm, nn.Identity) and f"{prefix}norm.weight" in state_dict:
+            from move_scale.checkpoint import CheckpointError
+
+            raise CheckpointError(
+                "the saved segmenter has a LayerNorm on its input tokens but this one has none: it was "
+                "trained with model.segmenter.input_norm=layernorm (every MAE-feature head made before "
+                "that key existed): resume with model.segmenter.input_norm=layernorm")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def forward(self, tokens: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
         batch, count, dim = tokens.shape
         height, width = grid_hw
