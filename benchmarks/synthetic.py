@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> dict:
     eval_args = evaluate.build_parser().parse_args([
         "--checkpoint", str(run_dir / "segmenter.pt"), "--data", str(manifests["val"]),
         "--task", "saliency", "--name", "synthetic-val", "--out", str(out / "eval.json"),
-        "--no-progress", "--device", "cpu"])
+        "--short-side", str(cfg.data.image_size), "--no-progress", "--device", "cpu"])  # the scenes' own scale
     results = _phase(timings, "evaluate", evaluate.run, eval_args)
     return {"metrics": results["metrics"], "timings": timings, "mae": mae, "config": args.config,
             "overrides": overrides, "steps": cfg.train.max_steps}

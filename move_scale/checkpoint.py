@@ -343,7 +343,10 @@ def load_segmenter(path: str | Path, device: str | torch.device = "cpu",
     from move_scale.models.build import build_features, build_mae, build_segmenter
 
     export = read_segmenter_export(path)
-    model_tree = {"features": export["features"], "segmenter": export["segmenter_cfg"]}
+    segmenter_cfg = dict(export["segmenter_cfg"])
+    if "input_norm" not in segmenter_cfg:  # exported before the field existed: every head had one
+        segmenter_cfg["input_norm"] = "layernorm" if "norm.weight" in export["segmenter"] else "none"
+    model_tree = {"features": export["features"], "segmenter": segmenter_cfg}
     if "mae" in export:
         model_tree["mae"] = export["mae"]
     if weights_cache is not None:

@@ -75,8 +75,13 @@ def tile_mask(union: Tensor, patch_size: int) -> Tensor:
 
 
 def harden_tile_mask(tiles: Tensor) -> Tensor:
-    """The non-differentiable inpainter ablation: tiles > 0.5 → 1, else 0, no gradient. (B, N)."""
-    return (tiles.detach() > 0.5).to(tiles.dtype)
+    """The non-differentiable inpainter ablation: 1 (inpaint) or 0 (keep) per tile, no gradient.
+
+    As the authors (move-seg segmenter.py), a tile is kept only when its visible weight 1 − t,
+    computed in the tiles' dtype, exceeds 0.5: a tie at exactly 0.5 is inpainted. (B, N).
+    """
+    visible = 1.0 - tiles.detach()
+    return (~(visible > 0.5)).to(tiles.dtype)
 
 
 def upsample_tiles(tiles: Tensor, grid: tuple[int, int], patch_size: int) -> Tensor:

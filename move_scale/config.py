@@ -52,6 +52,8 @@ from move_scale.config_tree import (  # noqa: F401 - part of this module's inter
 FEATURE_KINDS = ("dino", "mae")
 DISC_KINDS = ("projected", "conv")
 PRECISIONS = ("bf16", "fp32")
+INPUT_NORMS = ("auto", "layernorm", "none")
+BACKBONE_BN = ("zero_image", "checkpoint")
 DIFFAUG_POLICIES = ("color",)  # the policy MOVE uses (DiffAugment, Zhao et al. 2020)
 POSITIVE = Range(1)
 UNIT = Range(0.0, 1.0, high_open=True)
@@ -93,6 +95,10 @@ class SegmenterConfig:
 
     widths: tuple[int, ...] = each((192, 128, 128, 128), POSITIVE, non_empty=True)
     convs_per_block: int = at_least(1, 1)  # 2 for the ImageNet100 variant
+    # A new trainable LayerNorm on the tokens before the head. "auto" (the authors', move-seg
+    # segmenter.py): one for DINO's block tokens, none for the MAE encoder's own normalised tokens
+    # (features.kind: mae). "layernorm" / "none" force it either way.
+    input_norm: str = one_of("auto", INPUT_NORMS)
 
 
 @dataclass(frozen=True)
@@ -127,6 +133,13 @@ class DiscConfig:
     resolution: int = at_least(224, 64)  # projected only: D inputs are resized to this side
     conv_widths: tuple[int, ...] = each((64, 128, 256), POSITIVE, non_empty=True)  # conv only: stride-2 layers
     diffaug: tuple[str, ...] = each(("color",), OneOf(DIFFAUG_POLICIES), distinct=True)
+    # projected only: the frozen EfficientNet's BatchNorm statistics. "zero_image" (the authors' D,
+    # as Projected GAN's): when D is built, one all-zero 224×224 image runs through the loaded
+    # network in train mode (move-seg projector.py calc_channels), moving every running mean and
+    # variance 10 % (momentum 0.1) towards that image's statistics; the paper's D used these for its
+    # whole run. "checkpoint": the statistics of the weights file as published. Applied once, at
+    # build; a resumed run takes D's statistics from its checkpoint.
+    backbone_bn: str = one_of("zero_image", BACKBONE_BN)
 
     def relations(self):
         if self.kind == "projected" and self.resolution % 32:
@@ -151,7 +164,9 @@ class ObjectiveConfig:
     theta_min: float = 0.05
     lambda_min: float = 100.0
     lambda_bin: float = 12.5
-    bin_ramp_steps: int = 2500  # segmenter steps over which λ_bin ramps up from 0
+    # Segmenter steps over which λ_bin ramps up from 0. The step count is checkpointed, so a resumed
+    # run continues the ramp where it stopped; the authors' code restarts it at 0 on every launch.
+    bin_ramp_steps: int = 2500
     min_loss: bool = True
     bin_loss: bool = True
     mask_loss_scales: tuple[str, ...] = ("full", "avg", "max")  # where L_min and L_bin apply

@@ -30,8 +30,9 @@ from move_scale.cli_args import device, number
 from move_scale.config_rules import Range
 from move_scale.errors import UserError, report
 from move_scale.eval_io import check_arguments, features_description, format_table, log_to_mlflow, write_results
-from move_scale.inference import list_images, load_predictor, read_image
+from move_scale.inference import list_images, load_predictor, read_image, resize_mask
 from move_scale.metrics import CorLocMeter, SaliencyMeter
+from move_scale.protocol import MASK_PROTOCOLS, check_mask_protocol, lost_gt_boxes, paper_mask_at, voc_box
 from move_scale.processes import exit_process
 
 logger = logging.getLogger(__name__)
@@ -77,7 +78,7 @@ def _mask_pairs(images_dir: Path, masks_dir: Path) -> list[tuple[Path, Path]]:
 
 def parse_voc_xml(path: Path) -> tuple[str, np.ndarray]:
     """(image file name, boxes (K, 4)) of a VOC annotation. VOC corners are 1-based and
-    inclusive; they become half-open pixel coordinates [xmin - 1, ymin - 1, xmax, ymax]."""
+    inclusive; they become half-open pixel coordinates [xmin - 1, ymin - 1, xmax, ymax] (LOST)."""
     try:
         root = ET.parse(path).getroot()
     except ET.ParseError as err:
@@ -88,7 +89,7 @@ def parse_voc_xml(path: Path) -> tuple[str, np.ndarray]:
             xmin, ymin, xmax, ymax = (float(box.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax"))
         except (TypeError, ValueError) as err:
             raise GroundTruthError(f"{path}: a bndbox lacks xmin/ymin/xmax/ymax numbers") from err
-        boxes.append([xmin - 1, ymin - 1, xmax, ymax])
+        boxes.append(voc_box(xmin, ymin, xmax, ymax))
     return root.findtext("filename") or f"{path.stem}.jpg", np.asarray(boxes, np.float32).reshape(-1, 4)
 
 
@@ -118,11 +119,14 @@ def _voc_root_items(root: Path) -> list[tuple[Path, np.ndarray]]:
 
 
 def _coco_items(images_dir: Path, json_path: Path) -> list[tuple[Path, np.ndarray]]:
-    """COCO bbox [x, y, w, h] → [x, y, x + w, y + h]; every listed image, boxes or not."""
+    """COCO bbox [x, y, w, h] → [x, y, x + w, y + h], crowd boxes left out (LOST); every listed
+    image, boxes or not."""
     try:
         coco = json.loads(json_path.read_text())
         boxes: dict[int, list] = {im["id"]: [] for im in coco["images"]}
         for ann in coco.get("annotations", []):
+            if ann.get("iscrowd", 0) == 1:
+                continue
             x, y, w, h = ann["bbox"]
             boxes.setdefault(ann["image_id"], []).append([x, y, x + w, y + h])
         files = [(im["id"], im["file_name"]) for im in coco["images"]]
@@ -130,12 +134,12 @@ def _coco_items(images_dir: Path, json_path: Path) -> list[tuple[Path, np.ndarra
         raise GroundTruthError(f"{json_path}: not a COCO detection JSON ({type(err).__name__}: {err})") from err
     if not files:
         raise GroundTruthError(f"{json_path} lists no images")
-    return [(images_dir / name, np.asarray(boxes[i], np.float32).reshape(-1, 4)) for i, name in files]
+    return [(images_dir / name, np.asarray(boxes[i], np.float64).reshape(-1, 4)) for i, name in files]
 
 
 def _folder_samples(items: list[tuple[Path, object]], kind: str) -> Iterator[dict]:
     for image_path, truth in items:
-        decoded = read_image(image_path)
+        decoded = read_image(image_path, exif=False)  # benchmarks as stored, as infer.py and LOST read them
         image = np.asarray(decoded.image)
         mask = _read_mask(truth, decoded) if kind == "mask" else None
         boxes = truth if kind == "boxes" else None
@@ -197,12 +201,16 @@ def _shard_source(data: str, name: str, rank: int, world_size: int, endpoint_url
 
 
 def evaluate(predictor, samples: Iterator[dict], task: str, *, batch_size: int = 1,
-             bilateral: bool = False, progress: bool = True, total: int | None = None
-             ) -> tuple[SaliencyMeter | CorLocMeter, int]:
+             bilateral: bool = False, progress: bool = True, total: int | None = None,
+             mask_protocol: str = "paper") -> tuple[SaliencyMeter | CorLocMeter, int]:
     """Score every sample that has the ground truth `task` needs → (this process's meter, skipped).
 
     samples: dicts {"key", "image" uint8 (H,W,3), "mask" bool (H,W) | None, "boxes" (K,4) | None}.
+    mask_protocol "paper": the mask at the resized size, 8-bit, PIL bilinear to the ground truth's
+    (saliency) or the image's (CorLoc) size (`protocol.paper_mask_at`); "float": the float mask
+    resized with torch bilinear. CorLoc ground truth is rounded as LOST's (`protocol.lost_gt_boxes`).
     """
+    paper = check_mask_protocol(mask_protocol) == "paper"
     needed = "mask" if task == "saliency" else "boxes"
     meter = SaliencyMeter() if task == "saliency" else CorLocMeter()
     skipped = 0
@@ -217,15 +225,17 @@ def evaluate(predictor, samples: Iterator[dict], task: str, *, batch_size: int =
 
     refine = _bilateral_refiner() if bilateral else None
     bar = tqdm(total=total, desc=f"evaluate {task}", unit="img", disable=not progress)
-    for item, mask in predictor.predict_stream(prepared(), batch_size):
+    for item, mask in predictor.predict_stream(prepared(), batch_size, resized=paper):
         sample = item.payload
-        if refine is not None:
-            mask = refine(sample["image"], mask)
+        if refine is not None:  # on the image at its own size
+            mask = refine(sample["image"], resize_mask(mask, item.original_hw) if paper else mask)
+        if paper:
+            mask = paper_mask_at(mask, sample["mask"].shape if task == "saliency" else item.original_hw)
         if task == "saliency":
             meter.update([mask], [sample["mask"]])
         else:
             box = largest_box(mask_to_boxes(mask))
-            meter.update([box.xyxy() if box else None], [np.asarray(sample["boxes"])])
+            meter.update([box.xyxy() if box else None], [lost_gt_boxes(sample["boxes"])])
         bar.update(1)
     bar.close()
     if skipped:
@@ -271,9 +281,10 @@ def build_parser() -> argparse.ArgumentParser:
                "--gt instances.json (COCO boxes), --data VOC_ROOT (JPEGImages + Annotations "
                "[+ ImageSets/Main/trainval.txt]), or --data SHARDS (manifest.json, .tar, brace "
                "pattern or URL of evaluation shards with mask.png / boxes.json). --subset keeps "
-               "the images named in a list (COCO20K: the 19,817 train2014 names). Inference: "
-               "shorter side to --short-side (bicubic), reflect-padded to the patch, mask resized "
-               "back to the image.",
+               "the images named in a list (COCO20K: the 19,817 train2014 names). Images are "
+               "read without EXIF orientation, as the authors' infer.py and LOST read them. "
+               "Inference: shorter side to --short-side (bicubic, longer side truncated), "
+               "reflect-padded to the patch; then --mask-protocol.",
     )
     parser.add_argument("--checkpoint", required=True,
                         help="segmenter export: run_dir/segmenter.pt, or `move-export` of a checkpoint")
@@ -289,6 +300,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--name", default=None, help="dataset name in the table / MLflow keys")
     parser.add_argument("--short-side", type=number(int, Range(1)), default=448,
                         help="inference shorter side (448)")
+    parser.add_argument("--mask-protocol", choices=MASK_PROTOCOLS, default="paper",
+                        help="paper (default): the mask saved as 8-bit (floor) at the resized size, "
+                             "resized to the ground truth with PIL bilinear, /255, as the authors' "
+                             "infer.py + segmentation_eval.py; float: the unquantised mask, torch "
+                             "bilinear (no antialiasing)")
     parser.add_argument("--batch-size", type=number(int, Range(1)), default=1,
                         help="images per forward (same padded size)")
     parser.add_argument("--bilateral", action="store_true",
@@ -313,7 +329,7 @@ def run(args: argparse.Namespace) -> dict | None:
                               endpoint_url=args.endpoint_url, subset=args.subset)
     meter, skipped = evaluate(predictor, source.samples, args.task, batch_size=args.batch_size,
                               bilateral=args.bilateral, progress=rank == 0 and not args.no_progress,
-                              total=source.count)
+                              total=source.count, mask_protocol=args.mask_protocol)
     meter.reduce(torch.distributed)  # sums over processes; nothing to do in a single process
     skipped_total = _sum_over_processes(skipped, device)
     if meter.count == 0:
@@ -327,6 +343,7 @@ def run(args: argparse.Namespace) -> dict | None:
     results = {
         "task": args.task, "dataset": name, "data": args.data, "gt": args.gt,
         "checkpoint": str(args.checkpoint), "short_side": args.short_side,
+        "mask_protocol": args.mask_protocol,
         "bilateral": args.bilateral, "skipped_images": skipped_total,
         "features": features_description(meta), "metrics": metrics,
     }

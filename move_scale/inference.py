@@ -1,9 +1,12 @@
-"""Mask inference as in the authors' evaluation (REFERENCE §5), shared by evaluate and predict.
+"""Mask inference as in the authors' `infer.py` (adambielski/move-seg), shared by evaluate and predict.
 
-Per image: shorter side resized to `short_side` (448, bicubic, on the 8-bit pixels), ImageNet
-normalisation, reflect padding on the right and bottom to a multiple of the patch, frozen features
-(positional embeddings interpolated to the grid), segmenter, mask cropped back to the resized
-image and resized (bilinear) to the original size. Images that pad to the same size are batched.
+Per image: shorter side resized to `short_side` (448, bicubic, on the 8-bit pixels; the longer side
+truncated as torchvision's Resize does), ImageNet normalisation, reflect padding on the right and
+bottom to a multiple of the patch, frozen features (positional embeddings interpolated to the grid
+by DINO's rule, also for the MAE encoder), segmenter, mask cropped back to the resized image
+(`predict_resized`, what infer.py saves) and, for `predict_batch`, resized (torch bilinear) to the
+original size. Images that pad to the same size are batched. evaluate scores the cropped mask
+through `protocol.paper_mask_at` by default.
 """
 from __future__ import annotations
 
@@ -47,22 +50,22 @@ class PreparedImage:
 
 
 def resized_hw(height: int, width: int, short_side: int) -> tuple[int, int]:
-    """(h, w) with the shorter side equal to `short_side`, aspect ratio kept (rounded)."""
-    scale = short_side / min(height, width)
-    return max(1, round(height * scale)), max(1, round(width * scale))
+    """(h, w) with the shorter side equal to `short_side` and the longer one truncated, as
+    torchvision's `Resize(448)` in the authors' infer.py: int(short_side · long / short), so
+    500×333 becomes 672×448 (not 673)."""
+    if width <= height:
+        return max(1, int(short_side * height / width)), short_side
+    return short_side, max(1, int(short_side * width / height))
 
 
 def prepare_image(key: str, image: np.ndarray, short_side: int, patch_size: int,
-                  payload: Any = None, square: int | None = None) -> PreparedImage:
-    """image: uint8 RGB (H, W, 3) → PreparedImage with a (3, Hp, Wp) tensor, Hp, Wp multiples of p.
-
-    `square`: resize to square×square instead (for a features network of one fixed input size).
-    """
+                  payload: Any = None) -> PreparedImage:
+    """image: uint8 RGB (H, W, 3) → PreparedImage with a (3, Hp, Wp) tensor, Hp, Wp multiples of p."""
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise InferenceError(f"{key}: expected an 8-bit RGB array (H, W, 3), "
                              f"got {image.dtype} {image.shape}")
     height, width = image.shape[:2]
-    new_h, new_w = (square, square) if square else resized_hw(height, width, short_side)
+    new_h, new_w = resized_hw(height, width, short_side)
     pil = Image.fromarray(image, "RGB")
     if (new_h, new_w) != (height, width):
         pil = pil.resize((new_w, new_h), Image.Resampling.BICUBIC)
@@ -91,14 +94,9 @@ class MaskPredictor:
             raise InferenceError(f"--short-side {short_side} is smaller than the ViT patch "
                                  f"{self.patch_size}; use at least {self.patch_size} (paper: 448)")
         self.short_side = short_side
-        self.square = None
-        if hasattr(features_net, "encode"):  # MAE features: positions fixed to its training size
-            self.square = int(features_net.img_size)
-            logger.warning("MAE features take one input size: images are resized to %dx%d "
-                           "(aspect ratio not kept), --short-side is ignored", self.square, self.square)
 
     def prepare(self, key: str, image: np.ndarray, payload: Any = None) -> PreparedImage:
-        return prepare_image(key, image, self.short_side, self.patch_size, payload, self.square)
+        return prepare_image(key, image, self.short_side, self.patch_size, payload)
 
     def _tokens(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, Hp, Wp) → patch tokens (B, N, C)."""
@@ -107,8 +105,9 @@ class MaskPredictor:
         return self.features_net(pixels)
 
     @torch.no_grad()
-    def predict_batch(self, batch: list[PreparedImage]) -> list[np.ndarray]:
-        """Images of one padded size → float32 masks in [0, 1], each (H, W) of its input image."""
+    def predict_resized(self, batch: list[PreparedImage]) -> list[np.ndarray]:
+        """Images of one padded size → float32 masks in [0, 1], each (h, w) of its resized image
+        (padding cropped off: the mask infer.py saves)."""
         padded = {item.padded_hw for item in batch}
         if len(padded) != 1:
             raise ValueError(f"predict_batch needs one padded size per batch, got {sorted(padded)}")
@@ -118,19 +117,30 @@ class MaskPredictor:
         masks = self.segmenter(self._tokens(pixels), grid)  # (B, 1, h·2^k, w·2^k)
         if tuple(masks.shape[-2:]) != (height, width):
             masks = F.interpolate(masks, size=(height, width), mode="bilinear", align_corners=False)
-        out = []
-        for item, mask in zip(batch, masks.float()):
-            crop = mask[:, : item.resized_hw[0], : item.resized_hw[1]]  # (1, h, w): un-pad
-            full = F.interpolate(crop[None], size=item.original_hw, mode="bilinear",
-                                 align_corners=False)[0, 0]  # (H, W)
-            out.append(full.clamp(0, 1).cpu().numpy())
-        return out
+        masks = masks.float().clamp(0, 1).cpu()
+        return [mask[0, : item.resized_hw[0], : item.resized_hw[1]].numpy()  # (h, w): un-pad
+                for item, mask in zip(batch, masks)]
 
-    def predict_stream(self, items: Iterable[PreparedImage], batch_size: int
+    def predict_batch(self, batch: list[PreparedImage]) -> list[np.ndarray]:
+        """Images of one padded size → float32 masks in [0, 1], each (H, W) of its input image."""
+        return [resize_mask(mask, item.original_hw)
+                for item, mask in zip(batch, self.predict_resized(batch))]
+
+    def predict_stream(self, items: Iterable[PreparedImage], batch_size: int, resized: bool = False
                        ) -> Iterator[tuple[PreparedImage, np.ndarray]]:
-        """(item, mask) for every item, batched by padded size (order not kept)."""
+        """(item, mask) for every item, batched by padded size (order not kept); masks at the
+        input's size, or at the resized size with `resized` (`predict_resized`)."""
+        predict = self.predict_resized if resized else self.predict_batch
         for batch in bucketed(items, lambda item: item.padded_hw, batch_size):
-            yield from zip(batch, self.predict_batch(batch))
+            yield from zip(batch, predict(batch))
+
+
+def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A float mask (h, w) → (H, W) with torch bilinear (align_corners=False, no antialiasing)."""
+    tensor = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None, None]
+    if tuple(tensor.shape[-2:]) != tuple(size):
+        tensor = F.interpolate(tensor, size=tuple(size), mode="bilinear", align_corners=False)
+    return tensor[0, 0].clamp(0, 1).numpy()
 
 
 def bucketed(items: Iterable[T], key: Callable[[T], Any], batch_size: int,
@@ -192,14 +202,15 @@ def list_images(folder: str | Path, recursive: bool = True) -> list[Path]:
     return sorted(p for p in pattern if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def read_image(path: str | Path):
-    """Any image file → `data.images.DecodedImage` (8-bit RGB, EXIF orientation applied, 16-bit
-    scaled, alpha composited on white, CMYK / palette / grayscale converted)."""
+def read_image(path: str | Path, exif: bool = True):
+    """Any image file → `data.images.DecodedImage` (8-bit RGB, EXIF orientation applied unless
+    `exif=False`, 16-bit scaled, alpha composited on white, CMYK / palette / grayscale converted).
+    predict turns users' photos upright; evaluate reads benchmarks as stored, as the authors did."""
     from move_scale.data.images import BadImage, decode_rgb
 
     path = Path(path)
     try:
-        return decode_rgb(path.read_bytes())
+        return decode_rgb(path.read_bytes(), exif=exif)
     except BadImage as err:
         raise InferenceError(f"{path}: cannot read the image ({err})") from err
     except OSError as err:

@@ -3,9 +3,12 @@
 Conventions (REFERENCE.md §5), stated once here:
 
 - Ground truth is boolean (H, W); a prediction is a soft mask in [0, 1] at any size, resized to
-  the ground-truth size with bilinear interpolation (align_corners=False) before scoring.
+  the ground-truth size with bilinear interpolation (align_corners=False) before scoring. The
+  paper's chain resizes with PIL instead, on the 8-bit mask (`protocol.paper_mask_at`), before it
+  gets here: evaluate does that by default.
 - Acc and IoU binarise the prediction with `pred > 0.5` and are averaged per image.
-  IoU when both prediction and ground truth are empty: 1.0 (nothing to find, nothing found).
+  IoU = inter / union, and 0 when both prediction and ground truth are empty, as the authors'
+  segmentation_eval.py computes it (inter / (union + 1e-8)).
 - maxFβ, β² = 0.3: thresholds t_k = k/256, k = 0..255 (256 values in [0, 1)); a pixel is
   predicted at t_k when `pred > t_k` (so t_128 = 0.5 agrees with Acc / IoU). Per image and
   threshold: precision = 1 when nothing is predicted, recall = 1 when the ground truth is empty,
@@ -13,7 +16,8 @@ Conventions (REFERENCE.md §5), stated once here:
   threshold and takes the max (one threshold for the whole dataset, as in the paper);
   `max_fbeta_per_image` averages each image's own best F (reported separately, never mixed).
 - CorLoc: an image counts as correct when its predicted box has IoU ≥ 0.5 with any ground-truth
-  box; an image with no predicted box counts as a miss. Boxes are [x0, y0, x1, y1] in continuous
+  box, IoU computed as LOST's code does (`protocol.lost_box_iou`, float32); an image with no
+  predicted box or no ground-truth box counts as a miss. Boxes are [x0, y0, x1, y1] in continuous
   pixel coordinates: pixel columns x0 .. x1-1 are inside (x1 exclusive), width = x1 - x0.
 
 Meters only hold sums, so they can be merged (`merge`) or summed across processes (`reduce`).
@@ -26,6 +30,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from move_scale.protocol import lost_box_iou
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +74,7 @@ def image_scores(pred: Any, gt: Any) -> dict[str, torch.Tensor]:
     acc = (binary == gt).float().mean()
     union = (binary | gt).sum()
     inter = (binary & gt).sum()
-    iou = inter.float() / union.float() if union > 0 else torch.tensor(1.0, device=gt.device)
+    iou = inter.float() / union.float() if union > 0 else torch.tensor(0.0, device=gt.device)
 
     # Pixel p is predicted at t_k = k/256 iff k < ceil(256·p): count pixels per ceil value once.
     levels = torch.ceil(pred.flatten() * NUM_THRESHOLDS).long().clamp(0, NUM_THRESHOLDS)
@@ -195,7 +201,7 @@ class CorLocMeter(_SumMeter):
         for pred, gts in zip(pred_boxes, gt_boxes):
             hit = False
             if pred is not None and len(gts) > 0:
-                hit = bool((box_iou(pred, gts) >= self.iou_threshold).any())
+                hit = bool((lost_box_iou(pred, gts) >= self.iou_threshold).any())
             self.sums += torch.tensor([1.0, float(hit)], dtype=torch.float64)
 
     @property

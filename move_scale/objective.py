@@ -265,16 +265,18 @@ class MoveObjective:
 
     def discriminator_loss(self, images: Tensor, generator: torch.Generator,
                            background: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-        """D phase (eq. 5, 8): the whole forward without grad, D on each real and fake kind.
+        """D phase (eq. 5, 8): the whole forward without grad, D on each fake and real kind.
 
-        D sees each kind as its own batch (its BatchNorm statistics are per kind, as in the
-        authors' code). Returns (loss/disc/total, all terms).
+        D sees each kind as its own batch (its BatchNorm statistics are per kind), fake kinds
+        first, then real ones, as the authors' `engine.py train_one_epoch`: each train-mode call
+        advances the spectral norms' power iteration once and draws its own DiffAugment factors,
+        so the order decides which σ and which draw each kind gets. Returns (loss/disc/total, terms).
         """
-        kinds = self.real_inputs + self.fake_inputs
+        kinds = self.fake_inputs + self.real_inputs
         with torch.no_grad():
             comp = self.compose(images, generator, kinds, background)
             inputs = self.ops.discriminator_inputs(comp, kinds)
-        logits = {kind: self.discriminator(x, augment=True, generator=generator) for kind, x in inputs.items()}
+        logits = {kind: self.discriminator(inputs[kind], augment=True, generator=generator) for kind in kinds}
         terms = discriminator_hinge_loss(
             {k: logits[k] for k in self.real_inputs}, {k: logits[k] for k in self.fake_inputs}
         )

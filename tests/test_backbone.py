@@ -58,7 +58,9 @@ def test_any_multiple_of_the_patch(height, width):
     assert tokens.shape == (2, height // 8 * (width // 8), 32)
 
 
-@pytest.mark.parametrize("height,width", [(64, 64), (96, 48)])
+# At the stored grid only: elsewhere positions follow DINO's interpolation, not timm's (pinned in
+# test_parity_positions.py; the (96, 48) case here pinned timm's resampling before)
+@pytest.mark.parametrize("height,width", [(64, 64)])
 def test_tokens_are_those_of_block_layer_without_cls_or_norm(height, width):
     vit = tiny_vit()
     x = torch.randn(2, 3, height, width)

@@ -84,11 +84,16 @@ def test_tile_mask_is_max_per_patch_in_row_major_order():
         compose.tile_mask(union, 3)
 
 
-def test_hard_tile_mask_thresholds_without_gradient():
-    tiles = torch.tensor([[0.2, 0.5, 0.51, 1.0]], requires_grad=True)
+def test_hard_tile_mask_inpaints_ties_as_the_authors_without_gradient():
+    # move-seg segmenter.py: visible weight v = 1 - maxpool(u); binarised (v > 0.5); the decoder
+    # mixes v·token + (1 - v)·mask_token, so a tile is inpainted unless v > 0.5 in float32.
+    # 0.5 - 2^-25: v = 0.5 + 2^-25 rounds to 0.5 in float32 (ties to even) → inpainted;
+    # 0.5 - 2^-24: v = 0.5 + 2^-24 is exact → kept. (Before: kept ties and both of these.)
+    tiles = torch.tensor([[0.2, 0.5, 0.51, 1.0, 0.5 - 2**-25, 0.5 - 2**-24]], requires_grad=True)
     hard = compose.harden_tile_mask(tiles)
-    assert torch.equal(hard, torch.tensor([[0.0, 0.0, 1.0, 1.0]]))
+    assert torch.equal(hard, torch.tensor([[0.0, 1.0, 1.0, 1.0, 1.0, 0.0]]))
     assert not hard.requires_grad
+    assert torch.equal(compose.harden_tile_mask(tiles.double())[0, 4:], torch.tensor([0.0, 0.0]).double())
 
 
 def test_paste_outside_tiles_keeps_the_input_where_tiles_are_zero():

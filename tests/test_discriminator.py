@@ -130,8 +130,9 @@ def test_bad_settings_are_errors():
         ProjectedDiscriminator(64, diffaug=("color", "translation"))
 
 
-def disc_cfg(weights, cache):
-    return ModelConfig(disc=DiscConfig(weights=weights, resolution=64), weights_cache=str(cache))
+def disc_cfg(weights, cache, backbone_bn="zero_image"):
+    return ModelConfig(disc=DiscConfig(weights=weights, resolution=64, backbone_bn=backbone_bn),
+                       weights_cache=str(cache))
 
 
 def test_timm_efficientnet_weights_load_through_build(tmp_path):
@@ -139,7 +140,7 @@ def test_timm_efficientnet_weights_load_through_build(tmp_path):
     net = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
     path = tmp_path / "model.safetensors"
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
-    disc = build_discriminator(disc_cfg(str(path), tmp_path), seed=0)
+    disc = build_discriminator(disc_cfg(str(path), tmp_path, backbone_bn="checkpoint"), seed=0)
     x = torch.randn(2, 3, 64, 64)
     expected = net.forward_intermediates(x, indices=[1, 2, 3, 4], intermediates_only=True)
     stage_out, h = [], x

@@ -193,10 +193,11 @@ def test_help_explains_the_ground_truth_forms(capsys):
 def test_prepare_resizes_short_side_and_reflect_pads():
     image = np.random.default_rng(0).integers(0, 255, (40, 56, 3), dtype=np.uint8)
     item = prepare_image("x", image, short_side=32, patch_size=8)
-    assert item.resized_hw == (32, 45)  # 56·32/40 = 44.8 → 45
+    # torchvision Resize (the authors' infer.py) truncates: int(32·56/40) = int(44.8) = 44 (was 45)
+    assert item.resized_hw == (32, 44)
     assert item.padded_hw == (32, 48)
-    assert torch.equal(item.tensor[:, :, 45], item.tensor[:, :, 43])  # reflect: 45 ↔ 43, 46 ↔ 42
-    assert torch.equal(item.tensor[:, :, 47], item.tensor[:, :, 41])
+    assert torch.equal(item.tensor[:, :, 44], item.tensor[:, :, 42])  # reflect: 44 ↔ 42, 47 ↔ 39
+    assert torch.equal(item.tensor[:, :, 47], item.tensor[:, :, 39])
 
 
 def test_batched_masks_equal_single_masks(tmp_path):

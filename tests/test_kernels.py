@@ -247,12 +247,14 @@ def test_fused_discriminator_matches_eager_with_gradient_to_the_image(device):
     assert grads[1].abs().sum() > 0
 
 
-def test_fused_input_map_commutes_with_the_resize(device):
+def test_fused_input_augments_before_the_resize_as_the_authors(device):
+    # adambielski/move-seg: disc_wrapper.py run_D augments at the input size, then
+    # ProjectedDiscriminator.forward resizes to 224; the contrast mean is the input's own
     x = torch.randn(BATCH, 3, 32, 32).to(device)
     mean = torch.tensor([0.485, 0.456, 0.406], device=device).view(1, 3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225], device=device).view(1, 3, 1, 1)
-    unit = F.interpolate((x * std + mean) * 2 - 1, size=(SIZE, SIZE), mode="bilinear", align_corners=False)
-    expected = diff_augment_color(unit, torch.Generator().manual_seed(4))
+    augmented = diff_augment_color((x * std + mean) * 2 - 1, torch.Generator().manual_seed(4))
+    expected = F.interpolate(augmented, size=(SIZE, SIZE), mode="bilinear", align_corners=False)
     with torch.no_grad():
         fused_input = FusedDiscriminatorInput(devices=(device.type,))
         got = fused_input(x, mean, std, SIZE, torch.Generator().manual_seed(4))

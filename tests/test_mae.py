@@ -140,8 +140,14 @@ def test_forward_pretrain_masks_three_quarters_and_scores_masked_tokens():
 
 def test_wrong_sizes_are_clear_errors():
     mae = tiny_mae(64)
+    # the encoder takes other sizes (positions interpolated, test_parity_positions.py); the decoder
+    # and pre-training do not
+    with pytest.raises(ValueError, match="built 4x4 grid"):
+        mae.decode(mae.encode(torch.randn(1, 3, 96, 96)))
     with pytest.raises(ValueError, match=r"\(B, 3, 64, 64\).*got \(1, 3, 96, 96\)"):
-        mae.encode(torch.randn(1, 3, 96, 96))
+        mae.forward_pretrain(torch.randn(1, 3, 96, 96))
+    with pytest.raises(ValueError, match="multiples of its patch 16"):
+        mae.encode(torch.randn(1, 3, 72, 64))
     with pytest.raises(ValueError, match="tile_mask must have shape"):
         mae.decode(mae.encode(torch.randn(1, 3, 64, 64)), torch.rand(1, 15))
     with pytest.raises(ValueError, match="image size 72"):
@@ -169,10 +175,10 @@ def test_checkpoint_for_another_size_regrids_only_fixed_sincos(tmp_path):
     loaded = build_mae(tiny_cfg(str(path), tmp_path), 96)  # 4×4 table in the file, 6×6 model
     assert loaded.pos_embed.shape == (1, 37, 32)
     assert torch.equal(loaded.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight)
-    learned = source.state_dict()
-    learned["pos_embed"] = torch.randn_like(learned["pos_embed"])
+    learned = source.state_dict()  # the encoder's table is interpolated whatever it holds (the
+    learned["decoder_pos_embed"] = torch.randn_like(learned["decoder_pos_embed"])  # authors' rule)
     torch.save({"model": learned}, path)
-    with pytest.raises(WeightsError, match=r"pos_embed \(file \(1, 17, 32\), model \(1, 37, 32\)\)"):
+    with pytest.raises(WeightsError, match=r"decoder_pos_embed \(file \(1, 17, 24\), model \(1, 37, 24\)\)"):
         build_mae(tiny_cfg(str(path), tmp_path), 96)
 
 

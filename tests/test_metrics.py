@@ -59,11 +59,12 @@ def test_empty_ground_truth():
     assert curve[154] == pytest.approx(1.0)  # nothing predicted, nothing to find: P 1, R 1
 
 
-def test_both_empty_is_perfect():
+def test_both_empty_scores_iou_zero_as_the_authors():
+    # segmentation_eval.py IoU: inter / (union + 1e-8) = 0 / 1e-8 = 0 (this test pinned 1 before)
     scores = image_scores(np.zeros((3, 3), np.float32), np.zeros((3, 3), bool))
     assert scores["acc"].item() == 1.0
-    assert scores["iou"].item() == 1.0
-    assert torch.all(scores["fbeta"] == 1.0)
+    assert scores["iou"].item() == 0.0
+    assert torch.all(scores["fbeta"] == 1.0)  # P = 1 (nothing predicted), R = 1 (nothing to find)
 
 
 def test_prediction_is_resized_bilinear_to_ground_truth():

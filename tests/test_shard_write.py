@@ -109,14 +109,14 @@ def test_voc_boxes_and_missing_annotations(make_images, tmp_path):
     images = make_images(n=3)
     voc = tmp_path / "voc"
     voc.mkdir()
-    for stem, (x0, y0, x1, y1) in list(images.boxes.items())[:2]:
+    for stem, (x0, y0, x1, y1) in list(images.boxes.items())[:2]:  # VOC: 1-based, inclusive
         (voc / f"{stem}.xml").write_text(
-            f"<annotation><object><bndbox><xmin>{x0}</xmin><ymin>{y0}</ymin><xmax>{x1}</xmax>"
+            f"<annotation><object><bndbox><xmin>{x0 + 1}</xmin><ymin>{y0 + 1}</ymin><xmax>{x1}</xmax>"
             f"<ymax>{y1}</ymax></bndbox></object></annotation>")
     write_shards([str(images.root)], str(tmp_path / "out"), boxes=str(voc))
     samples = by_stem(read_dataset(tmp_path / "out")[0])
     assert report(tmp_path / "out") == {"img002": "missing_boxes"}
-    for stem in ("img000", "img001"):
+    for stem in ("img000", "img001"):  # stored as LOST reads VOC: [xmin - 1, ymin - 1, xmax, ymax]
         assert json.loads(samples[stem]["boxes.json"]) == [images.boxes[stem]]
 
 

@@ -1,9 +1,11 @@
 """Ground truth for evaluation sets: masks matched by file stem, boxes from VOC XML or COCO JSON.
 
-Boxes are ``[x0, y0, x1, y1]`` in pixels of the stored image: as written in the annotation file
-(VOC ``xmin ymin xmax ymax``; COCO ``[x, y, w, h]`` becomes ``[x, y, x + w, y + h]``), then turned
-with the image when EXIF orientation is applied (annotations are taken to be drawn on the pixels as
-stored in the file) and scaled with it when resizing.
+Boxes are ``[x0, y0, x1, y1]`` in continuous pixel coordinates of the stored image (x1, y1
+exclusive), as LOST's CorLoc code reads the annotations (valeoai/LOST ``datasets.py``): VOC's
+1-based inclusive ``xmin ymin xmax ymax`` become ``[xmin - 1, ymin - 1, xmax, ymax]``; COCO
+``[x, y, w, h]`` becomes ``[x, y, x + w, y + h]`` and crowd annotations (``iscrowd: 1``) are left
+out. They are turned with the image when EXIF orientation is applied (annotations are taken to be
+drawn on the pixels as stored in the file) and scaled with it when resizing.
 """
 from __future__ import annotations
 
@@ -59,6 +61,8 @@ def _coco_boxes(path: str) -> dict[str, tuple]:
         names = {image["id"]: stem_of(image["file_name"]) for image in coco["images"]}
         boxes: dict[str, list] = {stem: [] for stem in names.values()}
         for annotation in coco.get("annotations", []):
+            if annotation.get("iscrowd", 0) == 1:
+                continue
             x, y, w, h = (float(v) for v in annotation["bbox"])
             boxes[names[annotation["image_id"]]].append((x, y, x + w, y + h))
     except (OSError, ValueError, KeyError, TypeError) as err:
@@ -68,12 +72,13 @@ def _coco_boxes(path: str) -> dict[str, tuple]:
 
 
 def parse_voc(path: str) -> tuple:
-    """((xmin, ymin, xmax, ymax), ...) of every object in a VOC XML file."""
+    """((xmin - 1, ymin - 1, xmax, ymax), ...) of every object in a VOC XML file: its 1-based
+    inclusive corners in continuous pixel coordinates."""
     try:
         root = ElementTree.parse(path).getroot()
-        return tuple(tuple(float(obj.find("bndbox").find(tag).text)
-                           for tag in ("xmin", "ymin", "xmax", "ymax"))
-                     for obj in root.iter("object"))
+        corners = [[float(obj.find("bndbox").find(tag).text) for tag in ("xmin", "ymin", "xmax", "ymax")]
+                   for obj in root.iter("object")]
+        return tuple((xmin - 1, ymin - 1, xmax, ymax) for xmin, ymin, xmax, ymax in corners)
     except (OSError, ElementTree.ParseError, AttributeError, TypeError, ValueError) as err:
         raise BadImage("bad_boxes", f"{path}: {type(err).__name__}: {err}") from err
 

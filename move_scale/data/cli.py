@@ -28,7 +28,7 @@ from move_scale.data.index import DEFAULT_WORKERS as DEFAULT_INDEX_WORKERS
 from move_scale.data.index import index_shards
 from move_scale.data.manifest import format_table, human_bytes, load_manifest, verify_manifest
 from move_scale.data.storage import DataError, storage_options_for
-from move_scale.data.write import DEFAULT_MAX_COUNT, DEFAULT_MAX_SIZE, write_shards
+from move_scale.data.write import DEFAULT_MAX_COUNT, DEFAULT_MAX_SIZE, EXIF_CHOICES, write_shards
 from move_scale.errors import UserError, report
 
 log = logging.getLogger("move_scale.data.cli")
@@ -46,7 +46,8 @@ MAKE_EXAMPLES = """examples:
 OUT is a folder (local path or fsspec URL); shards are named {name}-000000.tar, next to
 manifest.json and report.jsonl (one JSON line per skipped input with its reason).
 Every image is decoded; unreadable, truncated, empty, non-image and too-large files are skipped
-and counted, the run goes on. Stored images always decode to 8-bit RGB in display orientation.
+and counted, the run goes on. Stored images always decode to 8-bit RGB, in display orientation
+unless EXIF is ignored (by default for sets with --masks or --boxes: evaluation sets).
 """
 
 
@@ -109,7 +110,12 @@ def _add_make(commands, common) -> None:
              "8-bit L mask.png; images without one are skipped as missing_mask")
     add("--boxes", metavar="PATH",
         help="boxes from a folder of VOC XML (matched by stem) or a COCO JSON file, stored as "
-             "boxes.json [[x0,y0,x1,y1],...] in stored-image pixels")
+             "boxes.json [[x0,y0,x1,y1],...] in stored-image pixels, as LOST reads them (VOC "
+             "corners - 1; COCO crowd boxes left out)")
+    add("--exif", choices=EXIF_CHOICES, default="auto",
+        help="EXIF orientation: apply (turn images, masks and boxes upright), ignore (keep the "
+             "pixels as stored, as the benchmarks' reference loaders and evaluate's image folders "
+             "read them), auto (default): ignore with --masks/--boxes, apply otherwise")
     add("--max-pixels", type=_positive_int, default=DEFAULT_MAX_PIXELS,
         help=f"skip images with more pixels as too_many_pixels (default {DEFAULT_MAX_PIXELS}), "
              "e.g. --max-pixels 40000000")
@@ -224,7 +230,7 @@ def _make(args) -> int:
         shuffle=args.shuffle, seed=args.seed, workers=args.workers, resume=args.resume,
         overwrite=args.overwrite, masks=args.masks, boxes=args.boxes, max_pixels=args.max_pixels,
         storage_options=storage_options_for(out, args.endpoint_url) or _sources_options(sources, args),
-        progress=not args.no_progress and sys.stderr.isatty())  # a bar in a log file is noise
+        progress=not args.no_progress and sys.stderr.isatty(), exif=args.exif)  # a bar in a log file is noise
     print(f"{len(manifest.shards)} shards, {manifest.samples} images, {human_bytes(manifest.bytes)}; "
           f"skipped {manifest.skipped} (see {manifest.report}) -> {out}")
     return 0

@@ -2,7 +2,9 @@
 
 Rules (the shard contract says every stored image decodes to 8-bit RGB):
 
-- EXIF orientation is applied (the pixels are turned; the tag is not kept).
+- EXIF orientation is applied (the pixels are turned; the tag is not kept), unless ``exif=False``:
+  then the pixels stay as stored in the file, as the benchmarks' reference loaders read them
+  (PIL ``Image.open(...).convert("RGB")`` in the authors' infer.py and in LOST).
 - Grayscale, palette, CMYK and YCbCr images are converted to RGB. 16-bit grayscale is scaled
   (65535 -> 255), not clipped. Images with alpha (RGBA, LA, palette with transparency) are
   composited on WHITE: dropping alpha exposes whatever colour hides under transparent pixels
@@ -140,12 +142,13 @@ def exif_transpose_of(img: Image.Image) -> int | None:
     return _ORIENTATION_TRANSPOSE.get(orientation)
 
 
-def decode_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
-    """Bytes of any image file -> 8-bit RGB in display orientation (see module rules)."""
+def decode_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, exif: bool = True) -> DecodedImage:
+    """Bytes of any image file -> 8-bit RGB in display orientation, or as stored with
+    ``exif=False`` (see module rules)."""
     img = open_image(data, max_pixels)
     source_format = img.format or "UNKNOWN"
     raw_size = img.size
-    transpose = exif_transpose_of(img)
+    transpose = exif_transpose_of(img) if exif else None
     rgb, converted = _to_rgb(img)
     if source_format == "PNG" and not converted and not _is_8bit_rgb_png(data):
         converted = True  # 16-bit RGB PNG: Pillow hands us 8 bits, the file holds 16
@@ -196,9 +199,9 @@ def encode_pixels(img: Image.Image, ext: str, quality: int) -> bytes:
 
 
 def prepare_image(data: bytes, *, resize: int = 0, image_format: str = "keep", quality: int = 95,
-                  max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[EncodedImage, DecodedImage]:
+                  max_pixels: int = DEFAULT_MAX_PIXELS, exif: bool = True) -> tuple[EncodedImage, DecodedImage]:
     """Source file bytes -> the bytes to store (see the module docstring for the rules)."""
-    decoded = decode_rgb(data, max_pixels)
+    decoded = decode_rgb(data, max_pixels, exif)
     oriented = decoded.image
     size = resized_size(oriented.size, resize)
     scale = (size[0] / oriented.size[0], size[1] / oriented.size[1])

@@ -31,6 +31,7 @@ class ImageOptions:
     quality: int = 95
     max_pixels: int = DEFAULT_MAX_PIXELS
     storage_options: dict | None = None
+    exif: bool = True  # apply EXIF orientation (False: pixels as stored, for evaluation sets)
 
 
 @dataclass(frozen=True)
@@ -91,7 +92,8 @@ def _prepare(item: Item, options: ImageOptions) -> Encoded:
         raise BadImage(item.missing, f"no {item.missing.split('_', 1)[1]} file for stem {stem_of(item.source)!r}")
     data = _read(item.source, options, "file")
     encoded, decoded = prepare_image(data, resize=options.resize, image_format=options.image_format,
-                                     quality=options.quality, max_pixels=options.max_pixels)
+                                     quality=options.quality, max_pixels=options.max_pixels,
+                                     exif=options.exif)
     members = {encoded.ext: encoded.data}
     if item.mask is not None:
         mask_data = _read(item.mask, options, "mask")

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_COUNT = 1000
 DEFAULT_MAX_SIZE = 1_000_000_000
+EXIF_CHOICES = ("auto", "apply", "ignore")
 
 
 def plan_items(sources: Sequence[str], *, masks: str | None = None, boxes: str | None = None,
@@ -130,8 +131,12 @@ def write_shards(sources: Sequence[str], out: str, *, name: str | None = None,
                  shuffle: bool = False, seed: int = 0, workers: int = 0, resume: bool = False,
                  overwrite: bool = False, masks: str | None = None, boxes: str | None = None,
                  max_pixels: int = DEFAULT_MAX_PIXELS, storage_options: dict | None = None,
-                 progress: bool = False) -> Manifest:
+                 progress: bool = False, exif: str = "auto") -> Manifest:
     """Image files -> shards + ``manifest.json`` + ``report.jsonl`` in ``out`` (see module doc).
+
+    ``exif``: "apply" turns images (and their masks and boxes) to display orientation; "ignore"
+    keeps the pixels as stored, as the benchmarks' reference loaders read them; "auto" ignores it
+    for sets with ground truth (``masks`` or ``boxes``: evaluation sets) and applies it otherwise.
 
     Raises DataError for bad input (missing SRC, no images, OUT not writable, bad values, OUT
     holding another run, every input unusable).
@@ -146,8 +151,15 @@ def write_shards(sources: Sequence[str], out: str, *, name: str | None = None,
     options = {"sources": list(sources), "name": prefix, "max_count": max_count, "max_size": max_size,
                "resize": resize, "format": image_format, "quality": quality, "shuffle": shuffle,
                "seed": seed, "max_pixels": max_pixels, "masks": masks, "boxes": boxes}
+    if exif not in EXIF_CHOICES:
+        raise DataError(f"exif={exif!r}: use one of {', '.join(EXIF_CHOICES)}")
+    apply_exif = exif == "apply" or (exif == "auto" and not masks and not boxes)
+    if not apply_exif:
+        options["exif"] = "ignore"  # only then: sets made as before keep their fingerprint
+    if boxes:
+        options["boxes_rule"] = "lost"  # VOC corners - 1, COCO crowd boxes left out
     options["fingerprint"] = _fingerprint(options, items)
-    image_options = ImageOptions(resize, image_format, quality, max_pixels, storage_options)
+    image_options = ImageOptions(resize, image_format, quality, max_pixels, storage_options, apply_exif)
     log.info("%d inputs -> %s (%s-NNNNNN.tar)", len(items), out, prefix)
     return _run(OutputDir(out, storage_options), prefix, options,
                 lambda start: _ordered_results(items, start, image_options, workers),
@@ -311,5 +323,5 @@ def _finalize(out: OutputDir, prefix: str, options: dict, records: list[dict], i
     return manifest
 
 
-__all__ = ["write_shards", "write_samples", "plan_items", "Sample", "Manifest", "shard_name",
+__all__ = ["EXIF_CHOICES", "write_shards", "write_samples", "plan_items", "Sample", "Manifest", "shard_name",
            "DEFAULT_MAX_COUNT", "DEFAULT_MAX_SIZE"]

@@ -1,14 +1,13 @@
 """DiffAugment "color" (Zhao et al. 2020) fused with the discriminator's input map, beside its reference.
 
-The projected D maps ImageNet-normalised images to [-1, 1], resizes them to its resolution and
-applies brightness, saturation and contrast per sample (paper §2.3). Eager that is seven full
-passes over the image; fused it is one kernel (two reductions kept in registers per image).
+The projected D maps ImageNet-normalised images to [-1, 1], applies brightness, saturation and
+contrast per sample (paper §2.3), and only then resizes them to its resolution (the authors' order,
+adambielski/move-seg `disc_wrapper.py run_D`). Eager that is seven full passes over the image;
+fused it is one kernel (two reductions kept in registers per image) before the resize.
 The random factors are drawn eagerly from the caller's generator, exactly as the reference draws
 them, so the fused and eager paths see the same augmentation.
 
 The eager reference is `models.discriminator.diff_augment_color`.
-The affine map to [-1, 1] is applied after the (bilinear, weights summing to one) resize in the
-fused path: the two commute, and this lets the map join the colour kernel.
 """
 from __future__ import annotations
 
@@ -40,16 +39,17 @@ def _unit_range_color_body(x: Tensor, scale: Tensor, offset: Tensor, factors: Te
 
 
 class FusedDiscriminatorInput:
-    """ImageNet-normalised (B,3,H,W) → D's colour-augmented input (B,3,R,R): resize (eager), then
-    one compiled kernel for the map to [-1,1] and the colour policy (on `devices`, see
-    `compose_ops.Kernel`; elsewhere the same body runs eagerly). The eager reference is the start
-    of `ProjectedDiscriminator.forward` with `diff_augment_color`."""
+    """ImageNet-normalised (B,3,H,W) → D's colour-augmented input (B,3,R,R): one compiled kernel
+    for the map to [-1,1] and the colour policy (on `devices`, see `compose_ops.Kernel`; elsewhere
+    the same body runs eagerly), then the resize (eager). The eager reference is the start of
+    `ProjectedDiscriminator.forward` with `diff_augment_color`."""
 
     def __init__(self, devices: Sequence[str] = COMPILE_DEVICES):
         self._map_and_color = Kernel(_unit_range_color_body, _unit_range_color_body, devices)
 
     def __call__(self, x: Tensor, mean: Tensor, std: Tensor, resolution: int,
                  generator: torch.Generator | None) -> Tensor:
+        x = self._map_and_color(x, std * 2, mean * 2 - 1, color_factors(x, generator))
         if x.shape[-2:] != (resolution, resolution):
             x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", align_corners=False)
-        return self._map_and_color(x, std * 2, mean * 2 - 1, color_factors(x, generator))
+        return x

@@ -4,19 +4,23 @@ MOVE feeds the segmenter with the patch tokens output by block 10 (the 11th of 1
 self-supervised DINO ViT-S/8, CLS dropped and without DINO's final norm. The module is a timm
 `VisionTransformer` in the `vit_small_patch8_224` layout, so the official
 `dino_deitsmall8_pretrain.pth` (a plain state dict in the same names) loads strictly; the blocks
-after `layer` are kept for that strict load but never run.
+after `layer` are kept for that strict load but never run. At token grids other than the stored
+one, positions follow DINO's own interpolation (`positions.py`), as the authors' DINO from
+torch.hub does, not timm's resampling.
 """
 from __future__ import annotations
 
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
+from .positions import interpolate_positions
+
 
 class FrozenViT(VisionTransformer):
     """Frozen ViT feature extractor; any input side that is a multiple of the patch.
 
-    Positional embeddings are interpolated (timm's dynamic_img_size) when the input grid differs
-    from `img_size / patch_size`. `forward(x (B,3,H,W)) -> (B, H/p·W/p, C)`.
+    Positional embeddings are interpolated by DINO's rule (`positions.interpolate_positions`) when
+    the input grid differs from `img_size / patch_size`. `forward(x (B,3,H,W)) -> (B, H/p·W/p, C)`.
     """
 
     def __init__(self, embed_dim: int, depth: int, num_heads: int, patch_size: int, layer: int,
@@ -26,7 +30,7 @@ class FrozenViT(VisionTransformer):
         super().__init__(
             img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
             num_heads=num_heads, mlp_ratio=4.0, qkv_bias=True, num_classes=0, dynamic_img_size=True,
-        )  # norm layers default to LayerNorm(eps=1e-6), as DINO's
+        )  # norm layers default to LayerNorm(eps=1e-6), as DINO's; dynamic size: any input grid
         self.layer = layer
         self.patch_size = patch_size
         self.requires_grad_(False)
@@ -45,8 +49,10 @@ class FrozenViT(VisionTransformer):
                 f"resize or crop images to a multiple of {self.patch_size}"
             )
         tokens = self.patch_embed(x)  # (B, H/p, W/p, C): dynamic-size patch embed is NHWC
-        tokens = self._pos_embed(tokens)  # (B, 1+N, C), positions interpolated to the grid
-        tokens = self.norm_pre(tokens)
+        batch, grid_h, grid_w, dim = tokens.shape
+        tokens = torch.cat([self.cls_token.expand(batch, -1, -1), tokens.reshape(batch, grid_h * grid_w, dim)], 1)
+        tokens = tokens + interpolate_positions(self.pos_embed, (grid_h, grid_w))  # (B, 1+N, C)
+        tokens = self.norm_pre(self.pos_drop(tokens))
         for block in self.blocks[: self.layer + 1]:
             tokens = block(tokens)
         return tokens[:, self.num_prefix_tokens:]  # (B, N, C)

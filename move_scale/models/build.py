@@ -16,6 +16,7 @@ from .backbone import FrozenViT
 from .conv_discriminator import ConvDiscriminator
 from .discriminator import ProjectedDiscriminator
 from .mae import MAE, sincos_pos_embed_2d
+from .positions import interpolate_positions
 from .segmenter import Segmenter
 
 log = logging.getLogger(__name__)
@@ -63,19 +64,36 @@ def _square_grid(pos_embed: torch.Tensor | None, default: int) -> int:
     return side if side * side == pos_embed.shape[1] - 1 and side > 0 else default
 
 
+INPUT_NORMS = ("auto", "layernorm", "none")
+BACKBONE_BN = ("zero_image", "checkpoint")
+
+
+def segmenter_input_norm(model_cfg: ModelConfig) -> bool:
+    """Whether the head starts with a new LayerNorm: `segmenter.input_norm`, where "auto" is the
+    authors' rule (move-seg segmenter.py): yes on DINO's block tokens, no on the MAE encoder's
+    tokens, which its own final norm has already normalised."""
+    choice = model_cfg.segmenter.input_norm
+    if choice not in INPUT_NORMS:
+        raise ValueError(f"model.segmenter.input_norm = {choice!r}: use one of {list(INPUT_NORMS)}")
+    if choice == "auto":
+        return model_cfg.features.kind != "mae"
+    return choice == "layernorm"
+
+
 def build_segmenter(model_cfg: ModelConfig, in_dim: int) -> Segmenter:
-    """The trainable head (LayerNorm + upsampling CNN, supplementary §D) on `in_dim` tokens."""
+    """The trainable head ([LayerNorm +] upsampling CNN, supplementary §D) on `in_dim` tokens."""
     cfg = model_cfg.segmenter
-    return Segmenter(in_dim, cfg.widths, cfg.convs_per_block)
+    return Segmenter(in_dim, cfg.widths, cfg.convs_per_block, input_norm=segmenter_input_norm(model_cfg))
 
 
 def build_mae(model_cfg: ModelConfig, image_size: int, fused: bool = False) -> MAE:
     """The frozen MAE inpainter on an `image_size` grid (paper §2.2).
 
-    The official checkpoints store fixed sin-cos positions for 224. At another size those rows are
-    replaced by the sin-cos table of the new grid, but only after checking they are exactly the
-    fixed table (learned positions would be a mismatch, reported as such). `fused` (train.fused):
-    compiled mask-token mixing (kernels/tokens.py).
+    The official checkpoints store fixed sin-cos positions for 224. At another size the encoder's
+    table is interpolated by the authors' rule (DINO's, `positions.py`; move-seg segmenter.py
+    MAEComposer); the decoder's, which the authors never run at another size, is replaced by the
+    sin-cos table of the new grid, after checking it is exactly the fixed table (learned positions
+    would be a mismatch, reported as such). `fused` (train.fused): compiled mask-token mixing.
     """
     cfg = model_cfg.mae
     _check_image_size(image_size, cfg.patch_size, "MAE")
@@ -99,6 +117,10 @@ def _regrid_fixed_positions(state_dict: dict[str, torch.Tensor], mae: MAE) -> di
         if stored is None or stored.shape == own[key].shape or stored.ndim != 3:
             continue
         side = _square_grid(stored, 0)
+        if key == "pos_embed" and side:
+            state_dict[key] = interpolate_positions(stored.float(), mae.grid).to(stored.dtype)
+            log.info("MAE pos_embed: interpolated from %d² to %s tokens (the authors' rule)", side, mae.grid)
+            continue
         if side and stored.shape[-1] % 4 == 0:
             table = sincos_pos_embed_2d(stored.shape[-1], side)[None]
             if torch.allclose(stored.float(), table, atol=1e-4):
@@ -119,14 +141,18 @@ def build_discriminator(model_cfg: ModelConfig, seed: int, fused: bool = False
         return ConvDiscriminator(cfg.conv_widths, cfg.diffaug)
     if cfg.kind != "projected":
         raise ValueError(f"model.disc.kind must be 'projected' or 'conv', got {cfg.kind!r}")
+    if cfg.backbone_bn not in BACKBONE_BN:
+        raise ValueError(f"model.disc.backbone_bn = {cfg.backbone_bn!r}: use one of {list(BACKBONE_BN)}")
     disc = ProjectedDiscriminator(cfg.resolution, cfg.diffaug, seed, fused=fused)
     what = f"discriminator backbone ({cfg.weights})"
     if cfg.weights == RANDOM:
         load_weights(disc, RANDOM, model_cfg.weights_cache, what)
-        return disc
-    state_dict = read_state_dict(resolve_weights(cfg.weights, model_cfg.weights_cache))
-    disc.features.load_backbone(state_dict, what)
+    else:
+        state_dict = read_state_dict(resolve_weights(cfg.weights, model_cfg.weights_cache))
+        disc.features.load_backbone(state_dict, what)
+        log.info("loaded %s", what)
+    if cfg.backbone_bn == "zero_image":
+        disc.features.zero_image_pass()  # once, here: checkpoints carry the moved statistics
     if fused:
-        disc.fold_features()  # the folded copy must follow the loaded weights
-    log.info("loaded %s", what)
+        disc.fold_features()  # the folded copy must follow the loaded weights and statistics
     return disc

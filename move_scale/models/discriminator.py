@@ -3,7 +3,13 @@
 A frozen ImageNet `tf_efficientnet_lite0` in four stages (24, 40, 112, 320 channels at strides 4,
 8, 16, 32), frozen random projections mixing channels (CCM, 1×1 convs) and scales (CSM, top-down
 fusion), and four trainable heads of spectral-norm DownBlocks. Inputs are DiffAugment-ed with the
-"color" policy only. At 224: scale maps 112, 56, 28, 14 → 7×7 → 4×4 logits each → (B, 64).
+"color" policy only, then resized to the D resolution (the authors' order: adambielski/move-seg
+`disc_wrapper.py run_D` augments, `ProjectedDiscriminator.forward` then resizes). At 224: scale maps
+112, 56, 28, 14 → 7×7 → 4×4 logits each → (B, 64).
+
+BatchNorm statistics of the frozen network: `ProjectedFeatures.zero_image_pass` reproduces what the
+authors' construction does to them (see its docstring); `build_discriminator` applies it once, when
+D is built, unless `model.disc.backbone_bn` asks for the checkpoint's statistics.
 
 Other resolutions (a multiple of 32, at least 64): each head halves its map until its side is at
 most 8 (never below it: 112→56→28→14→7, 32→16→8, 8 and 4 unchanged) and the final 4×4 valid conv
@@ -31,6 +37,7 @@ STAGE_CHANNELS = (24, 40, 112, 320)
 CCM_CHANNELS = (64, 128, 256, 512)
 CSM_CHANNELS = (64, 64, 128, 256)  # the finest fusion does not halve its width
 SCALE_STRIDES = (2, 4, 8, 16)  # each CSM output is upsampled ×2 from its stage's stride
+ZERO_PASS_SIDE = 224  # projector.py calc_channels: zeros(1, 3, 224, 224), whatever D's resolution
 
 
 def diff_augment_color(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -101,6 +108,24 @@ class ProjectedFeatures(nn.Module):
     def train(self, mode: bool = True) -> "ProjectedFeatures":
         """Frozen: eval mode always, so BatchNorm statistics never change."""
         return super().train(False)
+
+    @torch.no_grad()
+    def zero_image_pass(self, side: int = ZERO_PASS_SIDE) -> None:
+        """One all-zero (grey in [-1, 1]) image of side 224 through the four stages in train mode.
+
+        The authors' projector, like Projected GAN's, counts its channels this way right after
+        building the feature network, while it is still in train mode (adambielski/move-seg
+        `projector.py calc_channels`): every BatchNorm running mean and variance moves by its
+        momentum (0.1) towards that image's batch statistics, and those are the statistics the
+        paper's D kept for its whole run. Call it once, after the backbone weights are loaded.
+        """
+        x = torch.zeros(1, 3, side, side, device=self.ccm[0].weight.device, dtype=self.ccm[0].weight.dtype)
+        self.stages.train()
+        try:
+            for stage in self.stages:
+                x = stage(x)
+        finally:
+            self.eval()
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         mixed = []
@@ -179,9 +204,9 @@ class ProjectedDiscriminator(nn.Module):
             maps = self.features_folded(self.fused_input(x, self.mean, self.std, self.resolution, generator))
             return torch.cat([head(m).flatten(1) for head, m in zip(self.heads, maps)], dim=1)  # (B, K)
         x = (x * self.std + self.mean) * 2 - 1  # ImageNet-normalised → [-1, 1] (lite0: mean = std = 0.5)
+        if augment and self.diffaug:  # before the resize, as the authors: the contrast mean is the input's
+            x = diff_augment_color(x, generator)
         if x.shape[-2:] != (self.resolution, self.resolution):
             x = F.interpolate(x, size=(self.resolution, self.resolution), mode="bilinear", align_corners=False)
-        if augment and self.diffaug:
-            x = diff_augment_color(x, generator)
         maps = (self.features if self.features_folded is None else self.features_folded)(x)
         return torch.cat([head(m).flatten(1) for head, m in zip(self.heads, maps)], dim=1)  # (B, K)

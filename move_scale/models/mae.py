@@ -5,6 +5,11 @@ checkpoints (REFERENCE §3), so their `{"model": sd}` loads strictly. Unlike sta
 ALL tokens to the encoder and mixes each decoder token with the mask token by a soft weight,
 ξ̂_j = t_j·ξ_MSK + (1 - t_j)·ξ_j (paper §2.2, eq. 4 gives t), so the inpainting is differentiable
 in the tile mask t. `forward_pretrain` keeps the standard random-masking recipe for pre-training.
+
+The encoder also runs on other input sizes (a multiple of the patch, e.g. MAE features at the
+inference size): its positional table is then interpolated by the authors' rule, DINO's
+(`positions.py`; adambielski/move-seg segmenter.py `MAEComposer.interpolate_pos_encoding`). The
+decoder runs on the built grid only, as the authors' does.
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from ..kernels.tokens import MaskTokenMixer
+from .positions import interpolate_positions
 
 
 def sincos_pos_embed_2d(dim: int, grid: int) -> torch.Tensor:
@@ -63,7 +69,7 @@ class MAE(nn.Module):
         self.frozen = frozen
         self.mix_tokens = MaskTokenMixer(fused)  # fused: one compiled kernel (kernels/tokens.py)
 
-        self.patch_embed = PatchEmbed(img_size, patch_size, 3, embed_dim)
+        self.patch_embed = PatchEmbed(img_size, patch_size, 3, embed_dim, strict_img_size=False)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(sincos_pos_embed_2d(embed_dim, side)[None], requires_grad=False)
         self.blocks = _blocks(depth, embed_dim, num_heads, mlp_ratio)
@@ -112,11 +118,24 @@ class MAE(nn.Module):
                 f"got {tuple(x.shape)}; build it with img_size equal to the training image size"
             )
 
-    def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Patch tokens with positions (B,N,D) and the CLS token with its (zero) position (B,1,D)."""
-        self._check_image(x)
-        tokens = self.patch_embed(x) + self.pos_embed[:, 1:]  # (B, N, D)
-        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)  # (B, 1, D)
+    def _check_any_grid(self, x: torch.Tensor) -> tuple[int, int]:
+        p = self.patch_size
+        if x.ndim != 4 or x.shape[1] != 3 or x.shape[2] % p or x.shape[3] % p:
+            raise ValueError(f"MAE encoder takes images (B, 3, H, W) with H and W multiples of its patch {p}, "
+                             f"got {tuple(x.shape)}")
+        return x.shape[2] // p, x.shape[3] // p
+
+    def _embed(self, x: torch.Tensor, any_grid: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Patch tokens with positions (B,N,D) and the CLS token with its (zero) position (B,1,D).
+
+        `any_grid`: other sizes than the built one, positions interpolated (module docstring)."""
+        if any_grid:
+            positions = interpolate_positions(self.pos_embed, self._check_any_grid(x))
+        else:
+            self._check_image(x)
+            positions = self.pos_embed
+        tokens = self.patch_embed(x) + positions[:, 1:]  # (B, N, D)
+        cls = (self.cls_token + positions[:, :1]).expand(x.shape[0], -1, -1)  # (B, 1, D)
         return tokens, cls
 
     def _encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -125,12 +144,17 @@ class MAE(nn.Module):
         return self.norm(tokens)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """All tokens, no masking (paper §2.2): (B,3,H,W) → latent ξ (B,1+N,D), after `norm`."""
-        tokens, cls = self._embed(x)
+        """All tokens, no masking (paper §2.2): (B,3,H,W) → latent ξ (B,1+N,D), after `norm`.
+
+        Any H, W that are multiples of the patch; only the built size can be decoded."""
+        tokens, cls = self._embed(x, any_grid=True)
         return self._encode_tokens(torch.cat([cls, tokens], dim=1))
 
     def _decode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B,1+N,Dd) decoder tokens without positions → pixel predictions (B,N,p·p·3)."""
+        if tokens.shape[1] != self.decoder_pos_embed.shape[1]:
+            raise ValueError(f"the MAE decoder runs on its built {self.grid[0]}x{self.grid[1]} grid "
+                             f"({self.decoder_pos_embed.shape[1]} tokens), got {tokens.shape[1]} tokens")
         tokens = tokens + self.decoder_pos_embed
         for block in self.decoder_blocks:
             tokens = block(tokens)

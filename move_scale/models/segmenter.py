@@ -1,4 +1,8 @@
-"""The trainable segmenter: LayerNorm on frozen tokens, then a small upsampling CNN (paper §3, supp. §D).
+"""The trainable segmenter: [LayerNorm on frozen tokens,] then a small upsampling CNN (paper §3, supp. §D).
+
+The new LayerNorm serves DINO's block-10 tokens, which no norm has touched; the MAE encoder's
+tokens come out of its own final norm and go straight to the head, as in the authors' code
+(adambielski/move-seg segmenter.py; `build.segmenter_input_norm` decides).
 
 Blocks (REFERENCE §3): `len(widths) - 1` blocks of nearest Upsample×2 → [Conv3×3 (pad 1) →
 BatchNorm → LeakyReLU(0.01)] × convs_per_block, one more block without upsampling, then Conv1×1 to
@@ -25,7 +29,8 @@ def _conv_block(in_ch: int, out_ch: int, upsample: bool, convs: int) -> nn.Seque
 class Segmenter(nn.Module):
     """Tokens (B,N,C) on an h×w grid → mask m (B,1,h·2^k,w·2^k) in [0,1], k = len(widths) - 1."""
 
-    def __init__(self, in_dim: int, widths: tuple[int, ...] | list[int], convs_per_block: int = 1):
+    def __init__(self, in_dim: int, widths: tuple[int, ...] | list[int], convs_per_block: int = 1,
+                 input_norm: bool = True):
         super().__init__()
         if len(widths) < 1 or convs_per_block < 1:
             raise ValueError(
@@ -34,13 +39,24 @@ class Segmenter(nn.Module):
             )
         self.in_dim = in_dim
         self.upsamplings = len(widths) - 1
-        self.norm = nn.LayerNorm(in_dim, eps=1e-6)  # new, trainable; not the backbone's own norm
+        # new, trainable; not the backbone's own norm. Identity has no state: no state-dict keys
+        self.norm = nn.LayerNorm(in_dim, eps=1e-6) if input_norm else nn.Identity()
         channels = [in_dim, *widths]
         self.blocks = nn.Sequential(*[
             _conv_block(channels[i], channels[i + 1], upsample=i < self.upsamplings, convs=convs_per_block)
             for i in range(len(widths))
         ])
         self.to_mask = nn.Conv2d(widths[-1], 1, kernel_size=1)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if isinstance(self.norm, nn.Identity) and f"{prefix}norm.weight" in state_dict:
+            from move_scale.checkpoint import CheckpointError
+
+            raise CheckpointError(
+                "the saved segmenter has a LayerNorm on its input tokens but this one has none: it was "
+                "trained with model.segmenter.input_norm=layernorm (every MAE-feature head made before "
+                "that key existed): resume with model.segmenter.input_norm=layernorm")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, tokens: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
         batch, count, dim = tokens.shape
