@@ -37,8 +37,9 @@ from move_scale.checkpoint import (
     save_checkpoint,
 )
 from move_scale.config import Config, dump_config, flatten, load_config
+from move_scale.data.settings import train_loader_from_config
 from move_scale.data.storage import DataError
-from move_scale.data.stream import build_train_loader
+from move_scale.data.watch import LoaderInterrupted
 from move_scale.engine import NonFiniteLossError, disc_step, effective_precision, make_adamw, seg_step
 from move_scale.gallery import save_objective_gallery
 from move_scale.objective import MoveObjective, build_objective, check_objective_config
@@ -171,14 +172,18 @@ def _sync_buffers(accelerator: Accelerator, *modules: torch.nn.Module) -> None:
 
 
 class _StopFlag:
-    """Set by SIGTERM/SIGINT (preemption): the loop checkpoints at the next step and stops."""
+    """Set by SIGTERM/SIGINT (preemption): the loop checkpoints at the next step and stops; a wait
+    for data is cut short (`data/watch.py`), so a stalled store does not delay the checkpoint."""
 
-    def __init__(self) -> None:
+    def __init__(self, loader=None) -> None:
         self.raised = False
+        self.loader = loader
 
     def __call__(self, signum, frame) -> None:
         log.warning("received signal %d: checkpointing and stopping after this step", signum)
         self.raised = True
+        if self.loader is not None:
+            self.loader.watch.interrupt()  # raises LoaderInterrupted if the loader is waiting
 
 
 def _log_line(state: TrainState, total: int, meter: ProgressMeter, means: dict[str, float]) -> str:
@@ -190,14 +195,11 @@ def _log_line(state: TrainState, total: int, meter: ProgressMeter, means: dict[s
 
 
 def _build_loader(cfg: Config, state: TrainState, accelerator: Accelerator):
-    storage = {"endpoint_url": cfg.data.endpoint_url} if cfg.data.endpoint_url else None
-    return build_train_loader(
-        cfg.data.train, batch_size=cfg.data.batch_size, image_size=cfg.data.image_size,
-        crop_scale=cfg.data.crop_scale, crop_ratio=cfg.data.crop_ratio, hflip=cfg.data.hflip,
-        workers=cfg.data.workers, shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.seed,
-        rank=accelerator.process_index, world_size=accelerator.num_processes,
-        resampled=cfg.data.resampled, epoch=state.epoch, skip_batches=state.batches_in_epoch,
-        storage_options=storage, extra_keys=("background",) if cfg.objective.true_background else (),
+    return train_loader_from_config(
+        cfg.data, seed=cfg.seed, rank=accelerator.process_index,
+        world_size=accelerator.num_processes, epoch=state.epoch,
+        skip_batches=state.batches_in_epoch,
+        extra_keys=("background",) if cfg.objective.true_background else (),
         pin_memory=accelerator.device.type == "cuda")
 
 
@@ -216,6 +218,7 @@ class _Run:
         self.sums: dict[str, float] = defaultdict(float)
         self.counts: dict[str, int] = defaultdict(int)
         self.means: dict[str, float] = {}
+        self.loader = None
 
     def step(self, batch: dict, stop: _StopFlag) -> bool:
         """Even batches train D, odd batches the segmenter (REFERENCE §4); True: stop now."""
@@ -261,6 +264,8 @@ class _Run:
                       "lr/disc": self.opt_disc.param_groups[0]["lr"],
                       "perf/images_per_s": self.meter.images_per_second,
                       "perf/data_wait_share": self.meter.data_wait_share, "epoch": self.state.epoch})
+        if self.loader is not None:
+            means.update(self.loader.ledger.metrics())  # samples lost against the manifest
         if self.accelerator.is_main_process:
             log.info(_log_line(self.state, self.total, self.meter, means))
             self.tracker.log_metrics({k: v for k, v in means.items() if math.isfinite(v)},
@@ -285,13 +290,18 @@ class _Run:
 
     def loop(self, loader, stop: _StopFlag) -> None:
         state = self.state
+        self.loader = loader
         while state.step < self.total:
-            for batch in loader:
-                self.meter.data_ready()
-                if self.step(batch, stop):
-                    return
-                if state.step >= self.total:
-                    return
+            try:
+                for batch in loader:
+                    self.meter.data_ready()
+                    if self.step(batch, stop):
+                        return
+                    if state.step >= self.total:
+                        return
+            except LoaderInterrupted:  # SIGTERM while waiting for data: the last step is whole
+                self.checkpoint_if_due(False, stop)
+                return
             state.epoch += 1
             state.batches_in_epoch = 0
 
@@ -322,13 +332,14 @@ def train(cfg: Config, accelerator: Accelerator) -> TrainResult:
     log.info("training %d steps (%d batches of %d per epoch per process, %d processes, %s, %s)",
              total, len(loader), cfg.data.batch_size, accelerator.num_processes,
              accelerator.device, run.precision)
-    stop = _StopFlag()
+    stop = _StopFlag(loader)
     previous_handlers = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         run.loop(loader, stop)
     except Exception as err:
         if isinstance(err, NonFiniteLossError):
             log.error("%s", err)
+        tracker.log_metrics(loader.ledger.metrics(), step=state.step)
         tracker.end("FAILED")
         raise
     finally:

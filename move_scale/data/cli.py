@@ -17,6 +17,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from move_scale.data.images import DEFAULT_MAX_PIXELS, IMAGE_FORMATS
 from move_scale.data.manifest import format_table, human_bytes, load_manifest, verify_manifest
+from move_scale.data.remote import ReadPolicy
 from move_scale.data.storage import DataError, storage_options_for
 from move_scale.data.write import DEFAULT_MAX_COUNT, DEFAULT_MAX_SIZE, write_shards
 
@@ -59,13 +60,31 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _remote_options() -> argparse.ArgumentParser:
+    """--read-timeout / --retry-window: how remote reads (and uploads) ride out faults."""
+    remote = argparse.ArgumentParser(add_help=False)
+    defaults = ReadPolicy()
+    remote.add_argument("--read-timeout", type=float, default=defaults.read_timeout_s,
+                        metavar="SECONDS", help="abandon and retry a remote request that gets no "
+                        f"answer for this long (default {defaults.read_timeout_s:g})")
+    remote.add_argument("--retry-window", type=float, default=defaults.retry_window_s,
+                        metavar="SECONDS", help="retry a silent store this long, then stop with "
+                        f"one line naming it (default {defaults.retry_window_s:g})")
+    return remote
+
+
+def _policy(args) -> ReadPolicy:
+    return ReadPolicy(read_timeout_s=args.read_timeout, retry_window_s=args.retry_window)
+
+
 def _add_make(commands, common) -> None:
     make = commands.add_parser(
         "make", help="write image files as WebDataset shards + manifest",
         usage="move-shard make [options] SRC [SRC ...] OUT",
         description="Decode, convert to 8-bit RGB, optionally resize/re-encode, and write images "
                     "as reproducible WebDataset tar shards with a manifest.",
-        epilog=MAKE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter, parents=[common])
+        epilog=MAKE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[common, _remote_options()])
     make.add_argument("paths", nargs="+", metavar="SRC ... OUT",
                       help="SRC: image folder (recursive), text file of paths/URLs, or a glob "
                            "(quote it); the last path is OUT, a folder or URL (s3://bucket/prefix)")
@@ -145,7 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_synth(commands, common)
     for command, text in (("info", "print a manifest as a table"),
                           ("verify", "re-hash every shard; exit 1 on a mismatch or a missing shard")):
-        sub = commands.add_parser(command, help=text, description=text, parents=[common])
+        sub = commands.add_parser(command, help=text, description=text,
+                                  parents=[common, _remote_options()])
         sub.add_argument("manifest", metavar="MANIFEST",
                          help="manifest.json or its folder (local or URL), e.g. shards/duts-tr")
         sub.add_argument("--endpoint-url", help="S3-compatible endpoint for s3:// URLs")
@@ -163,21 +183,24 @@ def _make(args) -> int:
         resize=args.resize, image_format=args.image_format, quality=args.quality,
         shuffle=args.shuffle, seed=args.seed, workers=args.workers, resume=args.resume,
         overwrite=args.overwrite, masks=args.masks, boxes=args.boxes, max_pixels=args.max_pixels,
-        storage_options=storage_options_for(out, args.endpoint_url) or _sources_options(sources, args),
-        progress=not args.no_progress)
+        storage_options=_options(out, args) or _sources_options(sources, args),
+        progress=not args.no_progress, policy=_policy(args))
     print(f"{len(manifest.shards)} shards, {manifest.samples} images, {human_bytes(manifest.bytes)}; "
           f"skipped {manifest.skipped} (see {manifest.report}) -> {out}")
     return 0
 
 
 def _sources_options(sources, args) -> dict:
-    return next((storage_options_for(src, args.endpoint_url) for src in sources
-                 if storage_options_for(src, args.endpoint_url)), {})
+    return next((_options(src, args) for src in sources if _options(src, args)), {})
+
+
+def _options(url: str, args) -> dict:
+    return storage_options_for(url, args.endpoint_url, _policy(args))
 
 
 def _verify(args) -> int:
-    manifest, problems = verify_manifest(args.manifest, storage_options_for(args.manifest, args.endpoint_url),
-                                         progress=sys.stderr.isatty())
+    manifest, problems = verify_manifest(args.manifest, _options(args.manifest, args),
+                                         progress=sys.stderr.isatty(), policy=_policy(args))
     for problem in problems:
         print(f"MISMATCH {problem.shard}: {problem.kind}: {problem.detail}")
     print(f"verified {len(manifest.shards)} shards: {len(problems)} problem(s)")
@@ -195,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "synth":
             return _synth(args)
         if args.command == "info":
-            manifest = load_manifest(args.manifest, storage_options_for(args.manifest, args.endpoint_url))
+            manifest = load_manifest(args.manifest, _options(args.manifest, args), _policy(args))
             print(format_table(manifest, limit=0 if args.all else 20))
             return 0
         return _verify(args)
