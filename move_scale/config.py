@@ -133,11 +133,11 @@ class DataConfig:
     crop_ratio: tuple[float, float] = (0.75, 4.0 / 3.0)
     hflip: bool = True
     endpoint_url: str = ""  # S3-compatible endpoint for s3:// URLs
-    # Faults (move_scale/data/remote.py, tario.py, watch.py). Remote requests time out after these
-    # (s3fs retries a timed-out request 5 times itself); a read that fails on a timeout or a lost
-    # connection is retried, resuming where it broke off (same samples as without the fault),
-    # until the store has been silent for retry_window_s; then the run stops with one line naming
-    # the endpoint. A run gives up about retry_window_s + 5 * read_timeout_s after a store dies.
+    # Faults (move_scale/data/remote.py, tario.py, watch.py). Remote requests time out after these;
+    # a read that fails on a timeout or a lost connection is retried, resuming where it broke off
+    # (same samples as without the fault), until the store has been silent for retry_window_s;
+    # then the run stops with one line naming the endpoint, about retry_window_s + 2 *
+    # (connect_timeout_s + read_timeout_s) after the store went silent.
     connect_timeout_s: float = 10.0
     read_timeout_s: float = 15.0
     retry_window_s: float = 120.0  # rides out blips of tens of seconds

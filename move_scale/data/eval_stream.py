@@ -15,7 +15,6 @@ scored. Remote reads are retried and resumed as for training (`remote.py`).
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from dataclasses import dataclass
 from typing import Iterator
 

@@ -6,14 +6,15 @@
         data = f.read()                                # same bytes as an undisturbed read
 
 Every request has the policy's connect and read timeouts (s3fs/aiobotocore `config_kwargs`,
-aiohttp `ClientTimeout` for http(s)); botocore's own retries are switched off so that one clock
-decides. s3fs still retries a timed-out request up to 5 times itself (`S3FileSystem.retries`),
-so one attempt lasts at most about 5 × read_timeout_s + 2 s. A read that fails with a timeout, a
-refused or dropped connection, or a 5xx/throttling answer (`is_transient`) is retried with
-backoff, reopening the file at the byte where it broke off, until the store has been silent for
-`retry_window_s`; then `DataError` names the endpoint and the file. A stall inside the window
-therefore leaves the bytes read, and everything made from them, identical to an undisturbed read;
-the longest a read can take to give up is about retry_window_s + 5 × read_timeout_s + 2 s.
+aiohttp `ClientTimeout` for http(s)). botocore's own retries are switched off and every s3fs
+filesystem of the data path makes one try per request (`filesystem`): s3fs nests its default 5
+tries inside range reads (25 requests, 25 × read_timeout_s before one read fails), and one clock
+must decide. A read that fails with a timeout, a refused or dropped connection, or a
+5xx/throttling answer (`is_transient`) is retried with backoff, reopening the file at the byte
+where it broke off, until the store has been silent for `retry_window_s`; then `DataError` names
+the endpoint and the file. A stall inside the window therefore leaves the bytes read, and
+everything made from them, identical to an undisturbed read; a read gives up at most about
+`ReadPolicy.give_up_s` (the window plus one attempt: two requests) after the store went silent.
 Missing files, denied access and other answers that a retry cannot change are raised at once.
 """
 from __future__ import annotations
@@ -56,7 +57,15 @@ class ReadPolicy:
     @property
     def give_up_s(self) -> float:
         """About the longest a failing read takes before DataError (see the module docstring)."""
-        return self.retry_window_s + 5 * self.read_timeout_s + 2.0
+        return self.retry_window_s + 2 * (self.connect_timeout_s + self.read_timeout_s) + 1.0
+
+
+def filesystem(url: str, options: dict | None):
+    """(fsspec filesystem, path) for `url`; an s3fs one makes a single try per request (above)."""
+    fs, path = fsspec.core.url_to_fs(url, **(options or {}))
+    if protocol_of(url) in ("s3", "s3a"):
+        fs.retries = 1  # s3fs's documented class attribute, set on our own configured instance
+    return fs, path
 
 
 def protocol_of(url: str) -> str:
@@ -192,7 +201,8 @@ class RetryingFile(io.RawIOBase):
         return self.url
 
     def _open(self):
-        handle = fsspec.open(self.url, "rb", **self.options).open()
+        fs, path = filesystem(self.url, self.options)
+        handle = fs.open(path, "rb")
         if self.position:
             handle.seek(self.position)
         return handle

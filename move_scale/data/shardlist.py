@@ -20,11 +20,10 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import braceexpand
-import fsspec
 
 from move_scale.data import tario
 from move_scale.data.manifest import MANIFEST_NAME, load_manifest, manifest_url
-from move_scale.data.remote import ReadPolicy, protocol_of, retrying
+from move_scale.data.remote import ReadPolicy, filesystem, protocol_of, retrying
 from move_scale.data.storage import _OBJECT_STORES, DataError
 
 log = logging.getLogger(__name__)
@@ -72,7 +71,7 @@ def _counts_beside(urls: list[str], storage_options: dict | None,
     found: dict[str, Shard] = {}
     for folder in sorted({posixpath.dirname(u) for u in urls}):
         url = _join(folder, MANIFEST_NAME) if folder else MANIFEST_NAME
-        fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+        fs, path = filesystem(url, storage_options)
         if not retrying("manifest", url, storage_options, policy, lambda: fs.exists(path)):
             continue
         listed = {posixpath.basename(s.url): s for s in read_manifest(url, storage_options, policy)}
@@ -131,7 +130,7 @@ def survey_shards(shards: list[Shard], storage_options: dict | None,
     for folder, members in by_folder.items():
         if protocol_of(folder) not in _OBJECT_STORES | {"file"}:
             continue
-        fs, path = fsspec.core.url_to_fs(folder or ".", **(storage_options or {}))
+        fs, path = filesystem(folder or ".", storage_options)
         listing = retrying("listing of", folder, storage_options, policy,
                            lambda: _sizes(fs, path))
         for shard in members:

@@ -23,7 +23,6 @@ import re
 from dataclasses import dataclass
 from typing import Iterator
 
-import fsspec
 
 from move_scale.data.storage import DataError
 
@@ -96,8 +95,10 @@ def _list_file(fs, path: str, original: str) -> list[tuple[str, str]]:
 
 def expand_source(src: str, storage_options: dict | None = None) -> list[tuple[str, str]]:
     """(path or URL, key stem) for every input named by one SRC, in deterministic order."""
+    from move_scale.data.remote import filesystem
+
     try:
-        fs, path = fsspec.core.url_to_fs(src, **(storage_options or {}))
+        fs, path = filesystem(src, storage_options)
     except (ValueError, ImportError) as err:
         raise DataError(f"SRC {src!r} is not a usable path or URL: {err}") from err
     local = not is_url(src)

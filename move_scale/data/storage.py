@@ -17,7 +17,6 @@ import tempfile
 from contextlib import contextmanager
 from typing import Iterator
 
-import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from move_scale.errors import UserError
@@ -43,8 +42,10 @@ class OutputDir:
     def __init__(self, url: str, storage_options: dict | None = None, policy=None):
         self.url = url.rstrip("/")
         self.storage_options, self.policy = storage_options, policy
+        from move_scale.data.remote import filesystem
+
         try:
-            self.fs, root = fsspec.core.url_to_fs(self.url, **(storage_options or {}))
+            self.fs, root = filesystem(self.url, storage_options)
         except (ValueError, ImportError) as err:
             raise DataError(f"OUT {url!r} is not a usable path or URL: {err}") from err
         self.root = root.rstrip("/")
