@@ -342,7 +342,7 @@ def run(args: argparse.Namespace) -> dict | None:
 
     policy = ReadPolicy(**{key: value for key, value in (("read_timeout_s", args.read_timeout),
                                                           ("retry_window_s", args.retry_window))
-                           if value is not None})
+                           if value is not None}, window_key="--retry-window")
     source = open_eval_source(args.data, args.gt, rank=rank, world_size=world_size,
                               endpoint_url=args.endpoint_url, subset=args.subset, policy=policy)
     meter, skipped = evaluate(predictor, source.samples, args.task, batch_size=args.batch_size,

@@ -74,7 +74,8 @@ def _remote_options() -> argparse.ArgumentParser:
 
 
 def _policy(args) -> ReadPolicy:
-    return ReadPolicy(read_timeout_s=args.read_timeout, retry_window_s=args.retry_window)
+    return ReadPolicy(read_timeout_s=args.read_timeout, retry_window_s=args.retry_window,
+                      window_key="--retry-window")
 
 
 def _add_make(commands, common) -> None:

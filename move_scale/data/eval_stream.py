@@ -95,7 +95,7 @@ class EvalLoader:
         self.stream = EvalStream(slices, [by_url[s.url] for s in slices], storage_options,
                                  policy or ReadPolicy(), f"eval rank {rank}")
         self.workers = workers
-        self.ledger = LossLedger(f"eval rank {rank}", max_share=None)
+        self.ledger = LossLedger(f"eval rank {rank}", max_share=None, epochs=False)
         self.ledger.start_epoch(0, self.num_samples)
         self.delivered = 0
 

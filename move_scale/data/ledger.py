@@ -28,10 +28,12 @@ class Report:
 class LossLedger:
     """Samples lost on one rank, against the manifest: this epoch, and over the run."""
 
-    def __init__(self, where: str, max_share: float | None, interval_s: float = 30.0):
+    def __init__(self, where: str, max_share: float | None, interval_s: float = 30.0,
+                 epochs: bool = True):
         if max_share is not None and not 0.0 <= max_share <= 1.0:
             raise DataError(f"data.max_lost_share must be in [0, 1], got {max_share}")
         self.where, self.max_share, self.interval_s = where, max_share, interval_s
+        self.epochs = epochs  # False: one pass (evaluation), no epoch in the messages
         self.total: Counter = Counter()  # over the run
         self.epoch_counts: Counter = Counter()
         self.epoch, self.expected = 0, 0
@@ -68,7 +70,8 @@ class LossLedger:
 
     def summary(self) -> str:
         limit = "" if self.max_share is None else f", limit {self.max_share:.1%} (data.max_lost_share)"
-        return (f"epoch {self.epoch}: {self.lost} of its {self.expected} samples lost "
+        scope = f"epoch {self.epoch}: " if self.epochs else ""
+        return (f"{scope}{self.lost} of its {self.expected} samples lost "
                 f"({self.share:.1%}{limit}): {dict(self.epoch_counts)}; over the run: "
                 f"{dict(self.total)}")
 

@@ -111,7 +111,7 @@ def load_manifest(path_or_url: str, storage_options: dict | None = None,
     or when its store stays silent past the policy's retry window (`remote.py`)."""
     url = manifest_url(path_or_url)
     try:
-        with RetryingFile(url, storage_options, policy or ReadPolicy(), what="manifest") as handle:
+        with RetryingFile(url, storage_options, policy or ReadPolicy(), what="reading the manifest") as handle:
             text = handle.read().decode("utf-8")
     except FileNotFoundError as err:
         raise DataError(f"no manifest at {url}; pass the manifest.json written by `move-shard make`"
@@ -154,7 +154,7 @@ def verify_manifest(path_or_url: str, storage_options: dict | None = None,
     for shard, shard_url in tqdm(list(zip(manifest.shards, urls)), desc="verify", unit="shard",
                                  disable=not progress):
         try:
-            with RetryingFile(shard_url, storage_options, policy, what="shard") as handle:
+            with RetryingFile(shard_url, storage_options, policy, what="reading the shard") as handle:
                 digest, size = sha256_of(handle)
         except FileNotFoundError:
             problems.append(Problem(shard.name, "missing", f"{shard_url} does not exist"))

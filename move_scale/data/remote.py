@@ -48,6 +48,7 @@ class ReadPolicy:
     connect_timeout_s: float = 10.0
     read_timeout_s: float = 15.0
     retry_window_s: float = 120.0
+    window_key: str = "data.retry_window_s"  # how the user sets the window, for messages
 
     def __post_init__(self) -> None:
         for name in ("connect_timeout_s", "read_timeout_s", "retry_window_s"):
@@ -161,8 +162,8 @@ class Retry:
         endpoint = endpoint_of(self.url, self.options)
         if silent >= self.policy.retry_window_s:
             raise DataError(
-                f"{endpoint} did not answer for {silent:.0f} s (data.retry_window_s="
-                f"{self.policy.retry_window_s:g}) while reading {self.url} ({_one_line(err)}); "
+                f"{endpoint} did not answer for {silent:.0f} s ({self.policy.window_key}="
+                f"{self.policy.retry_window_s:g}) while {self.what} {self.url} ({_one_line(err)}); "
                 "check that the store is up and the endpoint is right, then rerun (training "
                 "resumes from its last checkpoint)") from None
         delay = min(0.5 * 2 ** self.attempt, 10.0, self.policy.retry_window_s - silent)
@@ -189,7 +190,8 @@ def retrying(what: str, url: str, options: dict | None, policy: ReadPolicy,
 class RetryingFile(io.RawIOBase):
     """A read-only stream of `url` that reopens at the current byte after a transient failure."""
 
-    def __init__(self, url: str, options: dict | None, policy: ReadPolicy, what: str = "read"):
+    def __init__(self, url: str, options: dict | None, policy: ReadPolicy,
+                 what: str = "reading"):
         super().__init__()
         self.url, self.options, self.policy = url, options or {}, policy
         self.position = 0

@@ -72,7 +72,7 @@ def _counts_beside(urls: list[str], storage_options: dict | None,
     for folder in sorted({posixpath.dirname(u) for u in urls}):
         url = _join(folder, MANIFEST_NAME) if folder else MANIFEST_NAME
         fs, path = filesystem(url, storage_options)
-        if not retrying("manifest", url, storage_options, policy, lambda: fs.exists(path)):
+        if not retrying("looking for the manifest", url, storage_options, policy, lambda: fs.exists(path)):
             continue
         listed = {posixpath.basename(s.url): s for s in read_manifest(url, storage_options, policy)}
         for u in urls:
@@ -131,7 +131,7 @@ def survey_shards(shards: list[Shard], storage_options: dict | None,
         if protocol_of(folder) not in _OBJECT_STORES | {"file"}:
             continue
         fs, path = filesystem(folder or ".", storage_options)
-        listing = retrying("listing of", folder, storage_options, policy,
+        listing = retrying("listing", folder, storage_options, policy,
                            lambda: _sizes(fs, path))
         for shard in members:
             size = listing.get(posixpath.basename(shard.url))

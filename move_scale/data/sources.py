@@ -136,7 +136,7 @@ def list_inputs(sources: list[str], storage_options: dict | None = None,
     seen: set[str] = set()
     for src in sources:
         expand = lambda: expand_source(src, storage_options)  # noqa: E731
-        listed = retrying("listing of", src, storage_options, policy or ReadPolicy(), expand) \
+        listed = retrying("listing", src, storage_options, policy or ReadPolicy(), expand) \
             if is_url(src) else expand()
         for path, name in listed:
             base = key = sanitize_key(name)
@@ -156,5 +156,5 @@ def read_source(path: str, storage_options: dict | None = None, policy=None) -> 
             return handle.read()
     from move_scale.data.remote import ReadPolicy, RetryingFile
 
-    with RetryingFile(path, storage_options, policy or ReadPolicy(), what="input") as handle:
+    with RetryingFile(path, storage_options, policy or ReadPolicy(), what="reading the input") as handle:
         return handle.read()

@@ -101,11 +101,11 @@ class OutputDir:
                 return
             final = self.path(name)
             if self.is_object_store:
-                self._remote("upload of", name, lambda: self.fs.put_file(tmp, final))
+                self._remote("uploading", name, lambda: self.fs.put_file(tmp, final))
             else:
                 partial = f"{final}.{os.getpid()}.tmp"
-                self._remote("upload of", name, lambda: self.fs.put_file(tmp, partial))
-                self._remote("rename of", name, lambda: self.fs.mv(partial, final))
+                self._remote("uploading", name, lambda: self.fs.put_file(tmp, partial))
+                self._remote("renaming", name, lambda: self.fs.mv(partial, final))
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
@@ -132,12 +132,12 @@ class OutputDir:
             with self.fs.open(self.path(name), "rb") as handle:
                 return handle.read()
 
-        return self._remote("read of", name, read)
+        return self._remote("reading", name, read)
 
     def size(self, name: str) -> int | None:
         """Bytes of ``name``, None when it does not exist."""
         try:
-            return int(self._remote("size of", name, lambda: self.fs.size(self.path(name))))
+            return int(self._remote("checking", name, lambda: self.fs.size(self.path(name))))
         except OSError:  # FileNotFoundError and answers a retry cannot change
             return None
 
@@ -147,7 +147,7 @@ class OutputDir:
     def list(self, folder: str) -> list[str]:
         """Names (relative to ``folder``) of the files directly inside it; [] when absent."""
         try:
-            entries = self._remote("listing of", folder,
+            entries = self._remote("listing", folder,
                                    lambda: self.fs.ls(self.path(folder), detail=False))
         except OSError:
             return []
@@ -155,7 +155,7 @@ class OutputDir:
 
     def delete(self, name: str) -> None:
         try:
-            self._remote("delete of", name, lambda: self.fs.rm(self.path(name)))
+            self._remote("deleting", name, lambda: self.fs.rm(self.path(name)))
         except FileNotFoundError:
             pass
 

@@ -2,11 +2,13 @@
 
 A sample is the dict {"__key__": key, "__shard__": url, ext: bytes, ...} of consecutive tar
 members that share a key (the WebDataset convention: `abc.jpg`, `abc.mask.png` -> key `abc`).
-The tar is parsed and grouped by `webdataset` itself (`tar_file_iterator`, `group_by_keys`), so a
+Members are grouped into samples by `webdataset` itself (`group_by_keys`, `base_plus_ext`), so a
 shard means here exactly what it means to WebDataset (lower-cased extensions, `__*__` metadata
-members skipped, a duplicate member is an error); the bytes come through a `RetryingFile`, so a
-stall or a dropped connection inside the retry window resumes the read where it broke off and the
-samples are those of an undisturbed read.
+members skipped, a duplicate member is an error). The members come from `tarfile` through a
+`RetryingFile`, so a stall or a dropped connection inside the retry window resumes the read where
+it broke off and the samples are those of an undisturbed read. webdataset's `tar_file_iterator` is
+not used for that step: when a member's data breaks off it cannot tell the grouping that the
+sample before it is complete, so a truncated shard would lose one more sample than it must.
 
 What webdataset's pipeline (`WebDataset`, `split_by_node`/`split_by_worker`, its `shuffle` and
 `handler=warn_and_continue`) is not used for, and why: it gives whole shards to ranks and workers,
@@ -26,12 +28,13 @@ A store that stays silent past the retry window is not a loss but an outage: `Da
 from __future__ import annotations
 
 import logging
+import re
 import tarfile
 import time
 from collections import Counter
-from typing import Callable, Iterator
+from typing import Iterator
 
-from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_iterator
+from webdataset.tariterators import base_plus_ext, group_by_keys
 
 from move_scale.data.remote import ReadPolicy, RetryingFile
 from move_scale.data.storage import DataError
@@ -83,24 +86,33 @@ class SkipTally:
         return notes
 
 
-def _skip_first(samples: int) -> Callable[[str], bool]:
-    """A `select_files` predicate that passes over the members of the first `samples` keys
-    without reading their data (tar headers are still read, as a tar stream must)."""
-    state = {"key": None, "seen": 0}
-
-    def select(name: str) -> bool:
-        key = base_plus_ext(name)[0]
-        if key is not None and key != state["key"]:
-            state["key"], state["seen"] = key, state["seen"] + 1
-        return state["seen"] > samples
-
-    return select
+_META = re.compile(r"__[^/]*__($|/)")  # webdataset's `skip_meta`: members such as __info__.json
 
 
-def _with_url(members: Iterator[dict], url: str) -> Iterator[dict]:
-    for member in members:
-        member["__url__"] = url
-        yield member
+def _members(stream, url: str, skip_samples: int) -> Iterator[dict]:
+    """{"fname", "data", "__url__"} of the tar's regular members, in order, for `group_by_keys`;
+    the members of the first `skip_samples` keys pass without their data being read."""
+    tar = tarfile.open(fileobj=stream, mode="r|*")
+    key, seen = None, 0
+    for member in tar:
+        if not member.isreg() or _META.match(member.name):
+            continue
+        member_key = base_plus_ext(member.name)[0]
+        if member_key is not None and member_key != key:
+            key, seen = member_key, seen + 1
+            new_sample = True
+        else:
+            new_sample = False
+        if seen <= skip_samples:
+            continue
+        try:
+            data = tar.extractfile(member).read()
+        except (OSError, tarfile.TarError, EOFError):
+            if new_sample:
+                yield {}  # the sample before this member is complete: group_by_keys yields it
+            raise
+        yield {"fname": member.name, "data": data, "__url__": url}
+        tar.members = []  # a stream of any length in constant memory
 
 
 def _selected(lo: int, hi: int, stride: int, offset: int) -> int:
@@ -120,9 +132,8 @@ def iter_shard(url: str, options: dict | None, policy: ReadPolicy, tally: SkipTa
         return
     index = start
     try:
-        with RetryingFile(url, options, policy, what="shard") as stream:
-            members = tar_file_iterator(stream, select_files=_skip_first(start))
-            for sample in group_by_keys(_with_url(members, url)):
+        with RetryingFile(url, options, policy, what="reading the shard") as stream:
+            for sample in group_by_keys(_members(stream, url, start)):
                 if index % stride == offset:
                     sample["__shard__"] = url
                     yield sample
@@ -144,15 +155,7 @@ def iter_shard(url: str, options: dict | None, policy: ReadPolicy, tally: SkipTa
 
 def count_tar_samples(url: str, options: dict | None, policy: ReadPolicy | None = None) -> int:
     """Distinct sample keys in one tar (reads the headers; for remote shards, the whole file)."""
-    keys: set[str] = set()
-
-    def select(name: str) -> bool:
-        key = base_plus_ext(name)[0]
-        if key is not None:
-            keys.add(key)
-        return False  # never read the data
-
-    with RetryingFile(url, options, policy or ReadPolicy(), what="shard") as stream:
-        for _ in tar_file_iterator(stream, select_files=select):
-            pass
-    return len(keys)
+    with RetryingFile(url, options, policy or ReadPolicy(), what="reading the shard") as stream:
+        keys = {base_plus_ext(m.name)[0] for m in tarfile.open(fileobj=stream, mode="r|*")
+                if m.isreg() and not _META.match(m.name)}
+    return len(keys - {None})
