@@ -141,7 +141,7 @@ class DataConfig:
     connect_timeout_s: float = 10.0
     read_timeout_s: float = 15.0
     retry_window_s: float = 120.0  # rides out blips of tens of seconds
-    stall_timeout_s: float = 300.0  # no batch for this long (workers >= 1): stop, naming the shards in flight
+    stall_timeout_s: float = 300.0  # no batch and no sample read this long (workers >= 1): stop, naming the shards in flight
     max_lost_share: float = 0.01  # stop when samples lost (missing/unreadable/truncated/short shards,
     # undecodable images; counted against the manifest) pass this share of a rank's epoch; 0: at the first
 

@@ -6,6 +6,7 @@ the machine running the tests may be shared.
 """
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import sys
@@ -183,8 +184,7 @@ def test_sigterm_while_the_loader_waits_checkpoints_and_exits_143(data, referenc
 
 
 def test_a_stalled_loader_names_the_shards_in_flight_and_the_endpoint(data, tmp_path):
-    """Workers >= 1: the DataLoader's own timeout (data.stall_timeout_s) bounds the wait even when
-    the retry window is longer."""
+    """Workers >= 1: data.stall_timeout_s bounds the wait even when the retry window is longer."""
     run_dir, log = tmp_path / "run", tmp_path / "train.log"
     with MotoServer() as server:
         source, endpoint = _served(server, data)
@@ -200,7 +200,7 @@ def test_a_stalled_loader_names_the_shards_in_flight_and_the_endpoint(data, tmp_
     line = _one_error_line(log)
     print(f"\nstore paused, 1 loader worker, stall_timeout 6 s: exit {code} after {took:.1f} s: "
           f"{line[:200]}")
-    assert code == 2 and "no batch for 6 s (data.stall_timeout_s)" in line
+    assert code == 2 and re.search(r"no data for \d+ s \(data.stall_timeout_s\)", line)
     assert "s3://faults/train/synthetic-train-0000" in line and server.endpoint in line
     assert took < 6 + 45
 

@@ -276,3 +276,44 @@ def test_streams_from_s3_shards_written_by_the_writer(make_images, s3_bucket, s3
     assert sorted(s["key"] for s in evaluated) == sorted(keys)
     for sample in evaluated:
         assert sample["mask"].shape == sample["image"].shape[:2] and sample["mask"].any()
+
+
+# ----------------------------------------------------------------------------- waiting for data
+
+
+class _Slow(torch.utils.data.IterableDataset):
+    """Worker w yields (w, i) for i < 4, each after `delay` seconds, counting its reads."""
+
+    def __init__(self, delay: float, board):
+        self.delay, self.board = delay, board
+
+    def __iter__(self):
+        import time
+
+        worker = torch.utils.data.get_worker_info().id
+        for i in range(4):
+            time.sleep(self.delay)
+            self.board.read_one(worker)
+            yield worker, i
+
+
+def test_waits_in_slices_lose_nothing_and_a_silent_loader_is_a_stall(tmp_path):
+    """The DataLoader raises "timed out" at every slice of a wait and keeps its place: asked
+    again, it delivers the same items in the same order."""
+    from move_scale.data.watch import InFlight, LoaderWatch, next_item
+
+    def drain(delay, stall_timeout_s):
+        board = InFlight(2)
+        loader = iter(torch.utils.data.DataLoader(_Slow(delay, board), batch_size=None,
+                                                  num_workers=2, timeout=0.05))
+        items = []
+        while True:
+            try:
+                items.append(tuple(next_item(loader, LoaderWatch(), stall_timeout_s, board,
+                                             lambda s: f"stalled {s:.1f}")))
+            except StopIteration:
+                return items
+
+    assert drain(0.3, 5.0) == [(w, i) for i in range(4) for w in range(2)]
+    with pytest.raises(DataError, match="stalled"):
+        drain(1.5, 0.4)

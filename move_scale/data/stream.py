@@ -21,8 +21,8 @@ read and decoded (to find corrupt samples exactly as the first run did) but not 
 Faults (see `remote.py`, `tario.py`, `ledger.py`, `watch.py`): remote reads are retried and resumed
 within `policy.retry_window_s`, so a blip leaves the batches unchanged; samples a shard cannot
 deliver against the manifest are counted in `loader.ledger` (and `loader.skipped`), logged at
-WARNING, and stop the run past `max_lost_share` of the rank's epoch; no batch for
-`stall_timeout_s` (workers >= 1) stops it naming the shards in flight; `loader.watch.interrupt()`
+WARNING, and stop the run past `max_lost_share` of the rank's epoch; no batch and no sample read
+for `stall_timeout_s` (workers >= 1) stops it naming the shards in flight; `loader.watch.interrupt()`
 ends a wait for data at once (SIGTERM). All of these stops are `DataError`s with one line.
 
 Iterating a loader to the end moves it to the next epoch (`set_epoch` chooses one explicitly).
@@ -48,7 +48,7 @@ from move_scale.data.tario import SkipTally, iter_shard
 from move_scale.data.transforms import (
     EXTRA_FIELDS, SampleError, TrainTransform, collate_normalise, sample_rng,
 )
-from move_scale.data.watch import InFlight, LoaderWatch, next_item, stall_message
+from move_scale.data.watch import InFlight, LoaderWatch, next_item, poll_interval, stall_message
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +83,10 @@ class TrainStream(IterableDataset):
 
     def _read(self, worker: int, piece: plan.Piece, tally: SkipTally) -> Iterator[dict]:
         self.inflight.reading(worker, piece.shard)
-        return iter_shard(self.shards[piece.shard].url, self.storage_options, self.policy, tally,
-                          start=piece.start, stop=piece.stop)
+        for sample in iter_shard(self.shards[piece.shard].url, self.storage_options, self.policy,
+                                 tally, start=piece.start, stop=piece.stop):
+            self.inflight.read_one(worker)
+            yield sample
 
     def _pass(self, worker: int, pass_index: int, tally: SkipTally) -> Iterator[dict]:
         """Raw samples of one pass over the worker's pieces (pass 0 is the epoch; later passes
@@ -205,7 +207,8 @@ class TrainLoader:
     def _pieces(self, source) -> Iterator[dict]:
         while True:
             try:
-                piece, report = next_item(source, self.watch, self.stall_timeout_s, self._stalled)
+                piece, report = next_item(source, self.watch, self.stall_timeout_s, self.inflight,
+                                          self._stalled)
             except StopIteration:
                 return
             self.ledger.add(report)
@@ -223,7 +226,7 @@ class TrainLoader:
         else:
             source = iter(DataLoader(dataset, batch_size=None, num_workers=self.workers,
                                      collate_fn=identity, pin_memory=self.pin_memory,
-                                     timeout=self.stall_timeout_s))
+                                     timeout=poll_interval(self.stall_timeout_s)))
         expected, delivered = self.batches_per_epoch - self.skip_batches, 0
         for batch in rebatch(self._pieces(source), self.stream["batch_size"]):
             delivered += 1
