@@ -311,10 +311,10 @@ def _log_split(shards, world_size, batch_size, resampled, workers, seed, epoch, 
     total = sum(s.count for s in shards)
     out = plan.left_out(shards, world_size, batch_size, resampled)
     if out and rank == 0:
-        log.warning("each epoch leaves out %d of %d samples (%.1f%%) so that all %d ranks get %d "
-                    "batches of %d; which ones changes every epoch", out, total, 100 * out / total,
-                    world_size, plan.batches_per_epoch(shards, world_size, batch_size, False),
-                    batch_size)
+        log.warning("each epoch leaves out %d of %d samples (%.1f%%): %d rank(s) x %d batches of "
+                    "%d, the same count on every rank; which ones changes every epoch", out, total,
+                    100 * out / total, world_size,
+                    plan.batches_per_epoch(shards, world_size, batch_size, False), batch_size)
 
 
 def build_eval_loader(
