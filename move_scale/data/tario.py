@@ -95,6 +95,7 @@ def _members(stream, url: str, skip_samples: int) -> Iterator[dict]:
     tar = tarfile.open(fileobj=stream, mode="r|*")
     key, seen = None, 0
     for member in tar:
+        tar.members = []  # a stream of any length in constant memory
         if not member.isreg() or _META.match(member.name):
             continue
         member_key = base_plus_ext(member.name)[0]
@@ -112,7 +113,6 @@ def _members(stream, url: str, skip_samples: int) -> Iterator[dict]:
                 yield {}  # the sample before this member is complete: group_by_keys yields it
             raise
         yield {"fname": member.name, "data": data, "__url__": url}
-        tar.members = []  # a stream of any length in constant memory
 
 
 def _selected(lo: int, hi: int, stride: int, offset: int) -> int:
@@ -140,7 +140,8 @@ def iter_shard(url: str, options: dict | None, policy: ReadPolicy, tally: SkipTa
                 index += 1
                 if index >= stop:
                     return
-        reason, detail = "short shard", f"{url} ends after {index} samples, the manifest says {stop}"
+        reason, detail = "short shard", (f"{url} ends after {index} samples; by the manifest it "
+                                         f"holds at least {stop}")
     except DataError:
         raise
     except FileNotFoundError:
