@@ -27,6 +27,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from move_scale.boxes import largest_box, mask_to_boxes
+from move_scale.data.eval_stream import check_delivered
+from move_scale.data.remote import add_policy_arguments, policy_from_args
 from move_scale.errors import UserError
 from move_scale.inference import InferenceError, list_images, load_predictor, read_image
 from move_scale.metrics import CorLocMeter, SaliencyMeter
@@ -323,12 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--allow-missing", action="store_true",
                         help="score what the shards deliver when some of the images their manifest "
                              "lists are missing (reported either way; without it: exit 2)")
-    parser.add_argument("--read-timeout", type=float, default=None,
-                        help="seconds before a remote request is abandoned and retried "
-                             "(default: data.read_timeout_s's, 15)")
-    parser.add_argument("--retry-window", type=float, default=None,
-                        help="seconds a silent store is retried before giving up "
-                             "(default: data.retry_window_s's, 120)")
+    add_policy_arguments(parser)  # --read-timeout, --retry-window (shards on object storage)
     return parser
 
 
@@ -337,14 +334,9 @@ def run(args: argparse.Namespace) -> dict | None:
     rank, world_size, default_device = _distributed()
     device = torch.device(args.device) if args.device else default_device
     predictor, meta = load_predictor(args.checkpoint, device, args.short_side, args.weights_cache)
-    from move_scale.data.eval_stream import check_delivered
-    from move_scale.data.remote import ReadPolicy
-
-    policy = ReadPolicy(**{key: value for key, value in (("read_timeout_s", args.read_timeout),
-                                                          ("retry_window_s", args.retry_window))
-                           if value is not None}, window_key="--retry-window")
     source = open_eval_source(args.data, args.gt, rank=rank, world_size=world_size,
-                              endpoint_url=args.endpoint_url, subset=args.subset, policy=policy)
+                              endpoint_url=args.endpoint_url, subset=args.subset,
+                              policy=policy_from_args(args))
     meter, skipped = evaluate(predictor, source.samples, args.task, batch_size=args.batch_size,
                               bilateral=args.bilateral, progress=rank == 0 and not args.no_progress,
                               total=source.count)

@@ -17,7 +17,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from move_scale.data.images import DEFAULT_MAX_PIXELS, IMAGE_FORMATS
 from move_scale.data.manifest import format_table, human_bytes, load_manifest, verify_manifest
-from move_scale.data.remote import ReadPolicy
+from move_scale.data.remote import add_policy_arguments, policy_from_args
 from move_scale.data.storage import DataError, storage_options_for
 from move_scale.data.write import DEFAULT_MAX_COUNT, DEFAULT_MAX_SIZE, write_shards
 
@@ -63,19 +63,8 @@ def _positive_int(text: str) -> int:
 def _remote_options() -> argparse.ArgumentParser:
     """--read-timeout / --retry-window: how remote reads (and uploads) ride out faults."""
     remote = argparse.ArgumentParser(add_help=False)
-    defaults = ReadPolicy()
-    remote.add_argument("--read-timeout", type=float, default=defaults.read_timeout_s,
-                        metavar="SECONDS", help="abandon and retry a remote request that gets no "
-                        f"answer for this long (default {defaults.read_timeout_s:g})")
-    remote.add_argument("--retry-window", type=float, default=defaults.retry_window_s,
-                        metavar="SECONDS", help="retry a silent store this long, then stop with "
-                        f"one line naming it (default {defaults.retry_window_s:g})")
+    add_policy_arguments(remote)
     return remote
-
-
-def _policy(args) -> ReadPolicy:
-    return ReadPolicy(read_timeout_s=args.read_timeout, retry_window_s=args.retry_window,
-                      window_key="--retry-window")
 
 
 def _add_make(commands, common) -> None:
@@ -185,7 +174,7 @@ def _make(args) -> int:
         shuffle=args.shuffle, seed=args.seed, workers=args.workers, resume=args.resume,
         overwrite=args.overwrite, masks=args.masks, boxes=args.boxes, max_pixels=args.max_pixels,
         storage_options=_options(out, args) or _sources_options(sources, args),
-        progress=not args.no_progress, policy=_policy(args))
+        progress=not args.no_progress, policy=policy_from_args(args))
     print(f"{len(manifest.shards)} shards, {manifest.samples} images, {human_bytes(manifest.bytes)}; "
           f"skipped {manifest.skipped} (see {manifest.report}) -> {out}")
     return 0
@@ -196,12 +185,12 @@ def _sources_options(sources, args) -> dict:
 
 
 def _options(url: str, args) -> dict:
-    return storage_options_for(url, args.endpoint_url, _policy(args))
+    return storage_options_for(url, args.endpoint_url, policy_from_args(args))
 
 
 def _verify(args) -> int:
     manifest, problems = verify_manifest(args.manifest, _options(args.manifest, args),
-                                         progress=sys.stderr.isatty(), policy=_policy(args))
+                                         progress=sys.stderr.isatty(), policy=policy_from_args(args))
     for problem in problems:
         print(f"MISMATCH {problem.shard}: {problem.kind}: {problem.detail}")
     print(f"verified {len(manifest.shards)} shards: {len(problems)} problem(s)")
@@ -219,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "synth":
             return _synth(args)
         if args.command == "info":
-            manifest = load_manifest(args.manifest, _options(args.manifest, args), _policy(args))
+            manifest = load_manifest(args.manifest, _options(args.manifest, args), policy_from_args(args))
             print(format_table(manifest, limit=0 if args.all else 20))
             return 0
         return _verify(args)

@@ -61,6 +61,22 @@ class ReadPolicy:
         return self.retry_window_s + 2 * (self.connect_timeout_s + self.read_timeout_s) + 1.0
 
 
+def add_policy_arguments(parser) -> None:
+    """--read-timeout / --retry-window on a command line (move-shard, evaluate)."""
+    defaults = ReadPolicy()
+    parser.add_argument("--read-timeout", type=float, default=defaults.read_timeout_s,
+                        metavar="SECONDS", help="abandon and retry a remote request that gets no "
+                        f"answer for this long (default {defaults.read_timeout_s:g})")
+    parser.add_argument("--retry-window", type=float, default=defaults.retry_window_s,
+                        metavar="SECONDS", help="retry a silent store this long, then stop with "
+                        f"one line naming it (default {defaults.retry_window_s:g})")
+
+
+def policy_from_args(args) -> ReadPolicy:
+    return ReadPolicy(read_timeout_s=args.read_timeout, retry_window_s=args.retry_window,
+                      window_key="--retry-window")
+
+
 def filesystem(url: str, options: dict | None):
     """(fsspec filesystem, path) for `url`; an s3fs one makes a single try per request (above)."""
     fs, path = fsspec.core.url_to_fs(url, **(options or {}))
