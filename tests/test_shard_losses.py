@@ -82,12 +82,12 @@ def test_training_stops_past_the_limit_with_the_reason(tmp_path, how):
 def test_missing_shards_are_found_before_training(tmp_path, caplog):
     manifest, _ = make_shards(tmp_path, COUNTS)
     damage(tmp_path / "s-000002.tar", "missing")
-    with pytest.raises(DataError, match=r"1 of the 4 shards .* missing \(8 of 32 samples, 25.0%.*"
+    with pytest.raises(DataError, match=r"shards missing from .*: 1 of 4 \(8 of 32 samples, 25.0%.*"
                                         "data.max_lost_share=0.01"):
         _train_loader(manifest)  # the default limit: no loader, so no MLflow run either
     for name in ("s-000000.tar", "s-000001.tar", "s-000003.tar"):
         (tmp_path / name).unlink()
-    with pytest.raises(DataError, match="4 of the 4 shards .* missing .*nothing to read"):
+    with pytest.raises(DataError, match="shards missing from .*: 4 of 4 .*nothing to read"):
         _train_loader(manifest, max_lost_share=1.0)
 
 
@@ -176,7 +176,7 @@ def test_evaluate_with_every_shard_missing_blames_the_shards(tmp_path, capsys):
         shard.unlink()
     assert _evaluate(tmp_path, manifest, "--allow-missing") == 2
     line = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")]
-    assert len(line) == 1 and "2 of the 2 shards" in line[0] and "nothing to read" in line[0]
+    assert len(line) == 1 and "shards missing from" in line[0] and ": 2 of 2 (" in line[0] and "nothing to read" in line[0]
 
 
 # ----------------------------------------------------------------------------- MAE pretraining

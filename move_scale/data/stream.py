@@ -250,8 +250,8 @@ def _check_shards(shards: list[Shard], storage_options, policy: ReadPolicy, sour
         return
     total = sum(s.count for s in shards)
     lost, share = survey.missing_samples(), survey.missing_samples() / total
-    what = (f"{len(survey.missing)} of the {len(shards)} shards of {source!r} are missing "
-            f"({lost} of {total} samples, {share:.1%}; e.g. {survey.missing[0].url})")
+    what = (f"shards missing from {source!r}: {len(survey.missing)} of {len(shards)} ({lost} of "
+            f"{total} samples, {share:.1%}; e.g. {survey.missing[0].url})")
     if len(survey.missing) == len(shards):
         raise DataError(f"{what}: nothing to read; check the path, the bucket and the endpoint")
     if max_lost_share is not None and share > max_lost_share:
