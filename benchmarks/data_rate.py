@@ -12,12 +12,23 @@ decode + RandomResizedCrop(224, (0.9, 1), (3/4, 4/3), bicubic) + flip + normalis
 Each step runs `--repeats` times; the table gives the median wall time (worker start-up included,
 as a training epoch pays it too) and images per CPU-second (this process plus its workers), which
 is less sensitive to other load on a shared machine.
+
+`--baseline REF` (a git ref, e.g. `--baseline main~3`) also measures the stream of the code at REF,
+side by side in the same run: REF's `move_scale/` is exported with `git archive` into a temporary
+folder, and epochs of this tree and of REF run in fresh subprocesses (imports excluded from the
+timing), alternating (this, REF, REF, this, ...), on the same shards.
 """
 from __future__ import annotations
 
 import argparse
+import io
+import json
+import os
 import resource
 import statistics
+import subprocess
+import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -80,6 +91,57 @@ def imagefolder_loader(root: Path, batch_size: int, workers: int):
                                        num_workers=workers, drop_last=True)
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
+def stream_epoch(manifest: str, batch_size: int, workers: int) -> int:
+    from move_scale.data.stream import build_train_loader
+
+    return count_images(build_train_loader(
+        manifest, batch_size=batch_size, image_size=224, crop_scale=(0.9, 1.0),
+        crop_ratio=(3 / 4, 4 / 3), hflip=True, workers=workers, shuffle_buffer=1000, seed=0,
+        rank=0, world_size=1))
+
+
+def export_ref(ref: str, folder: Path) -> str:
+    """`move_scale/` as of git `ref`, unpacked into `folder`; returns the commit's short hash."""
+    commit = subprocess.run(["git", "rev-parse", "--short", ref], cwd=REPO, check=True,
+                            capture_output=True, text=True).stdout.strip()
+    archive = subprocess.run(["git", "archive", commit, "move_scale"], cwd=REPO, check=True,
+                             capture_output=True).stdout
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(folder, filter="data")
+    return commit
+
+
+def stream_in_subprocess(code_root: Path, manifest: Path, args) -> tuple[int, float, float]:
+    """(images, wall s, CPU s) of one epoch by the `move_scale` under `code_root`, imports excluded."""
+    env = dict(os.environ, PYTHONPATH=str(code_root))
+    done = subprocess.run([sys.executable, __file__, "--stream-once", str(manifest),
+                           "--batch-size", str(args.batch_size), "--workers", str(args.workers)],
+                          env=env, check=True, capture_output=True, text=True, cwd=code_root)
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    return result["images"], result["wall"], result["cpu"]
+
+
+def compare(manifest: Path, args, tmp: Path) -> list[tuple]:
+    """Rows for this tree and `args.baseline`, measured alternately in fresh processes."""
+    base_root = tmp / "baseline"
+    commit = export_ref(args.baseline, base_root)
+    trees = {"this tree": REPO, f"{args.baseline} ({commit})": base_root}
+    runs: dict[str, list] = {name: [] for name in trees}
+    for repeat in range(args.repeats):
+        order = list(trees) if repeat % 2 == 0 else list(reversed(trees))
+        for name in order:
+            runs[name].append(stream_in_subprocess(trees[name], manifest, args))
+    rows = []
+    for name, measured in runs.items():
+        rows.append((f"stream shards, {name}"[:40], measured[0][0],
+                     statistics.median(m[1] for m in measured),
+                     statistics.median(m[2] for m in measured)))
+    return rows
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=400)
@@ -87,9 +149,19 @@ def main(argv=None) -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--per-shard", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--baseline", metavar="REF", help="also time the stream of git REF, "
+                        "alternating with this tree (e.g. --baseline main)")
+    parser.add_argument("--stream-once", metavar="MANIFEST", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.stream_once:  # one epoch in this process (the --baseline subprocesses)
+        import torch  # noqa: F401 - imported before the clock starts
 
-    from move_scale.data.stream import build_train_loader
+        wall, cpu = time.perf_counter(), cpu_seconds()
+        images = stream_epoch(args.stream_once, args.batch_size, args.workers)
+        print(json.dumps({"images": images, "wall": time.perf_counter() - wall,
+                          "cpu": cpu_seconds() - cpu}))
+        return
+
     from move_scale.data.write import write_shards
 
     rows = []
@@ -107,16 +179,15 @@ def main(argv=None) -> None:
         manifest = Path(tmp) / "shards0" / "manifest.json"
 
         def stream() -> int:
-            return count_images(build_train_loader(
-                str(manifest), batch_size=args.batch_size, image_size=224,
-                crop_scale=(0.9, 1.0), crop_ratio=(3 / 4, 4 / 3), hflip=True,
-                workers=args.workers, shuffle_buffer=1000, seed=0, rank=0, world_size=1))
+            return stream_epoch(str(manifest), args.batch_size, args.workers)
 
         def imagefolder() -> int:
             return count_images(imagefolder_loader(folder, args.batch_size, args.workers))
 
         rows.append(("stream shards (build_train_loader)", *timed(stream, args.repeats)))
         rows.append(("ImageFolder + DataLoader", *timed(imagefolder, args.repeats)))
+        if args.baseline:
+            rows += compare(manifest, args, Path(tmp))
 
     print(f"images {args.images} (500x375 JPEG q90), batch {args.batch_size}, "
           f"workers {args.workers}, {args.per_shard} images per shard, median of {args.repeats}")

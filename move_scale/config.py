@@ -215,6 +215,19 @@ class DataConfig:
     crop_ratio: tuple[float, float] = each((0.75, 4.0 / 3.0), Range(0.0, low_open=True), ordered=True)
     hflip: bool = True
     endpoint_url: str = ruled("", UrlRef(("http", "https"), "AWS's own endpoint"), mid_run=True)
+    # Faults (move_scale/data/remote.py, tario.py, watch.py). Remote requests time out after these;
+    # a read that fails on a timeout or a lost connection is retried, resuming where it broke off
+    # (same samples as without the fault), until the store has been silent for retry_window_s;
+    # then the run stops with one line naming the endpoint, about retry_window_s + 2 *
+    # (connect_timeout_s + read_timeout_s) after the store went silent.
+    connect_timeout_s: float = ruled(10.0, Range(0.0, low_open=True), mid_run=True)
+    read_timeout_s: float = ruled(15.0, Range(0.0, low_open=True), mid_run=True)
+    retry_window_s: float = ruled(120.0, Range(0.0, low_open=True), mid_run=True)  # rides out blips of tens of seconds
+    # no batch and no sample read this long (workers >= 1): stop, naming the shards in flight
+    stall_timeout_s: float = ruled(300.0, Range(0.0, low_open=True), mid_run=True)
+    # stop when samples lost (missing/unreadable/truncated/short shards, undecodable images;
+    # counted against the manifest) pass this share of a rank's epoch; 0: at the first
+    max_lost_share: float = ruled(0.01, Range(0.0, 1.0), mid_run=True)
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,8 @@ from tqdm import tqdm
 from move_scale.boxes import largest_box, mask_to_boxes
 from move_scale.cli_args import device, number
 from move_scale.config_rules import Range
+from move_scale.data.eval_stream import check_delivered
+from move_scale.data.remote import add_policy_arguments, policy_from_args
 from move_scale.errors import UserError, report
 from move_scale.eval_io import check_arguments, features_description, format_table, log_to_mlflow, write_results
 from move_scale.inference import list_images, load_predictor, read_image, resize_mask
@@ -47,6 +49,8 @@ class EvalSource:
     name: str  # dataset name for the table and MLflow keys
     samples: Iterator[dict]  # {"key", "image" uint8 (H,W,3), "mask" bool (H,W)|None, "boxes" (K,4)|None}
     count: int | None  # samples on this process, when known
+    expected: int | None = None  # images over all processes that the data promises (shard manifests)
+    loader: object = None  # the shard loader: its ledger counts what it could not deliver
 
 
 # ----------------------------------------------------------------------------- ground truth
@@ -157,7 +161,8 @@ def _apply_subset(items: list, subset: str) -> list:
 
 
 def open_eval_source(data: str, gt: str | None, *, rank: int = 0, world_size: int = 1,
-                     endpoint_url: str | None = None, subset: str | None = None) -> EvalSource:
+                     endpoint_url: str | None = None, subset: str | None = None,
+                     policy=None) -> EvalSource:
     """Pick the reader from what `data` and `gt` are (see the CLI epilog); this rank's share."""
     data_path, gt_path = Path(data).expanduser(), Path(gt).expanduser() if gt else None
     name = data_path.name if data_path.name not in ("manifest.json", "") else data_path.parent.name
@@ -183,21 +188,25 @@ def open_eval_source(data: str, gt: str | None, *, rank: int = 0, world_size: in
     else:
         if subset:
             raise GroundTruthError("--subset applies to image folders, not to shards")
-        return _shard_source(data, name, rank, world_size, endpoint_url)
+        return _shard_source(data, name, rank, world_size, endpoint_url, policy)
     share = (_apply_subset(items, subset) if subset else items)[rank::world_size]
     return EvalSource(name, _folder_samples(share, kind), len(share))
 
 
-def _shard_source(data: str, name: str, rank: int, world_size: int, endpoint_url: str | None) -> EvalSource:
-    from move_scale.data.storage import storage_options_for
+def _shard_source(data: str, name: str, rank: int, world_size: int, endpoint_url: str | None,
+                  policy) -> EvalSource:
+    from move_scale.data.remote import remote_options
+    from move_scale.data.storage import DataError
     from move_scale.data.stream import build_eval_loader
 
     try:
-        loader = build_eval_loader(data, rank=rank, world_size=world_size,
-                                   storage_options=storage_options_for(data, endpoint_url))
+        loader = build_eval_loader(data, rank=rank, world_size=world_size, policy=policy,
+                                   storage_options=remote_options(data, endpoint_url, policy))
+    except DataError:
+        raise  # missing shards, an unreachable store: not the ground truth's fault
     except (ValueError, OSError) as err:
         raise GroundTruthError(f"--data {data}: cannot open evaluation shards ({err})") from err
-    return EvalSource(name, iter(loader), None)
+    return EvalSource(name, iter(loader), loader.num_samples, loader.total_samples, loader)
 
 
 def evaluate(predictor, samples: Iterator[dict], task: str, *, batch_size: int = 1,
@@ -316,6 +325,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mlflow-run-id", default=None, help="log eval/<name>/<metric> to this run")
     parser.add_argument("--tracking-uri", default=None, help="MLflow store (default $MLFLOW_TRACKING_URI)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--allow-missing", action="store_true",
+                        help="score what the shards deliver when some of the images their manifest "
+                             "lists are missing (reported either way; without it: exit 2)")
+    add_policy_arguments(parser)  # --read-timeout, --retry-window (shards on object storage)
     return parser
 
 
@@ -326,12 +339,16 @@ def run(args: argparse.Namespace) -> dict | None:
     device = torch.device(args.device) if args.device else default_device
     predictor, meta = load_predictor(args.checkpoint, device, args.short_side, args.weights_cache)
     source = open_eval_source(args.data, args.gt, rank=rank, world_size=world_size,
-                              endpoint_url=args.endpoint_url, subset=args.subset)
+                              endpoint_url=args.endpoint_url, subset=args.subset,
+                              policy=policy_from_args(args))
     meter, skipped = evaluate(predictor, source.samples, args.task, batch_size=args.batch_size,
                               bilateral=args.bilateral, progress=rank == 0 and not args.no_progress,
                               total=source.count, mask_protocol=args.mask_protocol)
     meter.reduce(torch.distributed)  # sums over processes; nothing to do in a single process
     skipped_total = _sum_over_processes(skipped, device)
+    if source.expected is not None:  # shards: images read vs the manifest, before any GT verdict
+        check_delivered(source.loader, source.expected, meter.count + skipped_total, args.data,
+                        args.allow_missing)
     if meter.count == 0:
         needed = "masks" if args.task == "saliency" else "boxes"
         raise GroundTruthError(f"no image of {args.data} has ground-truth {needed} for --task "
@@ -345,6 +362,7 @@ def run(args: argparse.Namespace) -> dict | None:
         "checkpoint": str(args.checkpoint), "short_side": args.short_side,
         "mask_protocol": args.mask_protocol,
         "bilateral": args.bilateral, "skipped_images": skipped_total,
+        "images_expected": source.expected,
         "features": features_description(meta), "metrics": metrics,
     }
     print(format_table(name, metrics))
@@ -360,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         run(args)
-    except UserError as err:
+    except UserError as err:  # InferenceError, GroundTruthError, DataError (shards, endpoint)
         return report(err)
     return 0
 

@@ -19,7 +19,7 @@ import logging
 import signal
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from move_scale.config import Config, ConfigError, dump_config, flatten
 from move_scale.paths import check_output_dir
@@ -69,19 +69,24 @@ def prepare_run(cfg: Config, is_main: bool) -> RunPlan:
 
 
 class StopFlag:
-    """Set by SIGTERM/SIGINT (preemption): the loop checkpoints at the next step and stops."""
+    """Set by SIGTERM/SIGINT (preemption): the loop checkpoints at the next step and stops.
+    `interrupt` is called too: the loader's, which cuts a wait for data short (data/watch.py), so
+    a stalled store does not delay the checkpoint."""
 
-    def __init__(self) -> None:
+    def __init__(self, interrupt: Callable[[], None] | None = None) -> None:
         self.raised = False
+        self.interrupt = interrupt
 
     def __call__(self, signum, frame) -> None:
         log.warning("received signal %d: checkpointing and stopping after this step", signum)
         self.raised = True
+        if self.interrupt is not None:
+            self.interrupt()  # raises LoaderInterrupted when the loader is waiting
 
 
 @contextlib.contextmanager
-def stop_on_signals() -> Iterator[StopFlag]:
-    stop = StopFlag()
+def stop_on_signals(interrupt: Callable[[], None] | None = None) -> Iterator[StopFlag]:
+    stop = StopFlag(interrupt)
     previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield stop

@@ -82,16 +82,12 @@ def build_pretrain_mae(cfg: Config) -> torch.nn.Module:
 
 
 def _loader(cfg: Config, batch_size: int):
-    from move_scale.data.stream import build_train_loader
+    from move_scale.data.settings import train_loader_from_config
 
-    d = cfg.data
-    if not d.train:
+    if not cfg.data.train:
         raise ConfigError("data.train is empty: pass the training shards, e.g. data.train=shards/synthetic/train/manifest.json")
-    return build_train_loader(
-        d.train, batch_size=batch_size, image_size=d.image_size, crop_scale=d.crop_scale,
-        crop_ratio=d.crop_ratio, hflip=d.hflip, workers=d.workers, shuffle_buffer=d.shuffle_buffer,
-        seed=cfg.seed, rank=0, world_size=1,
-        storage_options={"endpoint_url": d.endpoint_url} if d.endpoint_url else None)
+    return train_loader_from_config(cfg.data, seed=cfg.seed, rank=0, world_size=1,
+                                    batch_size=batch_size)
 
 
 def _batches(loader, source: str, batch_size: int):

@@ -28,7 +28,8 @@ from accelerate.utils import broadcast_object_list, gather_object
 
 from move_scale.checkpoint import CheckpointError, CheckpointPolicy, capture_rng_state, export_segmenter, save_checkpoint
 from move_scale.config import Config, dump_config, load_config
-from move_scale.data.stream import build_train_loader
+from move_scale.data.settings import train_loader_from_config
+from move_scale.data.watch import LoaderInterrupted
 from move_scale.engine import NonFiniteLossError, disc_step, effective_precision, make_adamw, seg_step
 from move_scale.errors import UserError, report
 from move_scale.gallery import save_objective_gallery
@@ -141,14 +142,11 @@ def _log_line(state: TrainState, total: int, meter: ProgressMeter, means: dict[s
 
 
 def _build_loader(cfg: Config, state: TrainState, accelerator: Accelerator):
-    storage = {"endpoint_url": cfg.data.endpoint_url} if cfg.data.endpoint_url else None
-    return build_train_loader(
-        cfg.data.train, batch_size=cfg.data.batch_size, image_size=cfg.data.image_size,
-        crop_scale=cfg.data.crop_scale, crop_ratio=cfg.data.crop_ratio, hflip=cfg.data.hflip,
-        workers=cfg.data.workers, shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.seed,
-        rank=accelerator.process_index, world_size=accelerator.num_processes,
-        resampled=cfg.data.resampled, epoch=state.epoch, skip_batches=state.batches_in_epoch,
-        storage_options=storage, extra_keys=("background",) if cfg.objective.true_background else (),
+    return train_loader_from_config(
+        cfg.data, seed=cfg.seed, rank=accelerator.process_index,
+        world_size=accelerator.num_processes, epoch=state.epoch,
+        skip_batches=state.batches_in_epoch,
+        extra_keys=("background",) if cfg.objective.true_background else (),
         pin_memory=accelerator.device.type == "cuda")
 
 
@@ -167,6 +165,7 @@ class _Run:
         self.sums: dict[str, float] = defaultdict(float)
         self.counts: dict[str, int] = defaultdict(int)
         self.means: dict[str, float] = {}
+        self.loader = None
 
     def step(self, batch: dict, stop: StopFlag) -> bool:
         """Even batches train D, odd batches the segmenter (REFERENCE §4); True: stop now."""
@@ -212,6 +211,8 @@ class _Run:
                       "lr/disc": self.opt_disc.param_groups[0]["lr"],
                       "perf/images_per_s": self.meter.images_per_second,
                       "perf/data_wait_share": self.meter.data_wait_share, "epoch": self.state.epoch})
+        if self.loader is not None:
+            means.update(self.loader.ledger.metrics())  # samples lost against the manifest
         if self.accelerator.is_main_process:
             log.info(_log_line(self.state, self.total, self.meter, means))
             self.tracker.log_metrics({k: v for k, v in means.items() if math.isfinite(v)},
@@ -236,13 +237,18 @@ class _Run:
 
     def loop(self, loader, stop: StopFlag) -> None:
         state = self.state
+        self.loader = loader
         while state.step < self.total:
-            for batch in loader:
-                self.meter.data_ready()
-                if self.step(batch, stop):
-                    return
-                if state.step >= self.total:
-                    return
+            try:
+                for batch in loader:
+                    self.meter.data_ready()
+                    if self.step(batch, stop):
+                        return
+                    if state.step >= self.total:
+                        return
+            except LoaderInterrupted:  # SIGTERM while waiting for data: the last step is whole
+                self.checkpoint_if_due(False, stop)
+                return
             state.epoch += 1
             state.batches_in_epoch = 0
 
@@ -280,7 +286,7 @@ def train(cfg: Config, accelerator: Accelerator, plan: RunPlan | None = None) ->
     if plan.point is not None:
         restore(plan.point, cfg, objective, opt_seg, opt_disc, state, generator,
                 accelerator.process_index, accelerator.num_processes)
-    with stop_on_signals() as stop:
+    with stop_on_signals(interrupt=loader.watch.interrupt) as stop:  # a wait for data is cut short
         tracker = start_tracking(cfg, main, plan.point)
         with ended_on_failure(tracker, stop):
             run_id = broadcast_object_list([getattr(tracker, "run_id", None)])[0]
@@ -295,6 +301,9 @@ def train(cfg: Config, accelerator: Accelerator, plan: RunPlan | None = None) ->
                 run.loop(loader, stop)
             except NonFiniteLossError as err:
                 log.error("%s", err)
+                raise
+            except Exception:
+                tracker.log_metrics(loader.ledger.metrics(), step=state.step)  # what the data lost
                 raise
             completed = state.step >= total
             _sync_buffers(accelerator, objective.segmenter, objective.discriminator)

@@ -27,6 +27,7 @@ from move_scale.data.images import DEFAULT_MAX_PIXELS, IMAGE_FORMATS
 from move_scale.data.index import DEFAULT_WORKERS as DEFAULT_INDEX_WORKERS
 from move_scale.data.index import index_shards
 from move_scale.data.manifest import format_table, human_bytes, load_manifest, verify_manifest
+from move_scale.data.remote import add_policy_arguments, policy_from_args
 from move_scale.data.storage import DataError, storage_options_for
 from move_scale.data.write import DEFAULT_MAX_COUNT, DEFAULT_MAX_SIZE, EXIF_CHOICES, write_shards
 from move_scale.errors import UserError, report
@@ -71,13 +72,21 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _remote_options() -> argparse.ArgumentParser:
+    """--read-timeout / --retry-window: how remote reads (and uploads) ride out faults."""
+    remote = argparse.ArgumentParser(add_help=False)
+    add_policy_arguments(remote)
+    return remote
+
+
 def _add_make(commands, common) -> None:
     make = commands.add_parser(
         "make", help="write image files as WebDataset shards + manifest",
         usage="move-shard make [options] SRC [SRC ...] OUT",
         description="Decode, convert to 8-bit RGB, optionally resize/re-encode, and write images "
                     "as reproducible WebDataset tar shards with a manifest.",
-        epilog=MAKE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter, parents=[common])
+        epilog=MAKE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[common, _remote_options()])
     make.add_argument("paths", nargs="+", metavar="SRC ... OUT",
                       help="SRC: image folder (recursive), text file of paths/URLs, or a glob "
                            "(quote it); the last path is OUT, a folder or URL (s3://bucket/prefix)")
@@ -211,7 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_synth(commands, common)
     for command, text in (("info", "print a manifest as a table"),
                           ("verify", "re-hash every shard; exit 1 on a mismatch or a missing shard")):
-        sub = commands.add_parser(command, help=text, description=text, parents=[common])
+        sub = commands.add_parser(command, help=text, description=text,
+                                  parents=[common, _remote_options()])
         sub.add_argument("manifest", metavar="MANIFEST",
                          help="manifest.json or its folder (local or URL), e.g. shards/duts-tr")
         sub.add_argument("--endpoint-url", help="S3-compatible endpoint for s3:// URLs")
@@ -229,21 +239,25 @@ def _make(args) -> int:
         resize=args.resize, image_format=args.image_format, quality=args.quality,
         shuffle=args.shuffle, seed=args.seed, workers=args.workers, resume=args.resume,
         overwrite=args.overwrite, masks=args.masks, boxes=args.boxes, max_pixels=args.max_pixels,
-        storage_options=storage_options_for(out, args.endpoint_url) or _sources_options(sources, args),
-        progress=not args.no_progress and sys.stderr.isatty(), exif=args.exif)  # a bar in a log file is noise
+        storage_options=_options(out, args) or _sources_options(sources, args),
+        progress=not args.no_progress and sys.stderr.isatty(),  # a bar in a log file is noise
+        exif=args.exif, policy=policy_from_args(args))
     print(f"{len(manifest.shards)} shards, {manifest.samples} images, {human_bytes(manifest.bytes)}; "
           f"skipped {manifest.skipped} (see {manifest.report}) -> {out}")
     return 0
 
 
 def _sources_options(sources, args) -> dict:
-    return next((storage_options_for(src, args.endpoint_url) for src in sources
-                 if storage_options_for(src, args.endpoint_url)), {})
+    return next((_options(src, args) for src in sources if _options(src, args)), {})
+
+
+def _options(url: str, args) -> dict:
+    return storage_options_for(url, args.endpoint_url, policy_from_args(args))
 
 
 def _verify(args) -> int:
-    manifest, problems = verify_manifest(args.manifest, storage_options_for(args.manifest, args.endpoint_url),
-                                         progress=sys.stderr.isatty())
+    manifest, problems = verify_manifest(args.manifest, _options(args.manifest, args),
+                                         progress=sys.stderr.isatty(), policy=policy_from_args(args))
     for problem in problems:
         print(f"MISMATCH {problem.shard}: {problem.kind}: {problem.detail}")
     print(f"verified {len(manifest.shards)} shards: {len(problems)} problem(s)")
@@ -264,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
             with logging_redirect_tqdm():
                 return _index(args)
         if args.command == "info":
-            manifest = load_manifest(args.manifest, storage_options_for(args.manifest, args.endpoint_url))
+            manifest = load_manifest(args.manifest, _options(args.manifest, args), policy_from_args(args))
             print(format_table(manifest, limit=0 if args.all else 20))
             return 0
         return _verify(args)

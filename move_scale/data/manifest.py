@@ -22,8 +22,7 @@ import json
 import posixpath
 from dataclasses import dataclass, field
 
-import fsspec
-
+from move_scale.data.remote import ReadPolicy, RetryingFile
 from move_scale.data.storage import DataError
 
 FORMAT = "move_scale.shards/1"
@@ -119,11 +118,13 @@ def manifest_url(path_or_url: str) -> str:
     return path_or_url if path_or_url.endswith(".json") else f"{path_or_url.rstrip('/')}/{MANIFEST_NAME}"
 
 
-def load_manifest(path_or_url: str, storage_options: dict | None = None) -> Manifest:
-    """Read a manifest (file or its folder; local or fsspec URL); DataError when absent or invalid."""
+def load_manifest(path_or_url: str, storage_options: dict | None = None,
+                  policy: ReadPolicy | None = None) -> Manifest:
+    """Read a manifest (file or its folder; local or fsspec URL); DataError when absent or invalid,
+    or when its store stays silent past the policy's retry window (`remote.py`)."""
     url = manifest_url(path_or_url)
     try:
-        with fsspec.open(url, "rb", **(storage_options or {})) as handle:
+        with RetryingFile(url, storage_options, policy or ReadPolicy(), what="reading the manifest") as handle:
             text = handle.read().decode("utf-8")
     except FileNotFoundError as err:
         raise DataError(f"no manifest at {url}; pass the manifest.json written by `move-shard make`"
@@ -152,18 +153,21 @@ def sha256_of(open_file, chunk: int = 1 << 20) -> tuple[str, int]:
 
 
 def verify_manifest(path_or_url: str, storage_options: dict | None = None,
-                    progress: bool = False) -> tuple[Manifest, list[Problem]]:
-    """Re-hash every shard of a manifest; returns the problems found (empty when all match)."""
+                    progress: bool = False, policy: ReadPolicy | None = None
+                    ) -> tuple[Manifest, list[Problem]]:
+    """Re-hash every shard of a manifest; returns the problems found (empty when all match).
+    Reads are retried and resumed under `policy` (an outage past its window: DataError)."""
     from tqdm import tqdm
 
     url = manifest_url(path_or_url)
-    manifest = load_manifest(url, storage_options)
+    policy = policy or ReadPolicy()
+    manifest = load_manifest(url, storage_options, policy)
     problems = []
     urls = manifest.shard_urls(url)
     for shard, shard_url in tqdm(list(zip(manifest.shards, urls)), desc="verify", unit="shard",
                                  disable=not progress):
         try:
-            with fsspec.open(shard_url, "rb", **(storage_options or {})) as handle:
+            with RetryingFile(shard_url, storage_options, policy, what="reading the shard") as handle:
                 digest, size = sha256_of(handle)
         except FileNotFoundError:
             problems.append(Problem(shard.name, "missing", f"{shard_url} does not exist"))

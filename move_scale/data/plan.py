@@ -1,22 +1,28 @@
-"""The per-epoch plan: which shards each rank and worker reads and how many batches each yields.
+"""The per-epoch plan: which samples each rank and worker reads and how many batches each yields.
 
-The batch-count rule (non-resampled). Shards are shuffled with (seed, epoch), then split over ranks
-by `balanced_split` (largest first, each to the least-loaded rank), so rank totals differ by at most
-one shard and do not depend on the epoch. Every rank yields
+The rank split (non-resampled). Shards are laid end to end in an order shuffled with (seed, epoch)
+and the sequence of samples is cut into world_size equal runs of total // world_size samples;
+rank r reads run r (`rank_pieces`). A run is a list of pieces (shard, start, stop): whole shards,
+plus at most two shards cut where a run begins or ends. Ranks therefore hold the same number of
+samples however few or uneven the shards are (one shard for two ranks included), and each sample
+is read by at most one rank per epoch. Every rank yields
 
-    batches_per_epoch = min over ranks of floor(samples on the rank / batch_size)
+    batches_per_epoch = (total // world_size) // batch_size
 
-batches; larger ranks leave their surplus (< one shard + one batch) unread this epoch — different
-samples each epoch, since the split is reshuffled. Resampled mode: total_samples //
-(world_size * batch_size) batches per rank, shards drawn with replacement.
+batches, so what an epoch leaves out is under world_size × (batch_size + 1) samples — different
+ones each epoch, since the order is reshuffled. The cost of cutting: a rank that starts inside a
+shard reads that shard's first samples' bytes to get past them (a tar stream has no index), at
+most one shard per rank and epoch. Resampled mode: total_samples // (world_size * batch_size)
+batches per rank, shards drawn with replacement.
 
-Inside a rank, shards are split over the loader's workers the same way, and each worker gets a
-quota of samples (`worker_quotas`, adding up to batches × batch_size). A worker delivers full
-batches and then its remainder; the main process re-cuts the delivered stream into batches, so
-remainders of different workers join and no sample is dropped or repeated for the sake of
-batching. A worker that runs short (corrupt samples skipped, a manifest count larger than the
-shard) reads its shards again in a new pass, with a new shuffle and new crops, until its quota is
-met: padding by drawing more, so a skipped sample never changes the number of batches.
+Inside a rank, whole pieces are split over the loader's workers by `balanced_split` (largest
+first, each to the least-loaded worker), and each worker gets a quota of samples
+(`worker_quotas`, adding up to batches × batch_size). A worker delivers full batches and then its
+remainder; the main process re-cuts the delivered stream into batches, so remainders of different
+workers join and no sample is dropped or repeated for the sake of batching. A worker that runs
+short (corrupt samples skipped, a shard shorter than its manifest count) reads its pieces again in
+a new pass, with a new shuffle and new crops, until its quota is met: padding by drawing more, so
+a lost sample never changes the number of batches (it is counted, see `tario.py`).
 
 The DataLoader returns pieces round-robin over workers, dropping exhausted ones (`piece_order`).
 Resuming at batch k of an epoch: each worker skips the samples it had delivered before sample
@@ -29,7 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from move_scale.data.shardlist import Shard, balanced_split
+from move_scale.data.shardlist import Shard
 from move_scale.data.storage import DataError
 
 
@@ -38,10 +44,45 @@ def epoch_rng(seed: int, epoch: int, *stream: int) -> np.random.Generator:
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, epoch, *stream])))
 
 
-def rank_shards(shards: list[Shard], world_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """Shard indices per rank for this epoch (balanced by sample count)."""
+@dataclass(frozen=True)
+class Piece:
+    """Samples start..stop-1 (file order) of shard `shard` (an index into the shard list)."""
+
+    shard: int
+    start: int
+    stop: int
+
+    @property
+    def count(self) -> int:
+        return self.stop - self.start
+
+
+def rank_pieces(shards: list[Shard], world_size: int, seed: int, epoch: int) -> list[list[Piece]]:
+    """Each rank's run of total // world_size samples for this epoch (see the module docstring)."""
     order = epoch_rng(seed, epoch, 0xA11).permutation(len(shards))
-    return balanced_split([s.count for s in shards], world_size, [int(i) for i in order])
+    per_rank = sum(s.count for s in shards) // world_size
+    runs: list[list[Piece]] = [[] for _ in range(world_size)]
+    if per_rank == 0:
+        return runs
+    rank, room = 0, per_rank
+    for index in (int(i) for i in order):
+        start = 0
+        while start < shards[index].count and rank < world_size:
+            take = min(room, shards[index].count - start)
+            if take:
+                runs[rank].append(Piece(index, start, start + take))
+            start, room = start + take, room - take
+            if room == 0:
+                rank, room = rank + 1, per_rank
+    return runs
+
+
+def left_out(shards: list[Shard], world_size: int, batch_size: int, resampled: bool) -> int:
+    """Samples an epoch reads on no rank (the price of equal batch counts)."""
+    if resampled:
+        return 0
+    total = sum(s.count for s in shards)
+    return total - world_size * batches_per_epoch(shards, world_size, batch_size, False) * batch_size
 
 
 def batches_per_epoch(
@@ -49,28 +90,12 @@ def batches_per_epoch(
 ) -> int:
     """The number of batches every rank yields in one epoch (see the module docstring)."""
     total = sum(s.count for s in shards)
-    where = f"{len(shards)} shards, {total} samples, world_size {world_size}"
-    if resampled:
-        n = total // (world_size * batch_size)
-        if n == 0:
-            raise DataError(
-                f"batch_size {batch_size} is larger than the data per rank ({where}): "
-                "lower data.batch_size or use fewer processes"
-            )
-        return n
-    if len(shards) < world_size:
-        raise DataError(
-            f"only {len(shards)} shards for {world_size} ranks: each rank needs its own shards; "
-            "re-shard with fewer images per shard (move-shard make) or set data.resampled=true"
-        )
-    groups = rank_shards(shards, world_size, seed=0, epoch=0)  # totals do not depend on the order
-    smallest = min(sum(shards[i].count for i in g) for g in groups)
-    n = smallest // batch_size
+    n = total // (world_size * batch_size) if resampled else (total // world_size) // batch_size
     if n == 0:
         raise DataError(
-            f"batch_size {batch_size} is larger than the data per rank (the smallest rank gets "
-            f"{smallest} samples; {where}): lower data.batch_size, use fewer processes, or "
-            "set data.resampled=true"
+            f"batch_size {batch_size} is larger than the data per rank ({len(shards)} shards, "
+            f"{total} samples, world_size {world_size}, {total // world_size} samples per rank): "
+            "lower data.batch_size or use fewer processes"
         )
     return n
 

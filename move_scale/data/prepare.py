@@ -32,6 +32,7 @@ class ImageOptions:
     max_pixels: int = DEFAULT_MAX_PIXELS
     storage_options: dict | None = None
     exif: bool = True  # apply EXIF orientation (False: pixels as stored, for evaluation sets)
+    policy: object = None  # remote.ReadPolicy for remote inputs (its defaults when None)
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,7 @@ def prepare_item(item: Item, options: ImageOptions) -> Encoded | Skipped:
 
 def _read(path: str, options: ImageOptions, what: str) -> bytes:
     try:
-        return read_source(path, options.storage_options)
+        return read_source(path, options.storage_options, options.policy)
     except FileNotFoundError as err:
         raise BadImage(f"missing_{what}" if what != "file" else "missing_file", str(err)) from err
     except OSError as err:

@@ -7,21 +7,24 @@ A source is a manifest (`.../manifest.json`, or a folder/prefix holding one), a 
 to count its samples (a warning says so: pass the manifest to avoid it).
 
 The manifest format is the writer's (`move_scale/data/manifest.py`); it is read through it.
+Every read here is retried under a `ReadPolicy` (`remote.py`): an unreachable store ends in one
+`DataError` naming the endpoint. `survey_shards` lists the shards' folders once to find, before
+any training starts, the shards that are missing or whose size differs from the manifest.
 """
 from __future__ import annotations
 
 import heapq
 import logging
 import posixpath
-import tarfile
 from dataclasses import dataclass
 from typing import Sequence
 
 import braceexpand
-import fsspec
 
+from move_scale.data import tario
 from move_scale.data.manifest import MANIFEST_NAME, load_manifest, manifest_url
-from move_scale.data.storage import DataError
+from move_scale.data.remote import ReadPolicy, filesystem, protocol_of, retrying
+from move_scale.data.storage import _OBJECT_STORES, DataError
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +34,7 @@ TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 class Shard:
     url: str  # local path or fsspec URL
     count: int  # samples in the shard
+    bytes: int | None = None  # size in the manifest, when there is one
 
 
 def _join(base: str, name: str) -> str:
@@ -39,23 +43,19 @@ def _join(base: str, name: str) -> str:
     return posixpath.join(base, name)
 
 
-def read_manifest(url: str, storage_options: dict | None = None) -> list[Shard]:
+def read_manifest(url: str, storage_options: dict | None = None,
+                  policy: ReadPolicy | None = None) -> list[Shard]:
     """The shards listed by the manifest at `url` (file or folder), with absolute URLs."""
     url = manifest_url(url)
-    manifest = load_manifest(url, storage_options)  # DataError naming the file when absent/invalid
+    manifest = load_manifest(url, storage_options, policy)  # DataError naming the file
     urls = manifest.shard_urls(url)
-    return [Shard(u, record.samples) for u, record in zip(urls, manifest.shards)]
+    return [Shard(u, record.samples, record.bytes) for u, record in zip(urls, manifest.shards)]
 
 
-def count_tar_samples(url: str, storage_options: dict | None = None) -> int:
+def count_tar_samples(url: str, storage_options: dict | None = None,
+                      policy: ReadPolicy | None = None) -> int:
     """Distinct sample keys in one tar (reads the headers; for remote shards, the whole file)."""
-    keys = set()
-    with fsspec.open(url, "rb", **(storage_options or {})) as f:
-        with tarfile.open(fileobj=f, mode="r|*") as tar:
-            for member in tar:
-                if member.isfile():
-                    keys.add(split_member_name(member.name)[0])
-    return len(keys)
+    return tario.count_tar_samples(url, storage_options, policy)
 
 
 def split_member_name(name: str) -> tuple[str, str]:
@@ -65,43 +65,91 @@ def split_member_name(name: str) -> tuple[str, str]:
     return posixpath.join(folder, stem) if folder else stem, ext
 
 
-def _counts_beside(urls: list[str], storage_options: dict | None) -> dict[str, int]:
-    """Counts of `urls` from the manifest in each shard's folder, where one lists the shard."""
-    counts: dict[str, int] = {}
+def _counts_beside(urls: list[str], storage_options: dict | None,
+                   policy: ReadPolicy) -> dict[str, Shard]:
+    """Shards of `urls` from the manifest in each shard's folder, where one lists the shard."""
+    found: dict[str, Shard] = {}
     for folder in sorted({posixpath.dirname(u) for u in urls}):
         url = _join(folder, MANIFEST_NAME) if folder else MANIFEST_NAME
-        fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
-        if not fs.exists(path):
+        fs, path = filesystem(url, storage_options)
+        if not retrying("looking for the manifest", url, storage_options, policy, lambda: fs.exists(path)):
             continue
-        listed = {posixpath.basename(s.url): s.count for s in read_manifest(url, storage_options)}
+        listed = {posixpath.basename(s.url): s for s in read_manifest(url, storage_options, policy)}
         for u in urls:
             if posixpath.dirname(u) == folder and posixpath.basename(u) in listed:
-                counts[u] = listed[posixpath.basename(u)]
-    return counts
+                found[u] = Shard(u, listed[posixpath.basename(u)].count,
+                                 listed[posixpath.basename(u)].bytes)
+    return found
 
 
-def resolve_shards(source: str | Sequence[str], storage_options: dict | None = None) -> list[Shard]:
+def resolve_shards(source: str | Sequence[str], storage_options: dict | None = None,
+                   policy: ReadPolicy | None = None) -> list[Shard]:
     """Turn a manifest, folder, brace pattern or list into shards with sample counts."""
+    policy = policy or ReadPolicy()
     if isinstance(source, str):
         if source.endswith(".json"):
-            return _non_empty(read_manifest(source, storage_options), source)
+            return _non_empty(read_manifest(source, storage_options, policy), source)
         if not source.endswith(TAR_SUFFIXES) and "{" not in source:  # a folder holding the manifest
-            return _non_empty(read_manifest(source, storage_options), source)
+            return _non_empty(read_manifest(source, storage_options, policy), source)
         urls = list(braceexpand.braceexpand(source))
     else:
         urls = [str(u) for u in source]
     if not urls:
         raise DataError("empty shard list: give a manifest, a brace pattern or shard URLs")
-    counts = _counts_beside(urls, storage_options)
-    missing = [u for u in urls if u not in counts]
+    found = _counts_beside(urls, storage_options, policy)
+    missing = [u for u in urls if u not in found]
     if missing:
         log.warning(
             "no manifest lists %d of %d shards (e.g. %s): reading them once to count samples; "
             "pass the manifest.json instead to skip this", len(missing), len(urls), missing[0]
         )
         for u in missing:
-            counts[u] = count_tar_samples(u, storage_options)
-    return _non_empty([Shard(u, counts[u]) for u in urls], source)
+            found[u] = Shard(u, count_tar_samples(u, storage_options, policy))
+    return _non_empty([found[u] for u in urls], source)
+
+
+@dataclass(frozen=True)
+class Survey:
+    """What one listing of the shards' folders found against the manifest."""
+
+    missing: list[Shard]
+    resized: list[tuple[Shard, int]]  # (shard, bytes found) where the size differs
+
+    def missing_samples(self) -> int:
+        return sum(s.count for s in self.missing)
+
+
+def survey_shards(shards: list[Shard], storage_options: dict | None,
+                  policy: ReadPolicy) -> Survey:
+    """List each folder once (local disk or an object store; other stores are not listed) and
+    compare with the manifest: shards absent, shards whose size is not the manifest's."""
+    missing, resized = [], []
+    by_folder: dict[str, list[Shard]] = {}
+    for shard in shards:
+        by_folder.setdefault(posixpath.dirname(shard.url), []).append(shard)
+    for folder, members in by_folder.items():
+        if protocol_of(folder) not in _OBJECT_STORES | {"file"}:
+            continue
+        fs, path = filesystem(folder or ".", storage_options)
+        listing = retrying("listing", folder, storage_options, policy,
+                           lambda: _sizes(fs, path))
+        for shard in members:
+            size = listing.get(posixpath.basename(shard.url))
+            if size is None:
+                missing.append(shard)
+            elif shard.bytes is not None and size != shard.bytes:
+                resized.append((shard, size))
+    return Survey(missing, resized)
+
+
+def _sizes(fs, path: str) -> dict[str, int]:
+    fs.invalidate_cache(path)
+    try:
+        entries = fs.ls(path, detail=True)
+    except (FileNotFoundError, NotADirectoryError):
+        return {}
+    return {posixpath.basename(e["name"].rstrip("/")): int(e.get("size") or 0) for e in entries
+            if e.get("type") != "directory"}
 
 
 def _non_empty(shards: list[Shard], source) -> list[Shard]:

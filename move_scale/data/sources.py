@@ -23,7 +23,6 @@ import re
 from dataclasses import dataclass
 from typing import Iterator
 
-import fsspec
 
 from move_scale.data.storage import DataError
 
@@ -96,8 +95,10 @@ def _list_file(fs, path: str, original: str) -> list[tuple[str, str]]:
 
 def expand_source(src: str, storage_options: dict | None = None) -> list[tuple[str, str]]:
     """(path or URL, key stem) for every input named by one SRC, in deterministic order."""
+    from move_scale.data.remote import filesystem
+
     try:
-        fs, path = fsspec.core.url_to_fs(src, **(storage_options or {}))
+        fs, path = filesystem(src, storage_options)
     except (ValueError, ImportError) as err:
         raise DataError(f"SRC {src!r} is not a usable path or URL: {err}") from err
     local = not is_url(src)
@@ -125,13 +126,19 @@ def sanitize_key(name: str) -> str:
     return key or "sample"
 
 
-def list_inputs(sources: list[str], storage_options: dict | None = None) -> Iterator[tuple[str, str]]:
-    """(path or URL, unique key) for all SRCs, in order."""
+def list_inputs(sources: list[str], storage_options: dict | None = None,
+                policy=None) -> Iterator[tuple[str, str]]:
+    """(path or URL, unique key) for all SRCs, in order; remote listings retried under `policy`."""
+    from move_scale.data.remote import ReadPolicy, retrying
+
     if not sources:
         raise DataError("no SRC given; name at least one image folder, list file or glob")
     seen: set[str] = set()
     for src in sources:
-        for path, name in expand_source(src, storage_options):
+        expand = lambda: expand_source(src, storage_options)  # noqa: E731
+        listed = retrying("listing", src, storage_options, policy or ReadPolicy(), expand) \
+            if is_url(src) else expand()
+        for path, name in listed:
             base = key = sanitize_key(name)
             clash = 0
             while key in seen:
@@ -141,10 +148,13 @@ def list_inputs(sources: list[str], storage_options: dict | None = None) -> Iter
             yield path, key
 
 
-def read_source(path: str, storage_options: dict | None = None) -> bytes:
-    """The bytes of one input (local path or URL)."""
+def read_source(path: str, storage_options: dict | None = None, policy=None) -> bytes:
+    """The bytes of one input (local path or URL). Remote reads are retried and resumed under
+    `policy` (`remote.ReadPolicy`): an outage is a DataError, never an unreadable image."""
     if not is_url(path):
         with open(path, "rb") as handle:
             return handle.read()
-    with fsspec.open(path, "rb", **(storage_options or {})) as handle:
+    from move_scale.data.remote import ReadPolicy, RetryingFile
+
+    with RetryingFile(path, storage_options, policy or ReadPolicy(), what="reading the input") as handle:
         return handle.read()

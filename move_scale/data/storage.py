@@ -5,6 +5,9 @@ Atomicity: a file appears under its final name only when complete.
 - object stores (s3, gs, az): the completed local file is uploaded in one put (an object becomes
   visible only when its upload, multipart or not, completes);
 - other fsspec stores: uploaded to a temporary name, then moved.
+
+Remote operations are retried under a `remote.ReadPolicy` while they fail transiently (timeouts,
+lost connections); past its window they end in one `DataError` naming the endpoint.
 """
 from __future__ import annotations
 
@@ -14,7 +17,6 @@ import tempfile
 from contextlib import contextmanager
 from typing import Iterator
 
-import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from move_scale.errors import UserError
@@ -26,20 +28,24 @@ class DataError(UserError, ValueError):
     """Bad user input for the data tools (a path, a value, a file); the message says what to do."""
 
 
-def storage_options_for(url: str, endpoint_url: str | None = None) -> dict:
-    """fsspec storage options for ``url``: the S3 endpoint when one is given."""
-    if endpoint_url and url.startswith(("s3://", "s3a://")):
-        return {"client_kwargs": {"endpoint_url": endpoint_url}}
-    return {}
+def storage_options_for(url: str, endpoint_url: str | None = None, policy=None) -> dict:
+    """fsspec storage options for ``url``: the S3 endpoint when one is given, and the timeouts of
+    ``policy`` (a `remote.ReadPolicy`; its defaults when None)."""
+    from move_scale.data.remote import remote_options
+
+    return remote_options(url, endpoint_url, policy)
 
 
 class OutputDir:
     """The folder OUT (a local path or an fsspec URL) and the few operations the writer needs."""
 
-    def __init__(self, url: str, storage_options: dict | None = None):
+    def __init__(self, url: str, storage_options: dict | None = None, policy=None):
         self.url = url.rstrip("/")
+        self.storage_options, self.policy = storage_options, policy
+        from move_scale.data.remote import filesystem
+
         try:
-            self.fs, root = fsspec.core.url_to_fs(self.url, **(storage_options or {}))
+            self.fs, root = filesystem(self.url, storage_options)
         except (ValueError, ImportError) as err:
             raise DataError(f"OUT {url!r} is not a usable path or URL: {err}") from err
         self.root = root.rstrip("/")
@@ -49,6 +55,15 @@ class OutputDir:
 
     def path(self, name: str) -> str:
         return posixpath.join(self.root, name) if not self.is_local else os.path.join(self.root, name)
+
+    def _remote(self, what: str, name: str, call):
+        """`call()`, retried on transient failures when OUT is remote (see the module docstring)."""
+        if self.is_local:
+            return call()
+        from move_scale.data.remote import ReadPolicy, retrying
+
+        return retrying(what, f"{self.url}/{name}", self.storage_options,
+                        self.policy or ReadPolicy(), call)
 
     def check_writable(self) -> None:
         """Create the folder and write/delete a probe file; DataError naming OUT otherwise."""
@@ -86,11 +101,11 @@ class OutputDir:
                 return
             final = self.path(name)
             if self.is_object_store:
-                self.fs.put_file(tmp, final)
+                self._remote("uploading", name, lambda: self.fs.put_file(tmp, final))
             else:
                 partial = f"{final}.{os.getpid()}.tmp"
-                self.fs.put_file(tmp, partial)
-                self.fs.mv(partial, final)
+                self._remote("uploading", name, lambda: self.fs.put_file(tmp, partial))
+                self._remote("renaming", name, lambda: self.fs.mv(partial, final))
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
@@ -113,14 +128,17 @@ class OutputDir:
                 handle.write(data)
 
     def read_bytes(self, name: str) -> bytes:
-        with self.fs.open(self.path(name), "rb") as handle:
-            return handle.read()
+        def read() -> bytes:
+            with self.fs.open(self.path(name), "rb") as handle:
+                return handle.read()
+
+        return self._remote("reading", name, read)
 
     def size(self, name: str) -> int | None:
         """Bytes of ``name``, None when it does not exist."""
         try:
-            return int(self.fs.size(self.path(name)))
-        except (FileNotFoundError, OSError):
+            return int(self._remote("checking", name, lambda: self.fs.size(self.path(name))))
+        except OSError:  # FileNotFoundError and answers a retry cannot change
             return None
 
     def exists(self, name: str) -> bool:
@@ -129,14 +147,15 @@ class OutputDir:
     def list(self, folder: str) -> list[str]:
         """Names (relative to ``folder``) of the files directly inside it; [] when absent."""
         try:
-            entries = self.fs.ls(self.path(folder), detail=False)
-        except (FileNotFoundError, OSError):
+            entries = self._remote("listing", folder,
+                                   lambda: self.fs.ls(self.path(folder), detail=False))
+        except OSError:
             return []
         return sorted(posixpath.basename(entry.rstrip("/")) for entry in entries)
 
     def delete(self, name: str) -> None:
         try:
-            self.fs.rm(self.path(name))
+            self._remote("deleting", name, lambda: self.fs.rm(self.path(name)))
         except FileNotFoundError:
             pass
 

@@ -3,107 +3,107 @@
     loader = build_train_loader("s3://bucket/duts/manifest.json", batch_size=32, image_size=224,
                                 crop_scale=(0.9, 1.0), crop_ratio=(3/4, 4/3), hflip=True,
                                 workers=4, shuffle_buffer=1000, seed=0, rank=r, world_size=w,
-                                storage_options={"endpoint_url": "http://minio:9000"})
+                                storage_options=remote_options(url, "http://minio:9000", policy),
+                                policy=policy, max_lost_share=0.01, stall_timeout_s=300)
     len(loader)              # batches per epoch on this rank: the same on every rank
     for batch in loader:     # {"image": (B,3,S,S) float32, "mask": (B,1,S,S), ...}
 
-Rank r reads disjoint shards, each DataLoader worker disjoint shards within them; batches are
-formed inside the workers (the DataLoader has batch_size=None) and only the workers' last,
-partial batches are joined in the main process. Do not pass the loader through
-`accelerator.prepare`: it is already per rank. The batch-count rule, padding for skipped samples
-and resuming mid-epoch are described in `move_scale/data/plan.py`. The batches of
-an epoch depend only on (source, seed, epoch, rank, world_size, workers, batch_size, transform):
-resuming with `skip_batches=k` yields exactly batches k.. of the uninterrupted epoch, provided the
-same number of workers is used. Skipped batches are read and decoded (to find corrupt samples
-exactly as the first run did) but not returned.
+Rank r reads its own run of samples (whole shards, and shards cut where runs meet), each
+DataLoader worker whole pieces of that run; batches are formed inside the workers (the DataLoader
+has batch_size=None) and only the workers' last, partial batches are joined in the main process.
+Do not pass the loader through `accelerator.prepare`: it is already per rank. The rank split,
+the batch-count rule, padding for lost samples and resuming mid-epoch are described in
+`move_scale/data/plan.py`. The batches of an epoch depend only on (source, seed, epoch, rank,
+world_size, workers, batch_size, transform): resuming with `skip_batches=k` yields exactly batches
+k.. of the uninterrupted epoch, provided the same number of workers is used. Skipped batches are
+read and decoded (to find corrupt samples exactly as the first run did) but not returned.
+
+Faults (see `remote.py`, `tario.py`, `ledger.py`, `watch.py`): remote reads are retried and resumed
+within `policy.retry_window_s`, so a blip leaves the batches unchanged; samples a shard cannot
+deliver against the manifest are counted in `loader.ledger` (and `loader.skipped`), logged at
+WARNING, and stop the run past `max_lost_share` of the rank's epoch; no batch and no sample read
+for `stall_timeout_s` (workers >= 1) stops it naming the shards in flight; `loader.watch.interrupt()`
+ends a wait for data at once (SIGTERM). All of these stops are `DataError`s with one line.
 
 Iterating a loader to the end moves it to the next epoch (`set_epoch` chooses one explicitly).
-Skipped samples are counted in `loader.skipped` (reason -> count) and logged at epoch end.
 `return_keys=True` adds "key": list of sample keys to each batch (tests, debugging).
 """
 from __future__ import annotations
 
 import itertools
 import logging
-from collections import Counter
 from typing import Iterator, Sequence
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from move_scale.data import plan
+from move_scale.data.batching import identity, rebatch, shuffled
 from move_scale.data.eval_stream import EvalLoader
-from move_scale.data.shardlist import Shard, balanced_split, resolve_shards
-from move_scale.data.tario import SkipTally, iter_tar_samples
+from move_scale.data.ledger import LossLedger, Report
+from move_scale.data.remote import ReadPolicy, endpoint_of
+from move_scale.data.shardlist import Shard, balanced_split, resolve_shards, survey_shards
+from move_scale.data.storage import DataError
+from move_scale.data.tario import SkipTally, iter_shard
 from move_scale.data.transforms import (
     EXTRA_FIELDS, SampleError, TrainTransform, collate_normalise, sample_rng,
 )
+from move_scale.data.watch import InFlight, LoaderWatch, next_item, poll_interval, stall_message
 
 log = logging.getLogger(__name__)
 
 __all__ = ["build_train_loader", "build_eval_loader", "TrainLoader", "EvalLoader"]
 
 
-def identity(x):
-    """Collate function for batch_size=None: batches are already formed in the workers."""
-    return x
-
-
-def shuffled(samples: Iterator[dict], size: int, rng) -> Iterator[dict]:
-    """Reservoir-style shuffle holding at most `size` raw (undecoded) samples."""
-    buffer: list[dict] = []
-    for sample in samples:
-        if len(buffer) < size:
-            buffer.append(sample)
-            continue
-        i = int(rng.integers(size))
-        buffer[i], sample = sample, buffer[i]
-        yield sample
-    for i in rng.permutation(len(buffer)):
-        yield buffer[i]
-
-
 class TrainStream(IterableDataset):
-    """One epoch of one rank; each DataLoader worker yields (piece, skipped counts) pairs: its
-    quota of samples as full batches and then a remainder, which `rebatch` joins in the main
-    process."""
+    """One epoch of one rank; each DataLoader worker yields (piece, Report) pairs: its quota of
+    samples as full batches and then a remainder, which `rebatch` joins in the main process."""
 
     def __init__(self, shards: list[Shard], *, batch_size: int, batches: int,
                  transform: TrainTransform, buffer: int, seed: int, epoch: int, rank: int,
                  world_size: int, workers: int, resampled: bool, skip_batches: int,
-                 storage_options: dict | None, return_keys: bool):
+                 storage_options: dict | None, policy: ReadPolicy, inflight: InFlight,
+                 return_keys: bool):
         self.shards, self.batch_size, self.transform = shards, batch_size, transform
         self.buffer, self.seed, self.epoch, self.rank = buffer, seed, epoch, rank
         self.workers, self.resampled, self.storage_options = workers, resampled, storage_options
-        self.return_keys = return_keys
+        self.policy, self.inflight, self.return_keys = policy, inflight, return_keys
         total = batches * batch_size
         if resampled:
-            self.worker_shards = None
+            self.worker_pieces = None
             self.quotas = plan.even_quotas(total, workers)
         else:
-            mine = plan.rank_shards(shards, world_size, seed, epoch)[rank]
-            counts = [shards[i].count for i in mine]
+            mine = plan.rank_pieces(shards, world_size, seed, epoch)[rank]
             order = plan.epoch_rng(seed, epoch, rank, 0xB0).permutation(len(mine))
-            split = balanced_split(counts, workers, [int(i) for i in order])
-            self.worker_shards = [[mine[j] for j in group] for group in split]
-            held = [sum(shards[i].count for i in g) for g in self.worker_shards]
+            split = balanced_split([p.count for p in mine], workers, [int(i) for i in order])
+            self.worker_pieces = [[mine[j] for j in group] for group in split]
+            held = [sum(p.count for p in group) for group in self.worker_pieces]
             self.quotas = plan.worker_quotas(held, total)
         self.resume = plan.resume_plan(self.quotas, batch_size, skip_batches)
 
+    def _read(self, worker: int, piece: plan.Piece, tally: SkipTally) -> Iterator[dict]:
+        self.inflight.reading(worker, piece.shard)
+        for sample in iter_shard(self.shards[piece.shard].url, self.storage_options, self.policy,
+                                 tally, start=piece.start, stop=piece.stop):
+            self.inflight.read_one(worker)
+            yield sample
+
     def _pass(self, worker: int, pass_index: int, tally: SkipTally) -> Iterator[dict]:
-        """Raw samples of one pass over the worker's shards (pass 0 is the epoch; later passes
+        """Raw samples of one pass over the worker's pieces (pass 0 is the epoch; later passes
         pad). Resampled: one endless pass of shards drawn with replacement."""
         rng = plan.epoch_rng(self.seed, self.epoch, self.rank, worker, pass_index)
         if self.resampled:
             for draw in itertools.count():
-                url = self.shards[int(rng.integers(len(self.shards)))].url
-                for sample in iter_tar_samples(url, self.storage_options, tally):
+                index = int(rng.integers(len(self.shards)))
+                for sample in self._read(worker, plan.Piece(index, 0, self.shards[index].count),
+                                         tally):
                     sample["__draw__"] = draw  # a shard drawn twice gets new crops
                     yield sample
             return
-        own = self.worker_shards[worker]
+        tally.muted = pass_index > 0  # padding re-reads pieces whose losses are counted
+        own = self.worker_pieces[worker]
         for i in rng.permutation(len(own)):
-            yield from iter_tar_samples(self.shards[own[i]].url, self.storage_options, tally)
+            yield from self._read(worker, own[i], tally)
 
     def _samples(self, worker: int, tally: SkipTally) -> Iterator[tuple[str, dict]]:
         """Transformed samples; corrupt ones are counted and replaced by drawing more."""
@@ -128,12 +128,12 @@ class TrainStream(IterableDataset):
                 self._no_samples_error(worker, tally)
 
     def _no_samples_error(self, worker: int, tally: SkipTally) -> None:
-        own = range(len(self.shards)) if self.resampled else self.worker_shards[worker]
+        own = range(len(self.shards)) if self.resampled else \
+            sorted({p.shard for p in self.worker_pieces[worker]})
         urls = [self.shards[i].url for i in own][:5]
-        raise RuntimeError(
+        raise DataError(
             f"rank {self.rank} worker {worker}: a full pass over shards {urls}... gave no usable "
-            f"sample (skipped: {dict(tally.total)}); check the shards with `move-shard verify`"
-        )
+            f"sample (lost: {dict(tally.total)}); check the shards with `move-shard verify`")
 
     def __iter__(self):
         info = get_worker_info()
@@ -146,61 +146,42 @@ class TrainStream(IterableDataset):
         if quota == skip:
             return
         tally = SkipTally(f"rank {self.rank} worker {worker}")
-        samples = self._samples(worker, tally)
-        for _ in range(skip):  # decoded all the same: corrupt ones must be skipped as before
-            next(samples)
-        for size in plan.chunk_sizes(skip, quota, self.batch_size):
-            keys, items = zip(*(next(samples) for _ in range(size)))
-            piece = collate_normalise(list(items))
-            if self.return_keys:
-                piece["key"] = list(keys)
-            yield piece, tally.take()
-
-
-def _cut(pieces: list[dict], size: int) -> tuple[dict, list[dict]]:
-    """The first `size` samples of the concatenated pieces, and what is left over."""
-    taken, rest, need = [], [], size
-    for piece in pieces:
-        n = len(piece["image"])
-        if need >= n:
-            taken.append(piece)
-        elif need > 0:
-            taken.append({k: v[:need] for k, v in piece.items()})
-            rest.append({k: v[need:] for k, v in piece.items()})
-        else:
-            rest.append(piece)
-        need -= min(need, n)
-    if len(taken) == 1:
-        return taken[0], rest
-    batch = {k: torch.cat([t[k] for t in taken]) if k != "key" else sum((t[k] for t in taken), [])
-             for k in taken[0]}
-    return batch, rest
-
-
-def rebatch(pieces: Iterator[dict], batch_size: int) -> Iterator[dict]:
-    """Cut a stream of pieces (full batches and worker remainders) into batches of batch_size."""
-    pending, held = [], 0
-    for piece in pieces:
-        pending.append(piece)
-        held += len(piece["image"])
-        while held >= batch_size:
-            batch, pending = _cut(pending, batch_size)
-            held -= batch_size
-            yield batch
+        try:
+            samples = self._samples(worker, tally)
+            for _ in range(skip):  # decoded all the same: corrupt ones must be skipped as before
+                next(samples)
+            for size in plan.chunk_sizes(skip, quota, self.batch_size):
+                keys, items = zip(*(next(samples) for _ in range(size)))
+                piece = collate_normalise(list(items))
+                if self.return_keys:
+                    piece["key"] = list(keys)
+                yield piece, Report(tally.take(), tally.take_notes())
+        except DataError as err:  # an outage past the retry window, or nothing usable left
+            yield None, Report(tally.take(), tally.take_notes(), error=str(err))
+        finally:
+            self.inflight.reading(worker, -1)
 
 
 class TrainLoader:
     """Iterable over one epoch of batches; `len()` = batches per epoch, the same on every rank."""
 
-    def __init__(self, shards: list[Shard], *, workers: int, pin_memory: bool = False, **stream):
+    def __init__(self, shards: list[Shard], *, workers: int, pin_memory: bool = False,
+                 max_lost_share: float | None, stall_timeout_s: float, **stream):
         self.shards, self.workers, self.pin_memory = shards, workers, pin_memory
-        self.stream = stream
+        self.stall_timeout_s, self.stream = stall_timeout_s, stream
         self.batches_per_epoch = plan.batches_per_epoch(
             shards, stream["world_size"], stream["batch_size"], stream["resampled"]
         )
         self.epoch, self.skip_batches = stream.pop("epoch"), stream.pop("skip_batches")
-        self.skipped: Counter = Counter()
+        self.ledger = LossLedger(f"rank {stream['rank']}", max_lost_share)
+        self.watch = LoaderWatch()
+        self.inflight = InFlight(max(workers, 1))
         self.set_epoch(self.epoch, self.skip_batches)  # range check
+
+    @property
+    def skipped(self):
+        """Samples lost over the run, by reason (see `tario.py`)."""
+        return self.ledger.total
 
     def __len__(self) -> int:
         return self.batches_per_epoch
@@ -211,29 +192,72 @@ class TrainLoader:
                              f"0..{self.batches_per_epoch}")
         self.epoch, self.skip_batches = epoch, skip_batches
 
+    def _expected(self) -> int:
+        """Samples this rank reads in one epoch, from the manifest."""
+        world, batch = self.stream["world_size"], self.stream["batch_size"]
+        if self.stream["resampled"]:
+            return self.batches_per_epoch * batch
+        return sum(s.count for s in self.shards) // world
+
+    def _stalled(self, waited_s: float) -> str:
+        urls = [self.shards[i].url for i in self.inflight.shards()]
+        endpoint = endpoint_of(self.shards[0].url, self.stream["storage_options"])
+        return stall_message(f"rank {self.stream['rank']}", waited_s, urls, endpoint)
+
     def _pieces(self, source) -> Iterator[dict]:
-        for piece, skipped in source:
-            self.skipped.update(skipped)
-            yield piece
+        while True:
+            try:
+                piece, report = next_item(source, self.watch, self.stall_timeout_s, self.inflight,
+                                          self._stalled)
+            except StopIteration:
+                return
+            self.ledger.add(report)
+            if piece is not None:
+                yield piece
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         logical = max(self.workers, 1)
         dataset = TrainStream(self.shards, batches=self.batches_per_epoch, epoch=self.epoch,
-                              skip_batches=self.skip_batches, workers=logical, **self.stream)
+                              skip_batches=self.skip_batches, workers=logical,
+                              inflight=self.inflight, **self.stream)
+        self.ledger.start_epoch(self.epoch, self._expected())
         if self.workers == 0:
             source = iter(dataset)
         else:
             source = iter(DataLoader(dataset, batch_size=None, num_workers=self.workers,
-                                     collate_fn=identity, pin_memory=self.pin_memory))
+                                     collate_fn=identity, pin_memory=self.pin_memory,
+                                     timeout=poll_interval(self.stall_timeout_s)))
         expected, delivered = self.batches_per_epoch - self.skip_batches, 0
         for batch in rebatch(self._pieces(source), self.stream["batch_size"]):
             delivered += 1
             yield batch
         if delivered != expected:
             raise RuntimeError(f"epoch {self.epoch}: got {delivered} batches, planned {expected}")
-        if self.skipped:
-            log.warning("epoch %d: skipped samples so far: %s", self.epoch, dict(self.skipped))
+        if self.ledger.lost:
+            log.warning("rank %d: %s", self.stream["rank"], self.ledger.summary())
         self.epoch, self.skip_batches = self.epoch + 1, 0
+
+
+def _check_shards(shards: list[Shard], storage_options, policy: ReadPolicy, source,
+                  max_lost_share: float | None) -> None:
+    """Before any training: shards absent or resized against the manifest (one listing)."""
+    survey = survey_shards(shards, storage_options, policy)
+    for shard, size in survey.resized[:5]:
+        log.warning("%s is %d bytes, the manifest says %d: truncated or rewritten? its losses "
+                    "will be counted as it is read (`move-shard verify` checks every shard)",
+                    shard.url, size, shard.bytes)
+    if not survey.missing:
+        return
+    total = sum(s.count for s in shards)
+    lost, share = survey.missing_samples(), survey.missing_samples() / total
+    what = (f"shards missing from {source!r}: {len(survey.missing)} of {len(shards)} ({lost} of "
+            f"{total} samples, {share:.1%}; e.g. {survey.missing[0].url})")
+    if len(survey.missing) == len(shards):
+        raise DataError(f"{what}: nothing to read; check the path, the bucket and the endpoint")
+    if max_lost_share is not None and share > max_lost_share:
+        raise DataError(f"{what}, more than data.max_lost_share={max_lost_share:g}: restore them, "
+                        "or raise data.max_lost_share to train on what is there")
+    log.warning("%s: they are counted as lost when their turn comes", what)
 
 
 def build_train_loader(
@@ -242,6 +266,8 @@ def build_train_loader(
     shuffle_buffer: int, seed: int, rank: int, world_size: int, resampled: bool = False,
     epoch: int = 0, skip_batches: int = 0, extra_keys: Sequence[str] = (),
     storage_options: dict | None = None, pin_memory: bool = False, return_keys: bool = False,
+    policy: ReadPolicy | None = None, max_lost_share: float | None = 0.01,
+    stall_timeout_s: float = 300.0,
 ) -> TrainLoader:
     """The training loader of one rank (see the module docstring and `data/plan.py`)."""
     for name, value, low in (("batch_size", batch_size, 1), ("image_size", image_size, 1),
@@ -251,40 +277,55 @@ def build_train_loader(
             raise ValueError(f"{name} must be >= {low}, got {value}")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
+    if not stall_timeout_s > 0:
+        raise DataError(f"data.stall_timeout_s must be > 0 seconds, got {stall_timeout_s}")
     unknown = set(extra_keys) - set(EXTRA_FIELDS)
     if unknown:
         raise ValueError(
             f"extra_keys {sorted(unknown)} unknown; choose from {sorted(EXTRA_FIELDS)}")
-    shards = resolve_shards(source, storage_options)
-    if not resampled and workers > len(shards) // world_size:
-        log.warning("%d shards over %d ranks leave some of the %d workers per rank without a "
-                    "shard: they stay idle; write more, smaller shards to use them all",
-                    len(shards), world_size, workers)
+    policy = policy or ReadPolicy()
+    shards = resolve_shards(source, storage_options, policy)
+    _check_shards(shards, storage_options, policy, source, max_lost_share)
     transform = TrainTransform(image_size, tuple(crop_scale), tuple(crop_ratio), hflip,
                                tuple(extra_keys))
     loader = TrainLoader(
         shards, workers=workers, pin_memory=pin_memory, batch_size=batch_size,
         transform=transform, buffer=shuffle_buffer, seed=seed, epoch=epoch, rank=rank,
         world_size=world_size, resampled=resampled, skip_batches=skip_batches,
-        storage_options=storage_options, return_keys=return_keys,
+        storage_options=storage_options, policy=policy, return_keys=return_keys,
+        max_lost_share=max_lost_share, stall_timeout_s=stall_timeout_s,
     )
     log.info("rank %d/%d: %d shards, %d batches of %d per epoch%s", rank, world_size, len(shards),
              len(loader), batch_size, " (resampled)" if resampled else "")
-    if not resampled:
-        held = sum(shards[i].count for i in plan.rank_shards(shards, world_size, seed, epoch)[rank])
-        if held > len(loader) * batch_size:
-            log.info("rank %d leaves %d of its %d samples out of each epoch (equal batch counts on "
-                     "all ranks; which ones changes every epoch)", rank,
-                     held - len(loader) * batch_size, held)
+    _log_split(shards, world_size, batch_size, resampled, workers, seed, epoch, rank)
     return loader
+
+
+def _log_split(shards, world_size, batch_size, resampled, workers, seed, epoch, rank) -> None:
+    if resampled:
+        return
+    pieces = len(plan.rank_pieces(shards, world_size, seed, epoch)[rank])
+    if workers > pieces:
+        log.warning("rank %d holds %d shard pieces for %d workers: %d workers stay idle; write "
+                    "more, smaller shards to use them all", rank, pieces, workers, workers - pieces)
+    total = sum(s.count for s in shards)
+    out = plan.left_out(shards, world_size, batch_size, resampled)
+    if out and rank == 0:
+        log.warning("each epoch leaves out %d of %d samples (%.1f%%): %d rank(s) x %d batches of "
+                    "%d, the same count on every rank; which ones changes every epoch", out, total,
+                    100 * out / total, world_size,
+                    plan.batches_per_epoch(shards, world_size, batch_size, False), batch_size)
 
 
 def build_eval_loader(
     source: str | Sequence[str], *, rank: int, world_size: int,
-    storage_options: dict | None = None, workers: int = 0,
+    storage_options: dict | None = None, workers: int = 0, policy: ReadPolicy | None = None,
 ) -> EvalLoader:
     """Whole images with masks/boxes, each sample exactly once across ranks (see eval_stream)."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
-    return EvalLoader(resolve_shards(source, storage_options), rank=rank, world_size=world_size,
-                      workers=workers, storage_options=storage_options)
+    policy = policy or ReadPolicy()
+    shards = resolve_shards(source, storage_options, policy)
+    _check_shards(shards, storage_options, policy, source, max_lost_share=None)
+    return EvalLoader(shards, rank=rank, world_size=world_size, workers=workers,
+                      storage_options=storage_options, policy=policy)

@@ -1,78 +1,162 @@
-"""Streaming samples out of tar shards over fsspec, and counting what had to be skipped.
+"""Reading samples out of tar shards, checked against the manifest, and counting what is lost.
 
-A sample is the dict {"__key__": key, "__shard__": url, ext: bytes, ...} of consecutive tar members
-that share a key (the WebDataset convention: `abc.jpg`, `abc.mask.png` -> key `abc`).
-A shard that cannot be opened or breaks off mid-way is counted and logged; the samples read before
-the break are kept and the stream goes on with the next shard. Nothing here sleeps or retries:
-fsspec's own filesystems retry transient network errors.
+A sample is the dict {"__key__": key, "__shard__": url, ext: bytes, ...} of consecutive tar
+members that share a key (the WebDataset convention: `abc.jpg`, `abc.mask.png` -> key `abc`).
+Members are grouped into samples by `webdataset` itself (`group_by_keys`, `base_plus_ext`), so a
+shard means here exactly what it means to WebDataset (lower-cased extensions, `__*__` metadata
+members skipped, a duplicate member is an error). The members come from `tarfile` through a
+`RetryingFile`, so a stall or a dropped connection inside the retry window resumes the read where
+it broke off and the samples are those of an undisturbed read. webdataset's `tar_file_iterator` is
+not used for that step: when a member's data breaks off it cannot tell the grouping that the
+sample before it is complete, so a truncated shard would lose one more sample than it must.
+
+What webdataset's pipeline (`WebDataset`, `split_by_node`/`split_by_worker`, its `shuffle` and
+`handler=warn_and_continue`) is not used for, and why: it gives whole shards to ranks and workers,
+so with few or uneven shards ranks get unequal counts and the batch count per rank cannot be the
+same (DDP would hang or drop data); its shuffle and error handlers keep no account of where a
+rank is inside an epoch (no exact mid-epoch resume) nor of what was skipped against the manifest.
+Those are `plan.py`'s and this module's jobs.
+
+The manifest is the contract: `iter_shard` reads samples start..stop of a shard and, when the shard
+cannot deliver them, counts the samples lost under one reason:
+- "missing shard": the file does not exist;
+- "unreadable shard": it cannot be opened or parsed before its first sample (not a tar, denied);
+- "truncated shard": the tar breaks off after some samples;
+- "short shard": the tar ends cleanly with fewer samples than the manifest says.
+A store that stays silent past the retry window is not a loss but an outage: `DataError`.
 """
 from __future__ import annotations
 
 import logging
+import re
 import tarfile
 import time
 from collections import Counter
 from typing import Iterator
 
-import fsspec
+from webdataset.tariterators import base_plus_ext, group_by_keys
 
-from move_scale.data.shardlist import split_member_name
+from move_scale.data.remote import ReadPolicy, RetryingFile
+from move_scale.data.storage import DataError
 
 log = logging.getLogger(__name__)
 
+SHARD_LOSSES = ("missing shard", "unreadable shard", "truncated shard", "short shard")
+
 
 class SkipTally:
-    """Counts skipped samples by reason and logs a rate-limited warning.
+    """Counts samples lost by reason (a skipped sample is 1, a lost shard its missing samples).
 
-    Warns on the first skip, then at most once per `interval_s` with the running totals; never
-    blocks. `take()` hands over the counts since the last call (for the loader's main process).
+    A lost shard is always logged at WARNING with the running totals; skipped samples warn on the
+    first, then at most once per `interval_s`. `take()` hands over the counts since the last call
+    (for the loader's main process), `take_notes()` the details of the shards lost since then.
+    `muted` stops counting and logging (a padding pass re-reads what was already counted).
     """
 
     def __init__(self, where: str, interval_s: float = 30.0):
         self.where = where
         self.interval_s = interval_s
         self.total: Counter = Counter()
+        self.muted = False
         self._unreported: Counter = Counter()
+        self._notes: list[str] = []
         self._last_warning = -float("inf")
 
-    def skip(self, reason: str, detail: str) -> None:
-        self.total[reason] += 1
-        self._unreported[reason] += 1
+    def skip(self, reason: str, detail: str, samples: int = 1) -> None:
+        if self.muted or samples <= 0:
+            return
+        self.total[reason] += samples
+        self._unreported[reason] += samples
         now = time.monotonic()
-        if now - self._last_warning >= self.interval_s:
+        if reason in SHARD_LOSSES:
+            self._notes.append(f"{reason}: {detail}")
+            log.warning("%s: %s (%d samples lost); lost so far: %s", self.where, detail, samples,
+                        dict(self.total))
+        elif now - self._last_warning >= self.interval_s:
             self._last_warning = now
-            log.warning(
-                "%s: skipped a sample (%s: %s); skipped so far: %s",
-                self.where, reason, detail, dict(self.total),
-            )
+            log.warning("%s: skipped a sample (%s: %s); lost so far: %s",
+                        self.where, reason, detail, dict(self.total))
 
     def take(self) -> dict[str, int]:
         counts, self._unreported = dict(self._unreported), Counter()
         return counts
 
+    def take_notes(self) -> list[str]:
+        notes, self._notes = self._notes, []
+        return notes
 
-def iter_tar_samples(
-    url: str, storage_options: dict | None, tally: SkipTally
-) -> Iterator[dict]:
-    """Yield the samples of one shard in file order."""
-    sample: dict | None = None
-    try:
-        with fsspec.open(url, "rb", **(storage_options or {})) as f:
-            with tarfile.open(fileobj=f, mode="r|*") as tar:
-                for member in tar:
-                    if not member.isfile():
-                        continue
-                    key, ext = split_member_name(member.name)
-                    data = tar.extractfile(member).read()
-                    if sample is not None and sample["__key__"] != key:
-                        yield sample
-                        sample = None
-                    if sample is None:
-                        sample = {"__key__": key, "__shard__": url}
-                    sample[ext] = data
-    except (OSError, tarfile.TarError, EOFError) as err:
-        # The sample being assembled may be incomplete: drop it and count it.
-        tally.skip("shard read error", f"{url}: {type(err).__name__}: {err}")
+
+_META = re.compile(r"__[^/]*__($|/)")  # webdataset's `skip_meta`: members such as __info__.json
+
+
+def _members(stream, url: str, skip_samples: int) -> Iterator[dict]:
+    """{"fname", "data", "__url__"} of the tar's regular members, in order, for `group_by_keys`;
+    the members of the first `skip_samples` keys pass without their data being read."""
+    tar = tarfile.open(fileobj=stream, mode="r|*")
+    key, seen = None, 0
+    for member in tar:
+        tar.members = []  # a stream of any length in constant memory
+        if not member.isreg() or _META.match(member.name):
+            continue
+        member_key = base_plus_ext(member.name)[0]
+        if member_key is not None and member_key != key:
+            key, seen = member_key, seen + 1
+            new_sample = True
+        else:
+            new_sample = False
+        if seen <= skip_samples:
+            continue
+        try:
+            data = tar.extractfile(member).read()
+        except (OSError, tarfile.TarError, EOFError):
+            if new_sample:
+                yield {}  # the sample before this member is complete: group_by_keys yields it
+            raise
+        yield {"fname": member.name, "data": data, "__url__": url}
+
+
+def _selected(lo: int, hi: int, stride: int, offset: int) -> int:
+    """How many indices i in lo..hi-1 have i % stride == offset."""
+    first = lo + (offset - lo) % stride
+    return 0 if first >= hi else (hi - 1 - first) // stride + 1
+
+
+def iter_shard(url: str, options: dict | None, policy: ReadPolicy, tally: SkipTally, *,
+               start: int = 0, stop: int, stride: int = 1, offset: int = 0) -> Iterator[dict]:
+    """Samples i of one shard with start <= i < stop and i % stride == offset, in file order.
+
+    `stop` is where the manifest says the samples end (the shard's count, or the end of a piece);
+    what the shard cannot deliver of them is counted in `tally` (see the module docstring).
+    """
+    if start >= stop:
         return
-    if sample is not None:
-        yield sample
+    index = start
+    try:
+        with RetryingFile(url, options, policy, what="reading the shard") as stream:
+            for sample in group_by_keys(_members(stream, url, start)):
+                if index % stride == offset:
+                    sample["__shard__"] = url
+                    yield sample
+                index += 1
+                if index >= stop:
+                    return
+        reason, detail = "short shard", (f"{url} ends after {index} samples; by the manifest it "
+                                         f"holds at least {stop}")
+    except DataError:
+        raise
+    except FileNotFoundError:
+        reason, detail = "missing shard", f"{url} does not exist"
+    except (OSError, tarfile.TarError, EOFError, ValueError) as err:
+        reason = "truncated shard" if index > start else "unreadable shard"
+        what = " ".join(f"{type(err).__name__}: {err}".split())
+        detail = f"{url} breaks off after sample {index} ({what})" if index > start else \
+            f"{url} cannot be read ({what})"
+    tally.skip(reason, detail, samples=_selected(index, stop, stride, offset))
+
+
+def count_tar_samples(url: str, options: dict | None, policy: ReadPolicy | None = None) -> int:
+    """Distinct sample keys in one tar (reads the headers; for remote shards, the whole file)."""
+    with RetryingFile(url, options, policy or ReadPolicy(), what="reading the shard") as stream:
+        keys = {base_plus_ext(m.name)[0] for m in tarfile.open(fileobj=stream, mode="r|*")
+                if m.isreg() and not _META.match(m.name)}
+    return len(keys - {None})

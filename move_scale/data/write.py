@@ -45,12 +45,13 @@ EXIF_CHOICES = ("auto", "apply", "ignore")
 
 
 def plan_items(sources: Sequence[str], *, masks: str | None = None, boxes: str | None = None,
-               shuffle: bool = False, seed: int = 0, storage_options: dict | None = None) -> list[Item]:
+               shuffle: bool = False, seed: int = 0, storage_options: dict | None = None,
+               policy=None) -> list[Item]:
     """Every input in its final order, with its key, mask path and boxes (see sources.py)."""
     mask_index = index_masks(masks) if masks else None
     voc, coco = load_boxes_index(boxes) if boxes else ({}, {})
     items = []
-    for path, key in list_inputs(list(sources), storage_options):
+    for path, key in list_inputs(list(sources), storage_options, policy):
         stem = stem_of(path)
         mask = mask_index.get(stem) if mask_index is not None else None
         missing = "missing_mask" if mask_index is not None and mask is None else None
@@ -131,7 +132,7 @@ def write_shards(sources: Sequence[str], out: str, *, name: str | None = None,
                  shuffle: bool = False, seed: int = 0, workers: int = 0, resume: bool = False,
                  overwrite: bool = False, masks: str | None = None, boxes: str | None = None,
                  max_pixels: int = DEFAULT_MAX_PIXELS, storage_options: dict | None = None,
-                 progress: bool = False, exif: str = "auto") -> Manifest:
+                 progress: bool = False, exif: str = "auto", policy=None) -> Manifest:
     """Image files -> shards + ``manifest.json`` + ``report.jsonl`` in ``out`` (see module doc).
 
     ``exif``: "apply" turns images (and their masks and boxes) to display orientation; "ignore"
@@ -139,11 +140,12 @@ def write_shards(sources: Sequence[str], out: str, *, name: str | None = None,
     for sets with ground truth (``masks`` or ``boxes``: evaluation sets) and applies it otherwise.
 
     Raises DataError for bad input (missing SRC, no images, OUT not writable, bad values, OUT
-    holding another run, every input unusable).
+    holding another run, every input unusable) and for a store silent past the retry window of
+    ``policy`` (`remote.ReadPolicy`; remote reads and uploads are retried until then).
     """
     _check(max_count, max_size, quality, image_format, resume, overwrite, resize, workers, max_pixels)
     items = plan_items(sources, masks=masks, boxes=boxes, shuffle=shuffle, seed=seed,
-                       storage_options=storage_options)
+                       storage_options=storage_options, policy=policy)
     if not items:
         raise DataError(f"no image files found in {', '.join(sources)} (extensions: jpg, jpeg, png, "
                         "webp, bmp, tif, tiff, gif, jfif; or a text file listing paths)")
@@ -159,9 +161,10 @@ def write_shards(sources: Sequence[str], out: str, *, name: str | None = None,
     if boxes:
         options["boxes_rule"] = "lost"  # VOC corners - 1, COCO crowd boxes left out
     options["fingerprint"] = _fingerprint(options, items)
-    image_options = ImageOptions(resize, image_format, quality, max_pixels, storage_options, apply_exif)
+    image_options = ImageOptions(resize, image_format, quality, max_pixels, storage_options,
+                                 apply_exif, policy)
     log.info("%d inputs -> %s (%s-NNNNNN.tar)", len(items), out, prefix)
-    return _run(OutputDir(out, storage_options), prefix, options,
+    return _run(OutputDir(out, storage_options, policy), prefix, options,
                 lambda start: _ordered_results(items, start, image_options, workers),
                 total=len(items), resume=resume, overwrite=overwrite, max_count=max_count,
                 max_size=max_size, progress=progress)
