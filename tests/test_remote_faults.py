@@ -228,6 +228,8 @@ def test_an_unreachable_endpoint_is_one_line_and_exit_2_in_every_command(data, m
                      dead, "--retry-window", "1", "--read-timeout", "1", "--no-progress"],
         "move-shard info": ["-m", "move_scale.data.cli", "info", source, *shard],
         "move-shard verify": ["-m", "move_scale.data.cli", "verify", source, *shard],
+        "move-shard index": ["-m", "move_scale.data.cli", "index", "s3://faults/train/",
+                             "--out", str(tmp_path / "idx"), *shard],
         "move-shard make": ["-m", "move_scale.data.cli", "make", str(make_images(n=2).root),
                             "s3://faults/out",
                             "--workers", "0", "--no-progress", *shard],

@@ -1,20 +1,24 @@
 """move-shard index on shards written by webdataset.ShardWriter (real tars, sidecars, another key
 layout), on local disk and on a moto S3 server: counts equal what the readers yield."""
 import hashlib
+import io
 import json
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import fsspec
 import pytest
+import webdataset as wds
 
 from move_scale.data import index as index_module
 from move_scale.data.cli import main
 from move_scale.data.manifest import load_manifest
+from move_scale.data.remote import ReadPolicy
 from move_scale.data.shardlist import resolve_shards
-from move_scale.data.tario import SkipTally, iter_tar_samples
-from move_scale.data.transforms import IMAGE_EXTS
+from move_scale.data.storage import DataError
+from move_scale.data.tario import SkipTally, count_tar_samples, has_image, iter_shard
 from move_scale.data.write import write_shards
 from wdsutil import write_foreign_shards
 
@@ -25,11 +29,14 @@ def _cli(*args) -> subprocess.CompletedProcess:
 
 
 def _reader_counts(urls, storage_options=None) -> list[int]:
-    """Samples with an image member per shard, as the training reader yields them."""
-    tally = SkipTally("test")
-    counts = [sum(1 for sample in iter_tar_samples(url, storage_options, tally)
-                  if any(ext in sample for ext in IMAGE_EXTS)) for url in urls]
-    assert not tally.total
+    """Samples per shard as the training reader yields them, read to the end whatever a manifest
+    says; the count of a shard no manifest lists (`count_tar_samples`) is the same."""
+    counts = []
+    for url in urls:
+        tally = SkipTally("test")
+        counts.append(sum(1 for _ in iter_shard(url, storage_options, ReadPolicy(), tally, stop=10**6)))
+        assert set(tally.total) == {"short shard"}  # read past the end on purpose: nothing else lost
+        assert count_tar_samples(url, storage_options) == counts[-1]
     return counts
 
 
@@ -39,25 +46,25 @@ def test_index_counts_what_the_readers_yield_and_reports_samples_without_an_imag
     assert len(shards) == 3
     done = _cli("index", str(tmp_path / "foreign" / "part-{000000..000002}.tar"))
     assert done.returncode == 0, done.stderr
-    assert "3 shards, 12 samples" in done.stdout and "\r" not in done.stderr  # no bar off a terminal
+    assert "3 shards, 13 samples" in done.stdout and "\r" not in done.stderr  # no bar off a terminal
 
     manifest = load_manifest(str(tmp_path / "foreign"))
     assert [s.name for s in manifest.shards] == [p.name for p in shards]
-    assert [s.samples for s in manifest.shards] == _reader_counts([str(p) for p in shards]) == [5, 4, 3]
+    assert [s.samples for s in manifest.shards] == _reader_counts([str(p) for p in shards]) == [5, 4, 4]
     for record, path in zip(manifest.shards, shards):
         data = path.read_bytes()
         assert (record.bytes, record.sha256) == (len(data), hashlib.sha256(data).hexdigest())
-    assert manifest.samples == len(images) == 12
-    assert (manifest.inputs, manifest.skipped_by_reason) == (14, {"no_image": 2})
-    assert manifest.keys == ("jpeg", "png", "JPG", "cls", "json")
+    assert manifest.samples == len(images) == 13  # the .JPG sample counts: webdataset lower-cases
+    assert (manifest.inputs, manifest.skipped_by_reason) == (14, {"no_image": 1})
+    assert manifest.keys == ("jpeg", "jpg", "png", "cls", "json")
     lines = [json.loads(line) for line in (tmp_path / "foreign" / "report.jsonl").read_text().splitlines()]
     assert [(line["shard"], line["key"], line["reason"]) for line in lines] == [
-        ("part-000001.tar", "cls1/img_0007", "no_image"), ("part-000002.tar", "cls2/img_0011", "no_image")]
-    assert "JPG, cls, json" in lines[1]["detail"]
+        ("part-000001.tar", "cls1/img_0007", "no_image")]
+    assert "members cls, json" in lines[0]["detail"]
 
     # the readers take the counts from this manifest, also when given the brace pattern
     pattern = resolve_shards(str(tmp_path / "foreign" / "part-{000000..000002}.tar"))
-    assert [s.count for s in pattern] == [5, 4, 3]
+    assert [s.count for s in pattern] == [5, 4, 4]
     assert main(["verify", str(tmp_path / "foreign")]) == 0
 
 
@@ -157,10 +164,6 @@ def test_bad_input_in_a_real_process_and_help(tmp_path):
         assert text in shown, text
 
 
-def test_image_extensions_are_the_readers():
-    assert index_module.IMAGE_EXTS == IMAGE_EXTS
-
-
 def test_index_on_s3_beside_the_shards_and_from_a_local_manifest(tmp_path, s3_endpoint, s3_bucket):
     write_foreign_shards(tmp_path / "foreign")
     options = {"client_kwargs": {"endpoint_url": s3_endpoint}}
@@ -172,7 +175,7 @@ def test_index_on_s3_beside_the_shards_and_from_a_local_manifest(tmp_path, s3_en
     assert done.returncode == 0, done.stderr
     fs.invalidate_cache()
     manifest = load_manifest(f"{s3_bucket}/sets/foreign", options)
-    assert [s.samples for s in manifest.shards] == [5, 4, 3] and manifest.skipped == 2
+    assert [s.samples for s in manifest.shards] == [5, 4, 4] and manifest.skipped == 1
     assert fs.exists(f"{s3_bucket}/sets/foreign/report.jsonl")
     assert main(["verify", f"{s3_bucket}/sets/foreign", "--endpoint-url", s3_endpoint]) == 0
 
@@ -182,7 +185,7 @@ def test_index_on_s3_beside_the_shards_and_from_a_local_manifest(tmp_path, s3_en
     assert [s.name for s in local.shards] == [f"{s3_bucket}/sets/foreign/part-{i:06d}.tar" for i in range(3)]
     assert [(s.bytes, s.sha256) for s in local.shards] == [(s.bytes, s.sha256) for s in manifest.shards]
     shards = resolve_shards(str(tmp_path / "idx"), options)
-    assert _reader_counts([s.url for s in shards], options) == [s.count for s in shards] == [5, 4, 3]
+    assert _reader_counts([s.url for s in shards], options) == [s.count for s in shards] == [5, 4, 4]
 
 
 def test_shard_urls_resolve_relative_and_absolute_names():
@@ -196,3 +199,60 @@ def test_shard_urls_resolve_relative_and_absolute_names():
     for base in ("s3://bucket/m/manifest.json", "s3://bucket/m/mine.json", "s3://bucket/m"):
         assert manifest.shard_urls(base) == ["s3://bucket/m/a.tar", "s3://bucket/m/sub/b.tar", *tail]
     assert manifest.shard_urls("manifest.json") == ["a.tar", "sub/b.tar", *tail]
+
+
+def _tar(path: Path, names: list[str]) -> str:
+    with tarfile.open(path, "w") as tar:
+        for name in names:
+            info = tarfile.TarInfo(name)
+            info.size = len(name)
+            tar.addfile(info, io.BytesIO(name.encode()))
+    return str(path)
+
+
+def test_one_rule_of_what_a_sample_is_for_index_counts_and_readers(tmp_path):
+    # webdataset's metadata (`__x__/...`) and dot-less members belong to no sample; extensions count
+    # in any case; a key that comes back after another is a new sample; a sidecar-only group
+    # (`__info__.json` is one to webdataset) is no sample
+    url = _tar(tmp_path / "edge.tar", ["__meta__/x.jpg", "__info__.json", "a.jpg", "a.json", "README",
+                                       "b.json", "c.PNG", "c.txt", "d.txt", "d.jpg", "b.jpg", "e.webp"])
+    scan = index_module.scan_shard(url)
+    assert (scan.samples, scan.imageless) == (5, (("__info__", ("json",)), ("b", ("json",))))
+    assert count_tar_samples(url, None) == 5
+
+    def keys(start: int, stop: int) -> list[str]:
+        tally = SkipTally("test")
+        found = [s["__key__"] for s in iter_shard(url, None, ReadPolicy(), tally, start=start, stop=stop)]
+        assert not tally.total
+        return found
+
+    # the samples plain webdataset reads; pieces cut inside the shard (ranks, workers, resume)
+    # count samples the same way
+    theirs = list(wds.WebDataset(url, shardshuffle=False))
+    assert [s["__key__"] for s in theirs if has_image(s)] == keys(0, 5) == ["a", "c", "d", "b", "e"]
+    assert keys(1, 3) == ["c", "d"] and keys(2, 5) == ["d", "b", "e"] and keys(4, 5) == ["e"]
+
+    # a member repeated inside a sample: webdataset rejects the shard, and so does everything here
+    twice = _tar(tmp_path / "twice.tar", ["a.jpg", "a.json", "a.JPG"])
+    for count in (index_module.scan_shard, lambda u: count_tar_samples(u, None)):
+        with pytest.raises(DataError, match="twice.tar is not a readable tar shard.*second 'jpg'"):
+            count(twice)
+    tally = SkipTally("test")
+    assert list(iter_shard(twice, None, ReadPolicy(), tally, stop=1)) == []
+    assert dict(tally.total) == {"unreadable shard": 1}
+
+
+def test_counts_beside_match_shards_by_resolved_url_not_name(tmp_path, monkeypatch, caplog):
+    write_foreign_shards(tmp_path / "y", n=6, maxcount=3, no_image=(), upper_case=())  # 3 + 3
+    write_foreign_shards(tmp_path / "x", n=2, maxcount=3, no_image=(), upper_case=())  # 2
+    # x/manifest.json lists y's shards, by absolute path; x/part-000000.tar is another shard
+    index_module.index_shards([str(tmp_path / "y")], str(tmp_path / "x"))
+    index_module.index_shards([str(tmp_path / "y")])  # y/manifest.json: relative names
+    monkeypatch.chdir(tmp_path)
+    with caplog.at_level("WARNING"):
+        assert [s.count for s in resolve_shards(["x/part-000000.tar"])] == [2]
+    assert "reading them once to count" in caplog.text  # not y's count for the same name
+    caplog.clear()
+    with caplog.at_level("WARNING"):  # other spellings of y's shards: counts from y's manifest
+        listed = resolve_shards(["x/../y/part-000001.tar", str(tmp_path / "y" / "part-000000.tar")])
+    assert [s.count for s in listed] == [3, 3] and "reading them once" not in caplog.text

@@ -15,7 +15,8 @@ from PIL import Image
 
 from move_scale.data.index import index_shards
 from move_scale.data.stream import build_eval_loader, build_train_loader
-from move_scale.data.tario import SkipTally, iter_tar_samples
+from move_scale.data.remote import ReadPolicy
+from move_scale.data.tario import SkipTally, iter_shard
 from move_scale.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from move_scale.data.write import write_shards
 from wdsutil import write_foreign_shards
@@ -41,7 +42,9 @@ def test_plain_webdataset_reads_make_output_as_our_readers_do(make_images, tmp_p
 
     # raw: the same samples, keys and member bytes, in the same order
     tally = SkipTally("test")
-    ours = [sample for url in urls for sample in iter_tar_samples(url, None, tally)]
+    ours = [sample for url, record in zip(urls, made.shards)
+            for sample in iter_shard(url, None, ReadPolicy(), tally, stop=record.samples)]
+    assert not tally.total
     theirs = list(wds.WebDataset(urls, shardshuffle=False))
     assert [s["__key__"] for s in theirs] == [s["__key__"] for s in ours]
     assert len(theirs) == made.samples == 7
@@ -74,9 +77,10 @@ def _normalised(image: np.ndarray, size: int) -> torch.Tensor:
 
 def test_train_and_eval_loaders_on_shardwriter_shards_after_index(tmp_path):
     folder = tmp_path / "foreign"
-    usable = write_foreign_shards(folder)  # 14 samples in 3 shards; 12 with a usable image
+    # 14 groups in 3 shards: 2 sidecar-only (no image), 12 samples (one with a .JPG image)
+    usable = write_foreign_shards(folder, no_image=(7, 12), upper_case=(11,))
     manifest, _ = index_shards([str(folder)])
-    assert [s.samples for s in manifest.shards] == [5, 4, 3]
+    assert [s.samples for s in manifest.shards] == [5, 4, 3] and manifest.skipped == 2
 
     # scale 1 and the images' own aspect (48/40): every crop is the whole image
     loader = build_train_loader(
@@ -90,10 +94,13 @@ def test_train_and_eval_loaders_on_shardwriter_shards_after_index(tmp_path):
         assert batch["image"].shape == (4, 3, 24, 24)
         for key, image in zip(batch["key"], batch["image"]):
             torch.testing.assert_close(image, _normalised(usable[key]["image"], 24), atol=1e-4, rtol=0)
-    assert dict(loader.skipped) == {"no image": 2}  # the .json-only and the .JPG sample
+    # the sidecar-only groups are no samples, as for index: nothing lost, none missing
+    assert dict(loader.skipped) == {} and loader.ledger.lost == 0 and loader.ledger.expected == 12
 
-    evaluated = list(build_eval_loader(str(folder), rank=0, world_size=1))
+    evaluation = build_eval_loader(str(folder), rank=0, world_size=1)
+    evaluated = list(evaluation)
     assert [e["key"] for e in evaluated] == list(usable)
+    assert (evaluation.delivered, evaluation.expected, dict(evaluation.skipped)) == (12, 12, {})
     for sample in evaluated:
         np.testing.assert_array_equal(sample["image"], usable[sample["key"]]["image"])
 
@@ -107,7 +114,7 @@ def _env() -> dict:
 @pytest.mark.slow
 def test_a_real_training_run_on_shardwriter_shards_after_index(tmp_path):
     folder = tmp_path / "foreign"
-    write_foreign_shards(folder, n=26, maxcount=7)  # 24 usable samples in 4 shards
+    write_foreign_shards(folder, n=26, maxcount=7)  # 25 samples in 4 shards, 1 sidecar-only group
     indexed = subprocess.run([sys.executable, "-m", "move_scale.data.cli", "index", str(folder)],
                              capture_output=True, text=True, timeout=120)
     assert indexed.returncode == 0, indexed.stderr
@@ -118,6 +125,7 @@ def test_a_real_training_run_on_shardwriter_shards_after_index(tmp_path):
          "train.log_every=2", "train.ckpt_every_steps=4", "train.gallery_every=0"],
         env=_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
+    assert "samples lost" not in done.stderr  # the sidecar-only group is no sample: nothing lost
     state = torch.load(run_dir / "ckpt-00000004.pt", map_location="cpu", weights_only=True)
     assert (state["seg_steps"], state["disc_steps"]) == (2, 2)
 

@@ -20,7 +20,8 @@ def write_foreign_shards(folder: Path, n: int = 14, maxcount: int = 5, no_image=
     """ShardWriter shards `part-%06d.tar`: keys `clsK/img_NNNN` (a sub-folder per class), members
     `.cls`, `.jpeg` or `.png`, `.json` (ShardWriter writes them sorted: the image is not first),
     and with ``masks`` a `.mask.png` (255 on a rectangle). Samples in ``no_image`` have only
-    sidecars, those in ``upper_case`` a `.JPG` image (which the readers do not take).
+    sidecars, those in ``upper_case`` a `.JPG` image (webdataset lower-cases extensions: the
+    readers and `move-shard index` take it as a `jpg`).
 
     Returns {key: {"image": (40, 48, 3) uint8 as decoded, "mask": (40, 48) bool or None}} of the
     samples with a usable image, in write order."""
@@ -37,10 +38,8 @@ def write_foreign_shards(folder: Path, n: int = 14, maxcount: int = 5, no_image=
                 mask = np.zeros((40, 48), bool)
                 mask[5:5 + 3 * (i % 10 + 1), 4:40] = True  # a different area in every sample
                 sample["mask.png"] = encode(mask.astype(np.uint8) * 255, "PNG")
-            if i in upper_case:
-                sample["JPG"] = encode(image, "JPEG")
-            elif i not in no_image:
-                fmt = "png" if i % 2 else "jpeg"
+            if i not in no_image:
+                fmt = "JPG" if i in upper_case else "png" if i % 2 else "jpeg"
                 sample[fmt] = encode(image, "PNG" if fmt == "png" else "JPEG")
                 decoded = np.asarray(Image.open(io.BytesIO(sample[fmt])).convert("RGB"))
                 usable[key] = {"image": decoded, "mask": mask}

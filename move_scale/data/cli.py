@@ -10,8 +10,9 @@ manifest, verify shard hashes.
 `index` makes shards written by other tools (webdataset.ShardWriter, img2dataset, tarp, ...)
 trainable as they are: it reads each shard once and records its samples, bytes and sha256.
 A sample is the tar members sharing a key (the path up to the first dot of the file name); it
-counts when it has an image member (KEY.jpg/.jpeg/.png/.webp); sidecars (.json, .txt, .cls, ...)
-are kept but not needed, and samples without an image are counted and listed in report.jsonl.
+counts when it has an image member (KEY.jpg/.jpeg/.png/.webp, any case), as the readers count;
+sidecars (.json, .txt, .cls, ...) are kept but not needed, and groups without an image are
+counted and listed in report.jsonl.
 """
 from __future__ import annotations
 
@@ -144,7 +145,8 @@ SHARDS: brace patterns and globs (quote them), shard files or URLs, folders or p
 *.tar (not recursive), or .txt files listing any of these one a line. Local paths or fsspec URLs.
 The manifest goes into the shards' common folder unless --out names a folder or a FILE.json;
 shards below that folder are listed by relative name, others by full URL or absolute path.
-A missing, unreadable or truncated shard stops the run (exit 2) and is named.
+A missing, unreadable or truncated shard stops the run (exit 2) and is named, as does a store
+that stays silent past --retry-window.
 """
 
 
@@ -156,7 +158,8 @@ def _add_index(commands, common) -> None:
                     "training and evaluation read: samples with an image per shard, bytes, sha256, "
                     "member extensions. Samples without an image member are counted and listed in "
                     "the report, not counted as samples.",
-        epilog=INDEX_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter, parents=[common])
+        epilog=INDEX_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[common, _remote_options()])
     index.add_argument("sources", nargs="+", metavar="SHARDS",
                        help="brace pattern, glob, shard file/URL, folder/prefix, or .txt list")
     add = index.add_argument
@@ -174,7 +177,8 @@ def _add_index(commands, common) -> None:
 def _index(args) -> int:
     manifest, url = index_shards(args.sources, args.out, name=args.name, overwrite=args.overwrite,
                                  workers=args.workers, endpoint_url=args.endpoint_url,
-                                 progress=sys.stderr.isatty() and not args.no_progress)
+                                 progress=sys.stderr.isatty() and not args.no_progress,
+                                 policy=policy_from_args(args))
     print(f"{len(manifest.shards)} shards, {manifest.samples} samples, {human_bytes(manifest.bytes)}; "
           f"without an image {manifest.skipped} (see {manifest.report}) -> {url}")
     return 0

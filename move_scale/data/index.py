@@ -5,23 +5,21 @@
     index_shards(["a.tar", "b.tar"], out="manifests/ab")                # names: paths / URLs
 
 Each shard is read once, start to end: its bytes and sha256 are recorded and its tar members are
-grouped into samples exactly as the readers group them (`data/tario.py`): consecutive members
-sharing a key, the key being the member's path up to the first dot of its file name (`a/b.jpg`,
-`a/b.seg.png` -> key `a/b`; the WebDataset convention). A sample counts when it has an image
-member, `KEY.jpg`, `.jpeg`, `.png` or `.webp` in lower case (the member `transforms.image_field`
-takes); other members (`.json`, `.txt`, `.cls`, ...) ride along and are never needed. A sample
-without an image member is not in the shard's `samples`: it is counted under
-`skipped_by_reason["no_image"]` (so `inputs` = samples + skipped) and listed in the report with its
-members; the readers skip it each time they meet it. A shard that is missing, not a tar, or stops
-before the tar's end-of-archive blocks (a truncated copy) is an error that names it. That end
-check needs the tar's own bytes, so it is made for plain tars only: a compressed shard (`.tar.gz`)
-cut inside its last member's padding or its gzip trailer is not caught here (`verify` catches any
-later change against the recorded sha256).
-
-Why the tar is not parsed with `webdataset.tariterators`: the counts must equal what the readers
-yield, and webdataset groups differently in edge cases (it lower-cases extensions, drops `__*__`
-members and names without a dot, and raises on a repeated extension); it also reads every member's
-bytes into memory, which counting does not need.
+grouped into samples by the readers' own rule (`tario.group_members`, `tario.has_image`):
+consecutive members sharing a key, the key being the member's path up to the first dot of its
+file name (`a/b.jpg`, `a/b.seg.png` -> key `a/b`; webdataset's `base_plus_ext`), extensions
+lower-cased, `__*__` metadata members left out. A sample counts when it has an image member,
+`KEY.jpg`, `.jpeg`, `.png` or `.webp` in any case (what `transforms.image_field` takes); other
+members (`.json`, `.txt`, `.cls`, ...) ride along and are never needed. A group without an image
+member is not in the shard's `samples`: it is counted under `skipped_by_reason["no_image"]` (so
+`inputs` = samples + skipped) and listed in the report with its members; the readers pass over it
+without counting it, as here. A shard that is missing, not a tar, repeats a member inside a sample
+(webdataset rejects it), or stops before the tar's end-of-archive blocks (a truncated copy) is an
+error that names it. That end check needs the tar's own bytes, so it is made for plain tars only:
+a compressed shard (`.tar.gz`) cut inside its last member's padding or its gzip trailer is not
+caught here (`verify` catches any later change against the recorded sha256). Remote reads and
+listings are retried under a `ReadPolicy` (`remote.py`): an unreachable store ends in one
+`DataError` naming the endpoint.
 
 Where the manifest goes: the shards' common folder, or ``out`` (a folder, or a ``.json`` file).
 A shard below that folder is named relative to it; any other by its full URL or absolute path
@@ -45,16 +43,16 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import braceexpand
-import fsspec
 from tqdm import tqdm
 
 from move_scale.data.manifest import MANIFEST_NAME, REPORT_NAME, Manifest, ShardRecord, human_bytes
-from move_scale.data.shardlist import TAR_SUFFIXES, split_member_name
+from move_scale.data.remote import ReadPolicy, RetryingFile, filesystem, retrying
+from move_scale.data.shardlist import TAR_SUFFIXES
 from move_scale.data.storage import DataError, OutputDir, storage_options_for
+from move_scale.data.tario import IMAGE_EXTS, group_members, has_image
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # = transforms.IMAGE_EXTS (a test keeps them equal)
 DEFAULT_WORKERS = 8
 _BUFSIZE = 1 << 20
 _BLOCK = 512
@@ -100,27 +98,13 @@ class ShardScan:
 def _scan_members(reader: _HashingReader, url: str):
     """(samples with an image, imageless samples, extensions) of one tar; checks its end."""
     samples, imageless, exts = 0, [], set()
-    key, members = None, set()
-
-    def close_sample():
-        nonlocal samples
-        if key is not None:
-            if members.intersection(IMAGE_EXTS):
+    with tarfile.open(fileobj=reader, mode="r|*", bufsize=_BUFSIZE) as tar:
+        for key, members in group_members(m.name for m in tar if m.isfile()):
+            exts.update(members)
+            if has_image(members):
                 samples += 1
             else:
                 imageless.append((key, tuple(sorted(members))))
-
-    with tarfile.open(fileobj=reader, mode="r|*", bufsize=_BUFSIZE) as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            member_key, ext = split_member_name(member.name)
-            if member_key != key:
-                close_sample()
-                key, members = member_key, set()
-            members.add(ext)
-            exts.add(ext)
-        close_sample()
         end, plain = tar.offset, getattr(tar.fileobj, "comptype", "tar") == "tar"
     reader.drain()
     if plain and (reader.data_end > end or reader.count - end < _BLOCK):
@@ -130,15 +114,18 @@ def _scan_members(reader: _HashingReader, url: str):
     return samples, tuple(imageless), frozenset(exts)
 
 
-def scan_shard(url: str, storage_options: dict | None = None) -> ShardScan:
+def scan_shard(url: str, storage_options: dict | None = None,
+               policy: ReadPolicy | None = None) -> ShardScan:
     """Read one shard once: bytes, sha256, samples with/without an image (see module doc)."""
     try:
-        with fsspec.open(url, "rb", **(storage_options or {})) as handle:
+        with RetryingFile(url, storage_options, policy or ReadPolicy(), what="indexing") as handle:
             reader = _HashingReader(handle)
             samples, imageless, exts = _scan_members(reader, url)
+    except DataError:  # the store silent past the retry window, a truncated tar: said already
+        raise
     except FileNotFoundError as err:
         raise DataError(f"{url}: no such shard (check the path or pattern)") from err
-    except (tarfile.TarError, EOFError, zlib.error, OSError) as err:
+    except (tarfile.TarError, EOFError, zlib.error, OSError, ValueError) as err:
         raise DataError(f"{url} is not a readable tar shard ({type(err).__name__}: {err})") from err
     return ShardScan(url, samples, reader.count, reader.digest.hexdigest(), exts, imageless)
 
@@ -149,29 +136,36 @@ def _join(folder: str, name: str) -> str:
     return posixpath.join(folder, name) if "://" in folder else os.path.join(folder, name)
 
 
-def _expand(source: str, endpoint_url: str | None) -> list[str]:
-    options = storage_options_for(source, endpoint_url)
+def _expand(source: str, endpoint_url: str | None, policy: ReadPolicy) -> list[str]:
+    options = storage_options_for(source, endpoint_url, policy)
+    fs, path = filesystem(source, options)
+    fs.invalidate_cache()
+
+    def listed(what: str, call):
+        return retrying(what, source, options, policy, call)
+
     if source.endswith(".txt"):
+        def read_lines() -> list[str]:
+            with fs.open(path, "rt") as handle:
+                return [line.strip() for line in handle]
+
         try:
-            with fsspec.open(source, "rt", **options) as handle:
-                lines = [line.strip() for line in handle]
+            lines = listed("reading the list of shards", read_lines)
         except FileNotFoundError as err:
             raise DataError(f"{source}: no such list of shards") from err
         folder = posixpath.dirname(source) if "://" in source else os.path.dirname(source)
         return [url for line in lines if line and not line.startswith("#")
-                for url in _expand(_join(folder, line), endpoint_url)]
+                for url in _expand(_join(folder, line), endpoint_url, policy)]
     if "{" in source:
         return list(braceexpand.braceexpand(source))
-    fs, path = fsspec.core.url_to_fs(source, **options)
     protocol = source.split("://", 1)[0] + "://" if "://" in source else ""
-    fs.invalidate_cache()
     if _GLOB.search(source):
-        found = fs.glob(path, detail=True)
+        found = listed("listing", lambda: fs.glob(path, detail=True))
         return sorted(protocol + name for name, info in found.items() if info["type"] == "file")
     if source.endswith(TAR_SUFFIXES):
         return [source]
     try:
-        entries = fs.ls(path, detail=True)
+        entries = listed("listing", lambda: fs.ls(path, detail=True))
     except (FileNotFoundError, NotADirectoryError) as err:
         raise DataError(f"{source}: no such folder, shard or pattern") from err
     names = sorted(posixpath.basename(entry["name"].rstrip("/")) for entry in entries
@@ -179,9 +173,10 @@ def _expand(source: str, endpoint_url: str | None) -> list[str]:
     return [_join(source, name) for name in names]
 
 
-def expand_sources(sources: Sequence[str], endpoint_url: str | None = None) -> list[str]:
+def expand_sources(sources: Sequence[str], endpoint_url: str | None = None,
+                   policy: ReadPolicy | None = None) -> list[str]:
     """Shard URLs named by brace patterns, globs, files/URLs, folders/prefixes and .txt lists."""
-    urls = [url for source in sources for url in _expand(source, endpoint_url)]
+    urls = [url for source in sources for url in _expand(source, endpoint_url, policy or ReadPolicy())]
     if not urls:
         raise DataError(f"no shards match {' '.join(sources)}: give a brace pattern "
                         "('shards/x-{000000..000009}.tar'), shard files or URLs, a glob, a folder "
@@ -228,13 +223,15 @@ def relative_name(url: str, folder: str) -> str:
     return protocol + path
 
 
-def _scan_all(urls: list[str], endpoint_url: str | None, workers: int, progress: bool) -> list[ShardScan]:
+def _scan_all(urls: list[str], endpoint_url: str | None, policy: ReadPolicy, workers: int,
+              progress: bool) -> list[ShardScan]:
     """Scan the shards with ``workers`` threads; results in input order; progress on stderr."""
     bar = tqdm(total=len(urls), unit="shard", desc="index", file=sys.stderr, disable=not progress)
     pool = ThreadPoolExecutor(max(workers, 1), thread_name_prefix="index")
     scans, samples, size, last_beat = [], 0, 0, time.monotonic()
     try:
-        futures = [pool.submit(scan_shard, url, storage_options_for(url, endpoint_url)) for url in urls]
+        futures = [pool.submit(scan_shard, url, storage_options_for(url, endpoint_url, policy), policy)
+                   for url in urls]
         for future in futures:
             scan = future.result()
             scans.append(scan)
@@ -253,7 +250,7 @@ def _scan_all(urls: list[str], endpoint_url: str | None, workers: int, progress:
 
 def _imageless_detail(members: tuple[str, ...]) -> str:
     return (f"members {', '.join(members) or '(none)'}; the readers need an image member "
-            f"KEY.{'/.'.join(IMAGE_EXTS)} (lower case)")
+            f"KEY.{'/.'.join(IMAGE_EXTS)} (any case)")
 
 
 def build_manifest(scans: list[ShardScan], folder: str, *, name: str, sources: Sequence[str],
@@ -287,27 +284,30 @@ def build_manifest(scans: list[ShardScan], folder: str, *, name: str, sources: S
 
 def index_shards(sources: Sequence[str], out: str | None = None, *, name: str | None = None,
                  overwrite: bool = False, workers: int = DEFAULT_WORKERS,
-                 endpoint_url: str | None = None, progress: bool = False) -> tuple[Manifest, str]:
+                 endpoint_url: str | None = None, progress: bool = False,
+                 policy: ReadPolicy | None = None) -> tuple[Manifest, str]:
     """Write a manifest (and its report) for existing shards; returns (manifest, its URL).
 
     Raises DataError when no shard matches, a shard is missing or unreadable, no sample has an
-    image, the destination is not writable, or a manifest/report is already there (``overwrite``).
+    image, the destination is not writable, a manifest/report is already there (``overwrite``),
+    or the store stays silent past ``policy.retry_window_s`` (default `ReadPolicy()`).
     """
     from move_scale.data.write import default_name  # noqa: PLC0415 - heavy imports, used once
 
     if workers < 1:
         raise DataError(f"workers must be >= 1, got {workers}")
-    urls = expand_sources(sources, endpoint_url)
+    policy = policy or ReadPolicy()
+    urls = expand_sources(sources, endpoint_url, policy)
     folder, file_name = manifest_location(urls, out)
     report = REPORT_NAME if file_name == MANIFEST_NAME else f"{file_name[:-len('.json')]}.report.jsonl"
-    target = OutputDir(folder, storage_options_for(folder, endpoint_url))
+    target = OutputDir(folder, storage_options_for(folder, endpoint_url, policy), policy)
     target.check_writable()
     for existing in (file_name, report):
         if target.exists(existing) and not overwrite:
             raise DataError(f"{_join(folder, existing)} exists; pass --overwrite to replace it, or "
                             "--out to write the manifest elsewhere")
     log.info("indexing %d shards -> %s", len(urls), _join(folder, file_name))
-    scans = _scan_all(urls, endpoint_url, workers, progress)
+    scans = _scan_all(urls, endpoint_url, policy, workers, progress)
     manifest, lines = build_manifest(scans, folder, name=name or default_name(folder),
                                      sources=sources, report=report)
     if lines:

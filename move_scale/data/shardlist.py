@@ -4,7 +4,8 @@ A source is a manifest (`.../manifest.json`, or a folder/prefix holding one), a 
 (`shards/x-{000000..000009}.tar`) or a list of shard URLs; local paths or fsspec URLs
 (`s3://`, `gs://`, `https://`). Sample counts come from the manifest. For a pattern or a list the
 `manifest.json` beside the shards is used when it lists them; otherwise every shard is read once
-to count its samples (a warning says so: pass the manifest to avoid it).
+to count its samples by the readers' own rule (`tario.count_tar_samples`; a warning says so: pass
+the manifest to avoid it).
 
 The manifest format is the writer's (`move_scale/data/manifest.py`); it is read through it.
 Every read here is retried under a `ReadPolicy` (`remote.py`): an unreachable store ends in one
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+import os
 import posixpath
 from dataclasses import dataclass
 from typing import Sequence
@@ -37,12 +39,6 @@ class Shard:
     bytes: int | None = None  # size in the manifest, when there is one
 
 
-def _join(base: str, name: str) -> str:
-    if "://" in name or name.startswith("/"):
-        return name
-    return posixpath.join(base, name)
-
-
 def read_manifest(url: str, storage_options: dict | None = None,
                   policy: ReadPolicy | None = None) -> list[Shard]:
     """The shards listed by the manifest at `url` (file or folder), with absolute URLs."""
@@ -52,33 +48,27 @@ def read_manifest(url: str, storage_options: dict | None = None,
     return [Shard(u, record.samples, record.bytes) for u, record in zip(urls, manifest.shards)]
 
 
-def count_tar_samples(url: str, storage_options: dict | None = None,
-                      policy: ReadPolicy | None = None) -> int:
-    """Distinct sample keys in one tar (reads the headers; for remote shards, the whole file)."""
-    return tario.count_tar_samples(url, storage_options, policy)
-
-
-def split_member_name(name: str) -> tuple[str, str]:
-    """`dir/abc.mask.png` -> (`dir/abc`, `mask.png`): the WebDataset key/extension convention."""
-    folder, base = posixpath.split(name)
-    stem, _, ext = base.partition(".")
-    return posixpath.join(folder, stem) if folder else stem, ext
+def _resolved(url: str) -> str:
+    """One spelling per shard, to match a shard named by the user with one a manifest lists:
+    local paths made absolute and normalised, URLs as they are."""
+    return url if "://" in url else os.path.abspath(url)
 
 
 def _counts_beside(urls: list[str], storage_options: dict | None,
                    policy: ReadPolicy) -> dict[str, Shard]:
-    """Shards of `urls` from the manifest in each shard's folder, where one lists the shard."""
+    """Shards of `urls` from the manifest in each shard's folder, where it lists the shard itself
+    (matched by resolved URL: a manifest may list another folder's shard of the same name)."""
     found: dict[str, Shard] = {}
     for folder in sorted({posixpath.dirname(u) for u in urls}):
-        url = _join(folder, MANIFEST_NAME) if folder else MANIFEST_NAME
+        url = manifest_url(folder) if folder else MANIFEST_NAME
         fs, path = filesystem(url, storage_options)
         if not retrying("looking for the manifest", url, storage_options, policy, lambda: fs.exists(path)):
             continue
-        listed = {posixpath.basename(s.url): s for s in read_manifest(url, storage_options, policy)}
+        listed = {_resolved(s.url): s for s in read_manifest(url, storage_options, policy)}
         for u in urls:
-            if posixpath.dirname(u) == folder and posixpath.basename(u) in listed:
-                found[u] = Shard(u, listed[posixpath.basename(u)].count,
-                                 listed[posixpath.basename(u)].bytes)
+            shard = listed.get(_resolved(u)) if posixpath.dirname(u) == folder else None
+            if shard is not None:
+                found[u] = Shard(u, shard.count, shard.bytes)
     return found
 
 
@@ -104,7 +94,7 @@ def resolve_shards(source: str | Sequence[str], storage_options: dict | None = N
             "pass the manifest.json instead to skip this", len(missing), len(urls), missing[0]
         )
         for u in missing:
-            found[u] = Shard(u, count_tar_samples(u, storage_options, policy))
+            found[u] = Shard(u, tario.count_tar_samples(u, storage_options, policy))
     return _non_empty([found[u] for u in urls], source)
 
 

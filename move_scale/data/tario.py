@@ -4,7 +4,11 @@ A sample is the dict {"__key__": key, "__shard__": url, ext: bytes, ...} of cons
 members that share a key (the WebDataset convention: `abc.jpg`, `abc.mask.png` -> key `abc`).
 Members are grouped into samples by `webdataset` itself (`group_by_keys`, `base_plus_ext`), so a
 shard means here exactly what it means to WebDataset (lower-cased extensions, `__*__` metadata
-members skipped, a duplicate member is an error). The members come from `tarfile` through a
+members skipped, a duplicate member is an error). A group counts as a sample when it has an image
+member (`IMAGE_EXTS`); a sidecar-only group (`abc.json` alone) is passed over, not counted and not
+lost. `group_members` and `has_image` are that rule, the only one: the readers here,
+`count_tar_samples` (shards no manifest lists) and `move-shard index` (`index.py`) all count by it,
+so a manifest's per-shard `samples` is what the readers yield. The members come from `tarfile` through a
 `RetryingFile`, so a stall or a dropped connection inside the retry window resumes the read where
 it broke off and the samples are those of an undisturbed read. webdataset's `tar_file_iterator` is
 not used for that step: when a member's data breaks off it cannot tell the grouping that the
@@ -32,7 +36,7 @@ import re
 import tarfile
 import time
 from collections import Counter
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from webdataset.tariterators import base_plus_ext, group_by_keys
 
@@ -87,24 +91,61 @@ class SkipTally:
 
 
 _META = re.compile(r"__[^/]*__($|/)")  # webdataset's `skip_meta`: members such as __info__.json
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # the members a sample's image may be (lower-cased)
+
+
+def member_key(name: str) -> tuple[str, str] | None:
+    """(sample key, lower-cased extension) of a tar member, as webdataset's `group_by_keys` splits
+    it; None for a member of no sample (`__*__` metadata, a file name without a dot)."""
+    if _META.match(name):
+        return None
+    key, ext = base_plus_ext(name)
+    return None if key is None else (key, ext.lower())
+
+
+def has_image(exts) -> bool:
+    """Whether a group with these extensions (or a sample dict) counts as a sample."""
+    return any(ext in exts for ext in IMAGE_EXTS)
+
+
+def group_members(names: Iterable[str]) -> Iterator[tuple[str, tuple[str, ...]]]:
+    """(key, extensions) of each group of consecutive members sharing a key, in order, from the
+    names of a tar's regular members. ValueError on an extension repeated inside a group, which
+    webdataset's grouping (and so every reader) rejects."""
+    key, exts = None, []
+    for name in names:
+        parsed = member_key(name)
+        if parsed is None:
+            continue
+        if parsed[0] != key:
+            if key is not None:
+                yield key, tuple(exts)
+            key, exts = parsed[0], []
+        if parsed[1] in exts:
+            raise ValueError(f"{name}: a second {parsed[1]!r} member of sample {key!r} "
+                             "(webdataset readers reject the shard)")
+        exts.append(parsed[1])
+    if key is not None:
+        yield key, tuple(exts)
 
 
 def _members(stream, url: str, skip_samples: int) -> Iterator[dict]:
     """{"fname", "data", "__url__"} of the tar's regular members, in order, for `group_by_keys`;
-    the members of the first `skip_samples` keys pass without their data being read."""
+    the members of groups before the first `skip_samples` samples (groups with an image) pass
+    without their data being read."""
     tar = tarfile.open(fileobj=stream, mode="r|*")
-    key, seen = None, 0
+    key, exts, samples_before = None, set(), 0
     for member in tar:
         tar.members = []  # a stream of any length in constant memory
-        if not member.isreg() or _META.match(member.name):
+        parsed = member_key(member.name) if member.isreg() else None
+        if parsed is None:
             continue
-        member_key = base_plus_ext(member.name)[0]
-        if member_key is not None and member_key != key:
-            key, seen = member_key, seen + 1
-            new_sample = True
-        else:
-            new_sample = False
-        if seen <= skip_samples:
+        new_sample = parsed[0] != key
+        if new_sample:
+            samples_before += key is not None and has_image(exts)
+            key, exts = parsed[0], set()
+        exts.add(parsed[1])
+        if samples_before < skip_samples:
             continue
         try:
             data = tar.extractfile(member).read()
@@ -134,6 +175,8 @@ def iter_shard(url: str, options: dict | None, policy: ReadPolicy, tally: SkipTa
     try:
         with RetryingFile(url, options, policy, what="reading the shard") as stream:
             for sample in group_by_keys(_members(stream, url, start)):
+                if not has_image(sample):
+                    continue  # sidecars only: no sample (as `move-shard index` counts)
                 if index % stride == offset:
                     sample["__shard__"] = url
                     yield sample
@@ -155,8 +198,16 @@ def iter_shard(url: str, options: dict | None, policy: ReadPolicy, tally: SkipTa
 
 
 def count_tar_samples(url: str, options: dict | None, policy: ReadPolicy | None = None) -> int:
-    """Distinct sample keys in one tar (reads the headers; for remote shards, the whole file)."""
-    with RetryingFile(url, options, policy or ReadPolicy(), what="reading the shard") as stream:
-        keys = {base_plus_ext(m.name)[0] for m in tarfile.open(fileobj=stream, mode="r|*")
-                if m.isreg() and not _META.match(m.name)}
-    return len(keys - {None})
+    """Samples in one tar as the readers yield them (`group_members`, `has_image`); reads the
+    headers only (for remote shards, the whole file). DataError for a shard no reader can read."""
+    try:
+        with RetryingFile(url, options, policy or ReadPolicy(), what="reading the shard") as stream:
+            names = (m.name for m in tarfile.open(fileobj=stream, mode="r|*") if m.isreg())
+            return sum(has_image(exts) for _, exts in group_members(names))
+    except DataError:  # the store silent past the retry window: said already
+        raise
+    except FileNotFoundError as err:
+        raise DataError(f"{url}: no such shard (check the path or pattern)") from err
+    except (tarfile.TarError, EOFError, ValueError) as err:
+        raise DataError(f"{url} is not a readable tar shard ({type(err).__name__}: {err}); "
+                        "check it with `tar tf`, or leave it out") from err
