@@ -195,13 +195,13 @@ def open_eval_source(data: str, gt: str | None, *, rank: int = 0, world_size: in
 
 def _shard_source(data: str, name: str, rank: int, world_size: int, endpoint_url: str | None,
                   policy) -> EvalSource:
-    from move_scale.data.remote import remote_options
+    from move_scale.data.shardlist import shard_options
     from move_scale.data.storage import DataError
     from move_scale.data.stream import build_eval_loader
 
     try:
         loader = build_eval_loader(data, rank=rank, world_size=world_size, policy=policy,
-                                   storage_options=remote_options(data, endpoint_url, policy))
+                                   storage_options=shard_options(data, endpoint_url, policy))
     except DataError:
         raise  # missing shards, an unreachable store: not the ground truth's fault
     except (ValueError, OSError) as err:

@@ -33,6 +33,7 @@ from tqdm import tqdm
 from move_scale.boxes import Box, boxes_record, coco_detections, mask_to_boxes
 from move_scale.cli_args import device, number
 from move_scale.config_rules import Range
+from move_scale.data.remote import ReadPolicy, add_policy_arguments, policy_from_args
 from move_scale.errors import UserError, report
 from move_scale.inference import IMAGE_SUFFIXES, InferenceError, list_images, load_predictor, read_image
 from move_scale.paths import check_output_dir, save_or_keep
@@ -96,13 +97,14 @@ def _file_images(inputs: list[InputImage], skipped: list[str],
         yield item, image
 
 
-def _shard_images(spec: str, endpoint_url: str | None) -> Iterator[tuple[InputImage, np.ndarray]]:
-    from move_scale.data.storage import storage_options_for
+def _shard_images(spec: str, endpoint_url: str | None,
+                  policy: ReadPolicy) -> Iterator[tuple[InputImage, np.ndarray]]:
+    from move_scale.data.shardlist import shard_options
     from move_scale.data.stream import build_eval_loader
 
     try:
-        loader = build_eval_loader(spec, rank=0, world_size=1,
-                                   storage_options=storage_options_for(spec, endpoint_url))
+        loader = build_eval_loader(spec, rank=0, world_size=1, policy=policy,
+                                   storage_options=shard_options(spec, endpoint_url, policy))
     except (ValueError, OSError) as err:
         raise InferenceError(f"cannot open shards {spec}: {err}") from err
     for sample in loader:
@@ -188,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="torch device (default: cuda when available)")
     parser.add_argument("--weights-cache", default=None, help="where named feature weights live")
     parser.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint for s3:// shards")
+    add_policy_arguments(parser)  # --read-timeout, --retry-window (shards on object storage)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -199,7 +202,7 @@ def run(args: argparse.Namespace) -> dict:
     skipped: list[str] = []
     reasons: list[str] = []
     if _is_shards(args.input):
-        images, total = _shard_images(args.input, args.endpoint_url), None
+        images, total = _shard_images(args.input, args.endpoint_url, policy_from_args(args)), None
     else:
         inputs = list_inputs(args.input)
         images, total = _file_images(inputs, skipped, reasons), len(inputs)

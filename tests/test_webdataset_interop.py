@@ -4,6 +4,7 @@ our readers do, and shards written by `webdataset.ShardWriter` train, evaluate a
 import json
 import os
 import subprocess
+import time
 import sys
 from pathlib import Path
 
@@ -154,3 +155,65 @@ def test_evaluate_and_predict_read_shardwriter_shards_after_index(tmp_path):
     for key in usable:
         mask = np.asarray(Image.open(tmp_path / "pred" / "masks" / f"{key}.png"))
         assert mask.shape == (40, 48) and mask.min() == 255
+
+
+def _local_manifest_of_s3_shards(tmp_path, s3_endpoint, s3_bucket) -> tuple[str, dict, Path]:
+    """ShardWriter shards with masks on S3, indexed into a local manifest (`index --out`);
+    (its folder, the usable samples, a segmenter export that predicts the whole image)."""
+    import fsspec
+    from test_evaluate import make_export
+
+    usable = write_foreign_shards(tmp_path / "foreign", n=5, masks=True, no_image=(), upper_case=())
+    fs = fsspec.filesystem("s3", client_kwargs={"endpoint_url": s3_endpoint})
+    for path in sorted((tmp_path / "foreign").glob("*.tar")):
+        fs.put_file(str(path), f"{s3_bucket}/foreign/{path.name}")
+    index_shards([f"{s3_bucket}/foreign/"], str(tmp_path / "idx"), endpoint_url=s3_endpoint)
+    return str(tmp_path / "idx"), usable, make_export(tmp_path, bias=20.0)
+
+
+def test_a_local_manifest_of_s3_shards_reads_them_with_the_endpoint(tmp_path, s3_endpoint, s3_bucket):
+    """`index --out` writes local manifests of remote shards: evaluate and predict must read the
+    shards with --endpoint-url and --read-timeout/--retry-window, not the manifest's (none)."""
+    from move_scale.data.remote import ReadPolicy
+    from move_scale.data.shardlist import shard_options
+    from move_scale.evaluate import main as evaluate_main
+    from move_scale.predict import main as predict_main
+
+    local, usable, export = _local_manifest_of_s3_shards(tmp_path, s3_endpoint, s3_bucket)
+    options = shard_options(local, s3_endpoint, ReadPolicy(read_timeout_s=7.0))
+    assert options["client_kwargs"] == {"endpoint_url": s3_endpoint}
+    assert options["config_kwargs"]["read_timeout"] == 7.0
+
+    out = tmp_path / "eval.json"
+    assert evaluate_main(["--checkpoint", str(export), "--data", local, "--task", "saliency",
+                          "--short-side", "64", "--out", str(out), "--no-progress", "--device",
+                          "cpu", "--endpoint-url", s3_endpoint]) == 0
+    assert json.loads(out.read_text())["metrics"]["images"] == len(usable) == 5
+    assert predict_main(["--checkpoint", str(export), local, str(tmp_path / "pred"), "--short-side",
+                         "64", "--no-progress", "--device", "cpu", "--endpoint-url", s3_endpoint]) == 0
+    assert sorted(p.stem for p in (tmp_path / "pred" / "masks").rglob("*.png")) == \
+        sorted(key.split("/")[1] for key in usable)
+
+
+@pytest.mark.slow
+def test_a_local_manifest_of_s3_shards_on_a_dead_endpoint_gives_up_in_its_window(
+        tmp_path, s3_endpoint, s3_bucket, capsys):
+    from motoproc import free_port
+
+    from move_scale.evaluate import main as evaluate_main
+    from move_scale.predict import main as predict_main
+
+    local, _, export = _local_manifest_of_s3_shards(tmp_path, s3_endpoint, s3_bucket)
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    window = ["--endpoint-url", dead, "--retry-window", "1", "--read-timeout", "1", "--no-progress",
+              "--device", "cpu", "--short-side", "64"]
+    capsys.readouterr()
+    started = time.monotonic()
+    assert evaluate_main(["--checkpoint", str(export), "--data", local, "--task", "saliency",
+                          *window]) == 2
+    assert predict_main(["--checkpoint", str(export), local, str(tmp_path / "pred"), *window]) == 2
+    assert time.monotonic() - started < 60  # the window, not the default 120 s
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert [line for line in errors if "error" in line] == errors[-2:], errors
+    assert all(f"S3 endpoint {dead} did not answer" in line and "--retry-window=1" in line
+               for line in errors[-2:]), errors

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from move_scale.data.remote import ReadPolicy, remote_options
+from move_scale.data.remote import ReadPolicy
 
 
 def read_policy(data) -> ReadPolicy:
@@ -19,8 +19,11 @@ def read_policy(data) -> ReadPolicy:
 
 
 def storage_options(url: str, data) -> dict:
-    """fsspec options for `url`: `data.endpoint_url` and the read policy's timeouts."""
-    return remote_options(url, data.endpoint_url or None, read_policy(data))
+    """fsspec options for the shards of `url`: `data.endpoint_url` and the read policy's timeouts
+    (those of the shards' store; see `shardlist.shard_options`)."""
+    from move_scale.data.shardlist import shard_options
+
+    return shard_options(url, data.endpoint_url or None, read_policy(data))
 
 
 def train_loader_from_config(data, *, seed: int, rank: int, world_size: int, epoch: int = 0,

@@ -25,7 +25,7 @@ import braceexpand
 
 from move_scale.data import tario
 from move_scale.data.manifest import MANIFEST_NAME, load_manifest, manifest_url
-from move_scale.data.remote import ReadPolicy, filesystem, protocol_of, retrying
+from move_scale.data.remote import ReadPolicy, filesystem, protocol_of, remote_options, retrying
 from move_scale.data.storage import _OBJECT_STORES, DataError
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,28 @@ def _counts_beside(urls: list[str], storage_options: dict | None,
             if shard is not None:
                 found[u] = Shard(u, shard.count, shard.bytes)
     return found
+
+
+def shard_options(source: str | Sequence[str], endpoint_url: str | None,
+                  policy: ReadPolicy) -> dict:
+    """fsspec options for `source` and its shards: the endpoint and the policy's timeouts for the
+    store the shards are on. A local manifest may list shards on an object store or a web host
+    (`move-shard index --out` writes such manifests): the options are then those of the shards'
+    store, not the manifest's (local disk takes any). DataError for shards on two remote stores."""
+    urls = [source] if isinstance(source, str) else [str(u) for u in source]
+    local_manifest = (isinstance(source, str) and protocol_of(source) == "file" and "{" not in source
+                      and not source.endswith(TAR_SUFFIXES))
+    if local_manifest:
+        try:
+            urls = [shard.url for shard in read_manifest(source, None, policy)]
+        except DataError:
+            pass  # no manifest there: resolve_shards says so
+    remote = sorted({protocol_of(u) for u in urls} - {"file"})
+    if len(remote) > 1:
+        raise DataError(f"{source!r} names shards on {' and '.join(remote)} stores: one run reads "
+                        "one store; copy the shards to one, or index each store separately")
+    url = next((u for u in urls if protocol_of(u) != "file"), urls[0] if urls else "")
+    return remote_options(url, endpoint_url, policy)
 
 
 def resolve_shards(source: str | Sequence[str], storage_options: dict | None = None,
