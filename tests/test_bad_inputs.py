@@ -11,7 +11,9 @@ The same table tallies any version of the code:
     PYTHONPATH=/path/to/checkout python tests/test_bad_inputs.py     # prints the outcome of each case
 
 Measured on the 106 cases: at ffea889 (before issue 15) 40 clear, 48 traceback, 10 exit 0,
-2 unclear, 6 no command (there was no export command); after it, 106 clear.
+2 unclear, 6 no command (there was no export command); after it, 106 clear. The merge of issues
+14 and 16 added 7 config cases (the data path's fault keys, the authors' model switches): 113, all
+clear.
 """
 from __future__ import annotations
 
@@ -163,6 +165,12 @@ def _train_cases() -> list[Case]:
         ("tracking.uri=htp://127.0.0.1:5000", "tracking.uri"), ("tracking.experiment=", "tracking.experiment"),
         ("seed=-1", "seed"), ("name=", "name"), ("optim.seg.lrr=1e-4", "optim.seg.lrr"),
         ("data.batch_size=many", "data.batch_size"), ("model.features.patch_size=0", "model.features.patch_size"),
+        # the keys of issue 14 (remote faults, lost samples) and issue 16 (the authors' model)
+        ("data.connect_timeout_s=0", "data.connect_timeout_s"), ("data.read_timeout_s=-1", "data.read_timeout_s"),
+        ("data.retry_window_s=0", "data.retry_window_s"), ("data.stall_timeout_s=-5", "data.stall_timeout_s"),
+        ("data.max_lost_share=1.5", "data.max_lost_share"),
+        ("model.segmenter.input_norm=batchnorm", "model.segmenter.input_norm"),
+        ("model.disc.backbone_bn=imagenet", "model.disc.backbone_bn"),
     ]
     cases = [Case(f"train {o}", "train", _train(o), n) for o, n in values]
     cases += [

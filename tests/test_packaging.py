@@ -26,6 +26,6 @@ def test_every_third_party_import_is_declared():
     declared = {re.split(r"[<>=!~\[; ]", line.strip())[0].lower()
                 for line in config["options"]["install_requires"].strip().splitlines()}
     imported = _imported_modules()
-    assert {"torch", "braceexpand", "fsspec"} <= imported  # the scan sees imports at all
+    assert {"torch", "braceexpand", "fsspec", "webdataset"} <= imported  # the scan sees imports at all
     missing = {DISTRIBUTION.get(module, module).lower() for module in imported} - declared
     assert not missing, f"imported by move_scale but not in setup.cfg install_requires: {sorted(missing)}"

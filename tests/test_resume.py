@@ -51,16 +51,24 @@ def _statuses(run_dir: Path) -> list[str]:
 
 
 def test_the_schema_says_what_may_change_mid_run():
+    faults = ("data.connect_timeout_s", "data.read_timeout_s", "data.retry_window_s",
+              "data.stall_timeout_s", "data.max_lost_share")  # how the data path rides out faults
     for key in ("train.max_steps", "train.epochs", "train.log_every", "train.precision", "optim.seg.lr",
-                "optim.disc.betas", "data.workers", "data.endpoint_url", "tracking.uri", "run_dir"):
+                "optim.disc.betas", "data.workers", "data.endpoint_url", "tracking.uri", "run_dir", *faults):
         assert changes_mid_run(key), key
     for key in ("model.segmenter.widths", "model.features.kind", "data.train", "data.image_size",
-                "data.batch_size", "objective.theta_min", "seed", "tracking.experiment", "no.such.key"):
+                "data.batch_size", "objective.theta_min", "seed", "tracking.experiment", "no.such.key",
+                "model.segmenter.input_norm", "model.disc.backbone_bn"):
         assert not changes_mid_run(key), key
     stored = load_config(DEBUG)
-    applied, refused = compare(stored, load_config(DEBUG, ["optim.seg.lr=1e-3", "model.segmenter.widths=[8,8,8,8]"]))
-    assert [str(c) for c in applied] == ["optim.seg.lr: 0.0002 -> 0.001"]
-    assert [c.key for c in refused] == ["model.segmenter.widths"]
+    applied, refused = compare(stored, load_config(DEBUG, [
+        "optim.seg.lr=1e-3", "model.segmenter.widths=[8,8,8,8]", "data.retry_window_s=30",
+        "data.max_lost_share=0.2", "model.segmenter.input_norm=none", "model.disc.backbone_bn=checkpoint"]))
+    assert sorted(str(c) for c in applied) == ["data.max_lost_share: 0.01 -> 0.2",
+                                               "data.retry_window_s: 120.0 -> 30.0",
+                                               "optim.seg.lr: 0.0002 -> 0.001"]
+    assert sorted(c.key for c in refused) == ["model.disc.backbone_bn", "model.segmenter.input_norm",
+                                              "model.segmenter.widths"]
 
 
 @pytest.mark.slow  # trains the debug config (about 20 s for the shared run)
