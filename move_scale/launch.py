@@ -12,6 +12,13 @@ SIGTERM) with one line. When every worker failed with the same "expected" code (
 which the workers printed; 130/143: stopped by a signal after a checkpoint), the launcher exits
 with that code instead of torch's ChildFailedError report; any other failure keeps it.
 
+With one process, accelerate (1.15) starts the worker through its "simple" launcher, which waits
+on it without handling any signal: SIGTERM to the launcher alone (a scheduler that signals only
+the PID it started) would end the launcher and leave the worker running, orphaned, with no
+checkpoint. Here the launcher passes SIGTERM on to its child processes, so the worker
+checkpoints and exits 143, and so does the launcher. Under torchrun (several processes) the
+elastic agent installs its own handler when it starts, which does the same for its workers.
+
 It also sets TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 unless the environment says otherwise: with torch's
 default (one TCP store shared by every rendezvous round), workers restarted by `--max_restarts`
 under the c10d rendezvous hung in init_process_group here (torch 2.14, two nodes on one machine);
@@ -49,6 +56,25 @@ def _common_code(codes: set[int]) -> int | None:
     return None
 
 
+def _pass_sigterm_to_children() -> None:
+    """SIGTERM from now on goes to this process's children (the worker of accelerate's simple
+    launcher, see the module docstring); with none yet, the launcher stops at once, 143."""
+    import psutil
+
+    def forward(number, frame) -> None:
+        children = psutil.Process().children()
+        if not children:
+            _say(f"stopped by {_signal_name(number)} before any worker started")
+            raise SystemExit(128 + number)
+        for child in children:
+            try:
+                child.send_signal(number)
+            except psutil.NoSuchProcess:  # it ended meanwhile
+                pass
+
+    signal.signal(signal.SIGTERM, forward)
+
+
 def main(argv: list[str] | None = None) -> int:
     from accelerate.commands.launch import launch_command, launch_command_parser
     from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -61,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
                           "`accelerate launch`.")
     args = parser.parse_args(argv)
     os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")  # see the module docstring
+    _pass_sigterm_to_children()
     try:
         launch_command(args)
     except SignalException as err:
@@ -77,7 +104,11 @@ def main(argv: list[str] | None = None) -> int:
     except subprocess.CalledProcessError as err:  # one process, accelerate's simple launcher
         if err.returncode not in EXPECTED_CODES and err.returncode >= 0:
             raise
-        return err.returncode if err.returncode >= 0 else 128 - err.returncode
+        code = err.returncode if err.returncode >= 0 else 128 - err.returncode
+        if code != 2:
+            _say(f"the worker was stopped by {_signal_name(code - 128)}: run the same command "
+                 "again to resume from its last checkpoint")
+        return code
     return 0
 
 

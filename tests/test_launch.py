@@ -2,6 +2,7 @@
 restarted by torchrun, and `move_scale.launch` ending with the scheduler's exit codes."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -150,30 +151,45 @@ def test_a_killed_worker_is_restarted_and_ends_as_if_undisturbed(setup, undistur
     assert first == last and _runs(setup[1], "killed") == [(first, "FINISHED")]  # the same MLflow run
 
 
-def _launch(setup, run_dir: Path, *extra: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "move_scale.launch", "--config_file", str(ROOT / "launch" / "cpu_2proc.yaml"),
+def _launch(setup, run_dir: Path, *extra: str, config: str = "cpu_2proc.yaml",
+            experiment: str = "launch") -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "move_scale.launch", "--config_file", str(ROOT / "launch" / config),
            "--main_process_port", str(_free_port()), "-m", "move_scale.train",
-           *_overrides(setup, run_dir, "launch", *extra)]
+           *_overrides(setup, run_dir, experiment, *extra)]
     return subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
 
 
-def test_sigterm_to_the_launcher_checkpoints_and_exits_143(setup, tmp_path):
+@pytest.mark.parametrize("config, experiment, says", [
+    ("cpu_2proc.yaml", "launch", "move-launch: stopped by SIGTERM"),  # torchrun's agent, 2 workers
+    # accelerate's simple launcher, 1 worker: the signal reaches the worker only through move-launch
+    ("one_gpu.yaml", "launch-1", "move-launch: the worker was stopped by SIGTERM")])
+def test_sigterm_to_the_launcher_checkpoints_and_exits_143(setup, tmp_path, config, experiment, says):
     run_dir = tmp_path / "run"
     launcher = _launch(setup, run_dir, "train.max_steps=10000", "train.ckpt_every_steps=0",
-                       "train.ckpt_every_minutes=600", "train.log_every=1")
+                       "train.ckpt_every_minutes=600", "train.log_every=1", config=config,
+                       experiment=experiment)
     seen, deadline = [], time.monotonic() + 300
     for line in launcher.stdout:
         seen.append(line)
         if " step 2/" in line or time.monotonic() > deadline:
             break
-    launcher.send_signal(signal.SIGTERM)
-    rest, _ = launcher.communicate(timeout=300)
+    workers = _children(launcher.pid)
+    assert workers, "".join(seen)[-3000:]
+    launcher.send_signal(signal.SIGTERM)  # to the launcher's PID only, as a scheduler may
+    try:
+        rest, _ = launcher.communicate(timeout=300)
+    finally:  # a worker the signal did not reach would train on, orphaned
+        if launcher.returncode != 143:
+            for pid in workers:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
     output = "".join(seen) + rest
     assert launcher.returncode == 143, output[-3000:]
-    assert "Traceback" not in output and "move-launch: stopped by SIGTERM" in output
+    assert "Traceback" not in output and says in output
+    assert not [pid for pid in workers if Path(f"/proc/{pid}").exists()]  # no worker left running
     saved = sorted(run_dir.glob("ckpt-*.pt"))
     assert len(saved) == 1 and torch.load(saved[0], weights_only=True)["step"] >= 2
-    assert [status for _, status in _runs(setup[1], "launch")] == ["KILLED"]
+    assert [status for _, status in _runs(setup[1], experiment)] == ["KILLED"]
 
 
 def test_a_user_error_under_the_launcher_exits_2_in_one_line_per_worker(setup, tmp_path):
