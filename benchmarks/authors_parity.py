@@ -24,7 +24,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the plain reimplementations the parity tests use
 
-from authors_chain import (largest_box, lost_hit, read_back, read_gt, saliency_metrics,  # noqa: E402
+from authors_chain import (chain_metrics, largest_box, lost_hit, read_back,  # noqa: E402
                            saved_prediction, torchvision_resized_hw, voc_gt)
 
 from move_scale import compose  # noqa: E402
@@ -188,13 +188,7 @@ def evaluate_saliency(tmp: Path) -> None:
                    "saliency", "--short-side", str(SHORT_SIDE), "--out", str(out), "--no-progress", "--device", "cpu"])
     got = json.loads(out.read_text())["metrics"]
     features_net, segmenter, _ = load_segmenter(export)
-    pairs = []
-    for stem in SCENES:
-        png = tmp / f"pred_{stem}.png"
-        saved_prediction(features_net, segmenter, images / f"{stem}.jpg", SHORT_SIDE, png)
-        gt = read_gt(masks / f"{stem}.png")
-        pairs.append((read_back(png, (gt.shape[1], gt.shape[0])), gt))
-    expected = saliency_metrics(pairs)
+    expected, _ = chain_metrics(features_net, segmenter, images, masks, SCENES, SHORT_SIDE, tmp)
     for key in ("iou", "acc", "max_fbeta", "max_fbeta_per_image"):
         row("9-11 evaluate", f"|Δ {key}| vs the authors' chain, 5 scenes (EXIF, empty, odd sizes)",
             abs(got[key] - expected[key]))

@@ -78,6 +78,19 @@ def saliency_metrics(pairs: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, fl
             "max_fbeta": float(f.mean(0).max()), "max_fbeta_per_image": float(f.max(1).mean())}
 
 
+def chain_metrics(features_net, segmenter, images: Path, masks: Path, stems, short_side: int,
+                  work: Path) -> tuple[dict[str, float], list[tuple[np.ndarray, np.ndarray]]]:
+    """The whole chain over `stems`: infer.py writes each PNG (into `work`), segmentation_eval.py
+    reads it back at the ground truth's size and scores → (the four numbers, the pairs scored)."""
+    pairs = []
+    for stem in stems:
+        png = work / f"pred_{stem}.png"
+        saved_prediction(features_net, segmenter, images / f"{stem}.jpg", short_side, png)
+        gt = read_gt(masks / f"{stem}.png")
+        pairs.append((read_back(png, (gt.shape[1], gt.shape[0])), gt))
+    return saliency_metrics(pairs), pairs
+
+
 # ----------------------------------------------------------------------------- CorLoc (LOST)
 
 

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import io
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -50,6 +49,8 @@ import cv2
 import numpy as np
 import pytest
 from PIL import Image
+
+from motoproc import free_port
 
 
 def pytest_addoption(parser):
@@ -183,19 +184,13 @@ def tricky_images(tmp_path) -> TrickySet:
     return TrickySet(root, good, bad)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def moto_endpoint():
     binary = Path(sys.executable).with_name("moto_server")
     binary = str(binary) if binary.exists() else shutil.which("moto_server")
     if binary is None:
         pytest.fail("moto_server not found; install moto[server]")
-    port = _free_port()
+    port = free_port()
     process = subprocess.Popen([binary, "-H", "127.0.0.1", "-p", str(port)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     endpoint = f"http://127.0.0.1:{port}"

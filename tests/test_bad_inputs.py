@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import importlib
 import io
-import socket
 import sqlite3
 import sys
 import tempfile
@@ -32,6 +31,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+from motoproc import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 DEBUG = str(ROOT / "configs" / "debug.yaml")
@@ -58,12 +59,6 @@ class World:
     checkpoint: Path
     corrupt_run: Path  # holds one truncated checkpoint
     closed_port: int  # nothing listens there
-
-
-def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _train_overrides(train: str, run_dir: Path, *extra: str) -> list[str]:
@@ -113,7 +108,7 @@ def build_world(root: Path) -> World:
     corrupt_run.mkdir()
     (corrupt_run / checkpoint.name).write_bytes(checkpoint.read_bytes()[:3000])
     return World(root, str(manifests["train"]), str(manifests["val"]), images, masks, bad_image,
-                 a_file, export, run_dir, checkpoint, corrupt_run, _closed_port())
+                 a_file, export, run_dir, checkpoint, corrupt_run, free_port())
 
 
 @dataclass

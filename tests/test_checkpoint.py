@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from motoproc import free_port
 from move_scale.checkpoint import (
     CHECKPOINT_KEYS, CheckpointError, CheckpointPolicy, capture_rng_state, checkpoint_path,
     find_latest_checkpoint, load_checkpoint, load_latest_checkpoint, restore_rng_state,
@@ -350,14 +351,6 @@ RANK_SCRIPT = textwrap.dedent("""
 """)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_cpu_2proc_launch_config_gathers_rng_of_two_gloo_ranks(tmp_path):
     """`accelerate launch --config_file launch/cpu_2proc.yaml` forks 2 gloo workers; the main one
@@ -370,7 +363,7 @@ def test_cpu_2proc_launch_config_gathers_rng_of_two_gloo_ranks(tmp_path):
     launcher = Path(sys.executable).parent / "accelerate"
     result = subprocess.run(
         [str(launcher), "launch", "--config_file", str(config), "--main_process_port",
-         str(_free_port()), str(script)],
+         str(free_port()), str(script)],
         env={**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"},
         capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -15,18 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from motoproc import free_port
 from move_scale.data.synthetic import write_synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
 DEBUG = str(ROOT / "configs" / "debug.yaml")
 STEPS = 8
 pytestmark = pytest.mark.slow  # several processes per test, a minute or two each on 2 cores
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _env() -> dict:
@@ -55,7 +49,7 @@ def _overrides(setup: tuple[str, str], run_dir: Path, experiment: str, *extra: s
 
 def _two_nodes(entry: list[str], logs: Path, max_restarts: int) -> list[subprocess.Popen]:
     """Two torchrun agents of one process each, as two nodes would start them."""
-    port, rdzv_id = _free_port(), f"job{time.monotonic_ns()}"
+    port, rdzv_id = free_port(), f"job{time.monotonic_ns()}"
     logs.mkdir(parents=True, exist_ok=True)
     agents = []
     for node in (0, 1):
@@ -154,7 +148,7 @@ def test_a_killed_worker_is_restarted_and_ends_as_if_undisturbed(setup, undistur
 def _launch(setup, run_dir: Path, *extra: str, config: str = "cpu_2proc.yaml",
             experiment: str = "launch") -> subprocess.Popen:
     cmd = [sys.executable, "-m", "move_scale.launch", "--config_file", str(ROOT / "launch" / config),
-           "--main_process_port", str(_free_port()), "-m", "move_scale.train",
+           "--main_process_port", str(free_port()), "-m", "move_scale.train",
            *_overrides(setup, run_dir, experiment, *extra)]
     return subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
 

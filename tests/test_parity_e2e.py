@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from authors_chain import read_back, read_gt, saliency_metrics, saved_prediction
+from authors_chain import chain_metrics
 from move_scale.checkpoint import export_segmenter, load_segmenter
 from move_scale.config import FeaturesConfig, SegmenterConfig
 from move_scale.evaluate import main
@@ -78,13 +78,7 @@ def test_evaluate_scores_what_the_authors_chain_scores(tmp_path):
     got = json.loads(out.read_text())["metrics"]
 
     features_net, segmenter, _ = load_segmenter(export)
-    pairs = []
-    for stem in SCENES:
-        png = tmp_path / f"pred_{stem}.png"
-        saved_prediction(features_net, segmenter, images / f"{stem}.jpg", SHORT_SIDE, png)
-        gt = read_gt(masks / f"{stem}.png")
-        pairs.append((read_back(png, (gt.shape[1], gt.shape[0])), gt))
-    expected = saliency_metrics(pairs)
+    expected, pairs = chain_metrics(features_net, segmenter, images, masks, SCENES, SHORT_SIDE, tmp_path)
     assert got["images"] == len(SCENES)
     for key, value in expected.items():
         assert got[key] == pytest.approx(value, abs=1e-6), key

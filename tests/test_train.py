@@ -2,7 +2,6 @@
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -11,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from motoproc import free_port
 from move_scale.data.synthetic import write_synthetic
 from move_scale.train import main as train_main
 
@@ -22,12 +22,6 @@ DEBUG = str(ROOT / "configs" / "debug.yaml")
 def shards(tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("shards")
     return str(write_synthetic(out, train=48, val=0, size=64, seed=3, samples_per_shard=12)["train"])
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _env() -> dict:
@@ -53,7 +47,7 @@ def test_two_process_ddp_keeps_ranks_identical_and_logs_to_mlflow(shards, tmp_pa
 
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(ROOT / "launch" / "cpu_2proc.yaml"), "--main_process_port", str(_free_port()),
+           str(ROOT / "launch" / "cpu_2proc.yaml"), "--main_process_port", str(free_port()),
            str(ROOT / "tests" / "ddp_worker.py"), str(tmp_path), "--config", DEBUG,
            *_overrides(shards, run_dir, "train.max_steps=6", "train.gallery_every=4")]
     done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)

@@ -190,17 +190,23 @@ class Retry:
         time.sleep(max(delay, 0.0))
 
 
-def retrying(what: str, url: str, options: dict | None, policy: ReadPolicy,
-             call: Callable[[], T]) -> T:
-    """`call()` retried under `policy` while it fails transiently (see the module docstring)."""
-    clock = Retry(what, url, options, policy)
+def _retried(clock: Retry, call: Callable[[], T], before_retry: Callable[[], None] | None = None) -> T:
+    """`call()` until it succeeds, fails for good, or `clock` gives up (DataError)."""
     while True:
         try:
             return call()
         except Exception as err:  # noqa: BLE001 - sorted by is_transient
             if not is_transient(err):
                 raise
+            if before_retry is not None:
+                before_retry()
             clock.failed(err)
+
+
+def retrying(what: str, url: str, options: dict | None, policy: ReadPolicy,
+             call: Callable[[], T]) -> T:
+    """`call()` retried under `policy` while it fails transiently (see the module docstring)."""
+    return _retried(Retry(what, url, options, policy), call)
 
 
 class RetryingFile(io.RawIOBase):
@@ -226,14 +232,7 @@ class RetryingFile(io.RawIOBase):
         return handle
 
     def _attempt(self, call: Callable[[], T]) -> T:
-        while True:
-            try:
-                return call()
-            except Exception as err:  # noqa: BLE001 - sorted by is_transient
-                if not is_transient(err):
-                    raise
-                self._drop()
-                self._clock.failed(err)
+        return _retried(self._clock, call, before_retry=self._drop)  # reopened at self.position
 
     def _drop(self) -> None:
         if self._file is not None:
