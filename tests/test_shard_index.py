@@ -256,3 +256,17 @@ def test_counts_beside_match_shards_by_resolved_url_not_name(tmp_path, monkeypat
     with caplog.at_level("WARNING"):  # other spellings of y's shards: counts from y's manifest
         listed = resolve_shards(["x/../y/part-000001.tar", str(tmp_path / "y" / "part-000000.tar")])
     assert [s.count for s in listed] == [3, 3] and "reading them once" not in caplog.text
+
+
+def test_no_s3_credentials_is_one_line_naming_what_to_set(tmp_path, monkeypatch, capsys):
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in (("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none")),
+                        ("AWS_CONFIG_FILE", str(tmp_path / "none")), ("AWS_EC2_METADATA_DISABLED", "true")):
+        monkeypatch.setenv(name, value)
+    endpoint = ["--endpoint-url", "http://127.0.0.1:9", "--retry-window", "1"]
+    for args in (["index", "s3://bucket/shards/", "--out", str(tmp_path / "idx")], ["info", "s3://bucket/shards"]):
+        assert main([*args, *endpoint]) == 2
+        errors = capsys.readouterr().err.strip().splitlines()
+        assert len(errors) == 1 and "no credentials for s3://bucket/shards" in errors[0], errors
+        assert "AWS_ACCESS_KEY_ID" in errors[0]

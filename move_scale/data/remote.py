@@ -190,12 +190,24 @@ class Retry:
         time.sleep(max(delay, 0.0))
 
 
+def _no_credentials(err: BaseException) -> bool:
+    try:
+        from botocore.exceptions import NoCredentialsError
+    except ImportError:  # pragma: no cover - s3fs brings it
+        return False
+    return isinstance(err, NoCredentialsError)
+
+
 def _retried(clock: Retry, call: Callable[[], T], before_retry: Callable[[], None] | None = None) -> T:
     """`call()` until it succeeds, fails for good, or `clock` gives up (DataError)."""
     while True:
         try:
             return call()
         except Exception as err:  # noqa: BLE001 - sorted by is_transient
+            if _no_credentials(err):
+                raise DataError(
+                    f"no credentials for {clock.url} ({endpoint_of(clock.url, clock.options)}): set "
+                    "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE") from err
             if not is_transient(err):
                 raise
             if before_retry is not None:
