@@ -152,6 +152,7 @@ def test_bad_input_is_one_line_and_exit_2(case, tmp_path, capsys):
         assert not (folder / "manifest.json").exists()
 
 
+@pytest.mark.slow  # two processes, about 6 s; the in-process cases above run by default
 def test_bad_input_in_a_real_process_and_help(tmp_path):
     done = _cli("index", str(tmp_path / "x-{0..3}.tar"))
     assert done.returncode == 2 and "Traceback" not in done.stderr

@@ -169,6 +169,7 @@ def _make_cli(*args) -> list[str]:
             "--workers", "0", "--no-progress", "--name", "ds"]
 
 
+@pytest.mark.slow  # a writer process SIGKILLed and rerun, three times: about 6 s each
 @pytest.mark.parametrize("damage", ["none", "truncate_last", "delete_last"])
 def test_resume_after_sigkill_gives_identical_shards(make_images, tmp_path, damage):
     images = make_images(n=16)
