@@ -168,7 +168,7 @@ def hard_ties() -> None:
 
 
 def resize_rule() -> None:
-    from move_scale.inference import resized_hw
+    from move_scale.evaluation.inference import resized_hw
 
     sizes = [(h, w) for h in range(200, 520, 7) for w in range(200, 520, 11)]
     wrong = sum(resized_hw(h, w, 448) != torchvision_resized_hw(h, w, 448) for h, w in sizes)
@@ -177,7 +177,7 @@ def resize_rule() -> None:
 
 
 def evaluate_saliency(tmp: Path) -> None:
-    from move_scale.checkpoint import load_segmenter
+    from move_scale.evaluation.segmenter_file import load_segmenter
     from move_scale.evaluate import main as evaluate_main
     from test_parity_e2e import SCENES, SHORT_SIDE, random_export, write_scenes
 
@@ -192,7 +192,7 @@ def evaluate_saliency(tmp: Path) -> None:
     for key in ("iou", "acc", "max_fbeta", "max_fbeta_per_image"):
         row("9-11 evaluate", f"|Δ {key}| vs the authors' chain, 5 scenes (EXIF, empty, odd sizes)",
             abs(got[key] - expected[key]))
-    from move_scale.metrics import image_scores
+    from move_scale.evaluation.metrics import image_scores
 
     both_empty = image_scores(np.zeros((4, 4), np.float32), np.zeros((4, 4), bool))["iou"].item()
     row("11 IoU, both empty", "IoU (authors: 0)", both_empty)
@@ -201,7 +201,7 @@ def evaluate_saliency(tmp: Path) -> None:
 def corloc_paths(tmp: Path) -> None:
     from PIL import Image
 
-    from move_scale.checkpoint import load_segmenter
+    from move_scale.evaluation.segmenter_file import load_segmenter
     from move_scale.data.write import write_shards
     from move_scale.evaluate import main as evaluate_main
     from test_evaluate import make_export

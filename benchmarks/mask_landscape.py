@@ -105,7 +105,7 @@ def candidate(name: str, batch: dict[str, torch.Tensor], theta_min: float, gener
 
 def _iou(pred: torch.Tensor, truth: torch.Tensor) -> float:
     """Mean IoU of masks (B,1,H,W) against the truth, as move_scale.evaluate scores it."""
-    from move_scale.metrics import SaliencyMeter
+    from move_scale.evaluation.metrics import SaliencyMeter
 
     meter = SaliencyMeter()
     meter.update(pred, truth[:, 0].bool())

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from move_scale import evaluate, pretrain_mae, train
+from move_scale.checkpoint import latest_mlflow_run_id
 from move_scale.config import ConfigError, load_config
 from move_scale.data.synthetic import write_synthetic
 from move_scale.errors import UserError, report
@@ -102,7 +103,7 @@ def run(args: argparse.Namespace) -> dict:
     seconds["move"] = time.perf_counter() - start
 
     start = _step("4/4 evaluation on the held-out scenes")
-    run_id = _mlflow_run_id(run_dir)
+    run_id = latest_mlflow_run_id(run_dir)
     results = evaluate.run(evaluate.build_parser().parse_args([
         "--checkpoint", str(export), "--data", str(manifests["val"]), "--task", "saliency",
         "--name", "synthetic-val", "--short-side", str(cfg.data.image_size),
@@ -116,16 +117,6 @@ def run(args: argparse.Namespace) -> dict:
 
 def _tracking_uri(run_dir: Path) -> str:
     return f"sqlite:///{(run_dir / 'mlruns' / 'mlflow.db').resolve()}"
-
-
-def _mlflow_run_id(run_dir: Path) -> str | None:
-    """The MOVE run's MLflow id, from the last checkpoint (None when tracking went elsewhere)."""
-    from move_scale.checkpoint import load_latest_checkpoint
-
-    found = load_latest_checkpoint(run_dir)
-    if found is None or not (run_dir / "mlruns" / "mlflow.db").exists():
-        return None
-    return found[1].get("mlflow_run_id")
 
 
 def main(argv: list[str] | None = None) -> int:

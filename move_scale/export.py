@@ -20,16 +20,10 @@ from pathlib import Path
 import torch
 import yaml
 
-from move_scale.checkpoint import (
-    EXPORT_FORMAT,
-    CheckpointError,
-    export_segmenter,
-    load_checkpoint,
-    load_latest_checkpoint,
-    read_segmenter_export,
-)
+from move_scale.checkpoint import CheckpointError, load_checkpoint, load_latest_checkpoint
 from move_scale.config import Config, ConfigError, config_from_dict
 from move_scale.errors import UserError, report
+from move_scale.evaluation.segmenter_file import EXPORT_FORMAT, export_segmenter, read_segmenter_export
 from move_scale.paths import check_output_file, save_or_keep
 
 log = logging.getLogger("move_scale.export")

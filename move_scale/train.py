@@ -26,12 +26,13 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object
 
-from move_scale.checkpoint import CheckpointError, CheckpointPolicy, capture_rng_state, export_segmenter, save_checkpoint
+from move_scale.checkpoint import CheckpointError, CheckpointPolicy, capture_rng_state, save_checkpoint
 from move_scale.config import Config, dump_config, load_config
 from move_scale.data.settings import train_loader_from_config
 from move_scale.data.watch import LoaderInterrupted
 from move_scale.engine import NonFiniteLossError, disc_step, effective_precision, make_adamw, seg_step
 from move_scale.errors import UserError, report
+from move_scale.evaluation.segmenter_file import export_segmenter
 from move_scale.gallery import save_objective_gallery
 from move_scale.lifecycle import RunPlan, StopFlag, ended_on_failure, prepare_run, start_tracking, stop_on_signals
 from move_scale.objective import MoveObjective, build_objective

@@ -68,7 +68,8 @@ def _train_overrides(train: str, run_dir: Path, *extra: str) -> list[str]:
 
 def build_world(root: Path) -> World:
     """Real shards, images, an export and a checkpoint, made with whichever code is importable."""
-    from move_scale.checkpoint import capture_rng_state, export_segmenter, save_checkpoint
+    from move_scale.checkpoint import capture_rng_state, save_checkpoint
+    from move_scale.evaluation.segmenter_file import export_segmenter
     from move_scale.config import dump_config, load_config
     from move_scale.data.synthetic import write_synthetic
     from move_scale.objective import build_objective

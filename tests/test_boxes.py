@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from move_scale.boxes import Box, boxes_record, coco_detections, largest_box, mask_to_boxes, scale_boxes
+from move_scale.evaluation.boxes import Box, boxes_record, coco_detections, largest_box, mask_to_boxes, scale_boxes
 
 
 def _mask_with_components() -> np.ndarray:

@@ -275,7 +275,7 @@ def _masks(features_net, segmenter, images, kind: str) -> torch.Tensor:
 
 @pytest.mark.parametrize("kind", ["dino", "mae"])
 def test_export_round_trip_gives_identical_masks(tmp_path, kind):
-    from move_scale.checkpoint import export_segmenter, load_segmenter
+    from move_scale.evaluation.segmenter_file import export_segmenter, load_segmenter
     from move_scale.models.build import build_features, build_mae, build_segmenter
 
     model_cfg = _tiny_model_cfg(tmp_path, kind)
@@ -298,7 +298,7 @@ def test_export_round_trip_gives_identical_masks(tmp_path, kind):
 
 
 def test_load_segmenter_rejects_other_files(tmp_path):
-    from move_scale.checkpoint import export_segmenter, load_segmenter
+    from move_scale.evaluation.segmenter_file import export_segmenter, load_segmenter
     from move_scale.config import FeaturesConfig, SegmenterConfig
 
     ckpt = save_checkpoint(tmp_path, 1, make_state(1), keep_last=1)
@@ -382,7 +382,8 @@ def test_cpu_2proc_launch_config_gathers_rng_of_two_gloo_ranks(tmp_path):
 
 
 def test_export_embeds_random_features_so_inference_sees_the_trained_network(tmp_path):
-    from move_scale.checkpoint import CheckpointError, export_segmenter, load_segmenter
+    from move_scale.checkpoint import CheckpointError
+    from move_scale.evaluation.segmenter_file import export_segmenter, load_segmenter
     from move_scale.config import load_config
     from move_scale.models.build import build_features, build_segmenter
 

@@ -68,7 +68,7 @@ def test_move_shard_draws_no_bar_into_a_log(tmp_path):
 
 
 def test_eval_json_names_the_mae_when_it_makes_the_features(tmp_path):
-    from move_scale.checkpoint import export_segmenter
+    from move_scale.evaluation.segmenter_file import export_segmenter
     from move_scale.config import load_config
     from move_scale.evaluate import main
     from move_scale.objective import build_objective

@@ -8,7 +8,7 @@ from move_scale.config import ConfigError, load_config
 from move_scale.data.storage import DataError
 from move_scale.errors import UserError
 from move_scale.evaluate import GroundTruthError
-from move_scale.inference import InferenceError
+from move_scale.evaluation.inference import InferenceError
 from move_scale.paths import InputError, OutputError
 from move_scale.resume import ResumeError
 from move_scale.tracking import TrackingError

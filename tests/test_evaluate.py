@@ -12,11 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
-from move_scale.bilateral import fill_holes, refine_mask
-from move_scale.checkpoint import export_segmenter
 from move_scale.config import FeaturesConfig, SegmenterConfig
 from move_scale.evaluate import main, parse_voc_xml
-from move_scale.inference import MaskPredictor, bucketed, prepare_image
+from move_scale.evaluation.bilateral import fill_holes, refine_mask
+from move_scale.evaluation.inference import MaskPredictor, bucketed, prepare_image
+from move_scale.evaluation.segmenter_file import export_segmenter
 from move_scale.models.backbone import FrozenViT
 from move_scale.models.segmenter import Segmenter
 

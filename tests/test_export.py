@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from move_scale.checkpoint import capture_rng_state, load_segmenter, read_segmenter_export, save_checkpoint
+from move_scale.checkpoint import capture_rng_state, save_checkpoint
 from move_scale.config import dump_config, load_config
+from move_scale.evaluation.segmenter_file import load_segmenter, read_segmenter_export
 from move_scale.export import main
 from move_scale.objective import build_objective
 

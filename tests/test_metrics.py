@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from move_scale.metrics import CorLocMeter, SaliencyMeter, box_iou, image_scores
+from move_scale.evaluation.metrics import CorLocMeter, SaliencyMeter, box_iou, image_scores
 
 F_HALF_PRECISION = 0.65 / 1.15  # P = 0.5, R = 1: 1.3·0.5 / (0.15 + 1) = 13/23
 

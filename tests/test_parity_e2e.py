@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 
 from authors_chain import chain_metrics
-from move_scale.checkpoint import export_segmenter, load_segmenter
 from move_scale.config import FeaturesConfig, SegmenterConfig
 from move_scale.evaluate import main
+from move_scale.evaluation.segmenter_file import export_segmenter, load_segmenter
 from move_scale.models.backbone import FrozenViT
 from move_scale.models.segmenter import Segmenter
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
 
-from move_scale.inference import MaskPredictor
+from move_scale.evaluation.inference import MaskPredictor
 from move_scale.models.backbone import FrozenViT
 from move_scale.models.build import build_mae
 from move_scale.models.mae import MAE

@@ -156,7 +156,7 @@ def test_mae_encoder_tokens_go_straight_to_the_head():
 
 
 def test_an_export_made_before_input_norm_existed_still_loads(tmp_path):
-    from move_scale.checkpoint import export_segmenter, load_segmenter
+    from move_scale.evaluation.segmenter_file import export_segmenter, load_segmenter
     from move_scale.config import FeaturesConfig, MAEConfig, SegmenterConfig
 
     mae_cfg = MAEConfig(weights="random", embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=32,

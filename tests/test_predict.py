@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from move_scale.checkpoint import export_segmenter
 from move_scale.config import FeaturesConfig, SegmenterConfig
+from move_scale.evaluation.segmenter_file import export_segmenter
 from move_scale.models.backbone import FrozenViT
 from move_scale.models.segmenter import Segmenter
 from move_scale.predict import draw_overlay, list_inputs, main
@@ -136,7 +136,7 @@ def test_duplicate_stems_keep_their_suffix(tmp_path):
 
 
 def test_overlay_marks_mask_and_box():
-    from move_scale.boxes import mask_to_boxes
+    from move_scale.evaluation.boxes import mask_to_boxes
 
     image = np.zeros((20, 20, 3), np.uint8)
     mask = np.zeros((20, 20), np.float32)

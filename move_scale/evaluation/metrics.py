@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from move_scale.protocol import lost_box_iou
+from move_scale.evaluation.protocol import lost_box_iou
 
 logger = logging.getLogger(__name__)
 

@@ -174,7 +174,8 @@ def bucketed(items: Iterable[T], key: Callable[[T], Any], batch_size: int,
 def load_predictor(checkpoint: str | Path, device: str | torch.device, short_side: int,
                    weights_cache: str | None = None) -> tuple[MaskPredictor, dict]:
     """(MaskPredictor, export meta) from a segmenter export; InferenceError for a bad file."""
-    from move_scale.checkpoint import CheckpointError, load_segmenter
+    from move_scale.checkpoint import CheckpointError
+    from move_scale.evaluation.segmenter_file import load_segmenter
     from move_scale.config import ConfigError
     from move_scale.weights import WeightsError
 
