@@ -36,9 +36,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
 
 def make_images(root: Path, count: int, size=(500, 375), seed: int = 0) -> None:
     rng = np.random.default_rng(seed)
@@ -78,6 +75,8 @@ def count_images(loader) -> int:
 def imagefolder_loader(root: Path, batch_size: int, workers: int):
     import torch
     from torchvision import datasets, transforms
+
+    from move_scale.data.images import IMAGENET_MEAN, IMAGENET_STD
 
     transform = transforms.Compose([
         transforms.RandomResizedCrop(224, scale=(0.9, 1.0), ratio=(3 / 4, 4 / 3),

@@ -28,10 +28,11 @@ from tqdm import tqdm
 from move_scale.cli_args import device, number
 from move_scale.config_rules import Range
 from move_scale.data.eval_stream import check_delivered
+from move_scale.data.images import list_images
 from move_scale.data.remote import add_policy_arguments, policy_from_args
 from move_scale.errors import UserError, report
 from move_scale.evaluation.boxes import largest_box, mask_to_boxes
-from move_scale.evaluation.inference import list_images, load_predictor, read_image, resize_mask
+from move_scale.evaluation.inference import load_predictor, read_image, resize_mask
 from move_scale.evaluation.metrics import CorLocMeter, SaliencyMeter
 from move_scale.evaluation.protocol import MASK_PROTOCOLS, check_mask_protocol, lost_gt_boxes, paper_mask_at, voc_box
 from move_scale.evaluation.results import (check_arguments, features_description, format_table, log_to_mlflow,

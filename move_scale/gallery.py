@@ -13,12 +13,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
+from move_scale.data.images import IMAGENET_MEAN, IMAGENET_STD
 from move_scale.objective import MoveObjective
 
 log = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 GAP = 2  # pixels of white between tiles (before scaling up)
 COLUMNS = ("input", "mask", "inpainted background", "shifted composite")
 MIN_TILE = 128  # tiles smaller than this are scaled up by a whole factor

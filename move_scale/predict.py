@@ -32,10 +32,11 @@ from tqdm import tqdm
 
 from move_scale.cli_args import device, number
 from move_scale.config_rules import Range
+from move_scale.data.images import IMAGE_SUFFIXES, list_images
 from move_scale.data.remote import ReadPolicy, add_policy_arguments, policy_from_args
 from move_scale.errors import UserError, report
 from move_scale.evaluation.boxes import Box, boxes_record, coco_detections, mask_to_boxes
-from move_scale.evaluation.inference import IMAGE_SUFFIXES, InferenceError, list_images, load_predictor, read_image
+from move_scale.evaluation.inference import InferenceError, load_predictor, read_image
 from move_scale.paths import check_output_dir, save_or_keep
 
 logger = logging.getLogger(__name__)

@@ -1,6 +1,7 @@
 """images.py: every kind of file becomes 8-bit RGB upright, or a counted reason; the "keep" rule."""
 import io
 import json
+import os
 
 import cv2
 import numpy as np
@@ -8,9 +9,10 @@ import pytest
 from PIL import Image
 
 from move_scale.data.annotations import transform_boxes
-from move_scale.data.images import BadImage, decode_rgb, prepare_image, prepare_mask, resized_size
+from move_scale.data.images import (BadImage, decode_rgb, is_image_name, list_images, prepare_image, prepare_mask,
+                                    resized_size)
 from move_scale.data.prepare import ImageOptions, Sample, Skipped, encode_sample, prepare_item
-from move_scale.data.sources import Item
+from move_scale.data.sources import Item, list_inputs
 
 
 def _decode_stored(data: bytes) -> np.ndarray:
@@ -141,3 +143,20 @@ def test_keep_reencodes_converted_webp_by_its_kind(tmp_path):
                                            icc_profile=b"\0" * 3000)
         encoded, _ = prepare_image(buffer.getvalue())
         assert encoded.ext == ext, "lossless sources stay lossless, lossy ones become JPEG"
+
+
+def test_move_shard_evaluate_and_predict_take_the_same_image_files(tmp_path):
+    """One suffix list: move-shard's inputs and evaluate/predict's folders agree, in any case
+    (before issue 18 move-shard skipped .ppm/.pgm and evaluate skipped .jfif)."""
+    pixels = np.full((8, 8, 3), 90, np.uint8)
+    for name, kind in (("a.JPG", "JPEG"), ("b.jfif", "JPEG"), ("c.ppm", "PPM"), ("d.png", "PNG")):
+        Image.fromarray(pixels).save(tmp_path / name, kind)
+    Image.fromarray(pixels[..., 0]).save(tmp_path / "e.pgm", "PPM")
+    (tmp_path / "notes.txt").write_text("not an image")
+    (tmp_path / "mask.png.json").write_text("{}")
+    names = ["a.JPG", "b.jfif", "c.ppm", "d.png", "e.pgm"]
+    assert [p.name for p in list_images(tmp_path)] == names
+    assert [os.path.basename(path) for path, _ in list_inputs([str(tmp_path)])] == names
+    assert all(is_image_name(f"s3://bucket/x/{name}") for name in names)
+    for name in names:  # and each one decodes for the shard
+        assert decode_rgb((tmp_path / name).read_bytes()).image.size == (8, 8)

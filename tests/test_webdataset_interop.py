@@ -18,7 +18,7 @@ from move_scale.data.index import index_shards
 from move_scale.data.stream import build_eval_loader, build_train_loader
 from move_scale.data.remote import ReadPolicy
 from move_scale.data.tario import SkipTally, iter_shard
-from move_scale.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from move_scale.data.images import IMAGENET_MEAN, IMAGENET_STD
 from move_scale.data.write import write_shards
 from wdsutil import write_foreign_shards
 

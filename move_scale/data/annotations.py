@@ -15,12 +15,12 @@ import xml.etree.ElementTree as ElementTree
 
 from PIL import Image
 
-from move_scale.data.images import BadImage
-from move_scale.data.sources import IMAGE_EXTENSIONS, stem_of
+from move_scale.data.images import IMAGE_SUFFIXES, BadImage
+from move_scale.data.sources import stem_of
 from move_scale.data.storage import DataError
 
 
-def _index_by_stem(folder: str, extensions: frozenset[str], what: str) -> dict[str, str]:
+def _index_by_stem(folder: str, extensions: tuple[str, ...], what: str) -> dict[str, str]:
     if not os.path.isdir(folder):
         raise DataError(f"{what} folder {folder!r} does not exist")
     index: dict[str, str] = {}
@@ -42,13 +42,13 @@ def _index_by_stem(folder: str, extensions: frozenset[str], what: str) -> dict[s
 
 def index_masks(folder: str) -> dict[str, str]:
     """Mask path by file stem, for every image file below ``folder``."""
-    return _index_by_stem(folder, IMAGE_EXTENSIONS, "--masks")
+    return _index_by_stem(folder, IMAGE_SUFFIXES, "--masks")
 
 
 def load_boxes_index(path: str) -> tuple[dict[str, str], dict[str, tuple]]:
     """``--boxes PATH``: (VOC XML path by stem, {}) for a folder, ({}, boxes by stem) for COCO JSON."""
     if os.path.isdir(path):
-        return _index_by_stem(path, frozenset({".xml"}), "--boxes"), {}
+        return _index_by_stem(path, (".xml",), "--boxes"), {}
     if not os.path.isfile(path):
         raise DataError(f"--boxes {path!r} does not exist; give a folder of VOC XML or a COCO JSON")
     return {}, _coco_boxes(path)

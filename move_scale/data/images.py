@@ -1,4 +1,5 @@
-"""Decode any image file to 8-bit RGB, resize, and encode it for a shard.
+"""Image facts and image I/O: the ImageNet normalisation, which files are images, and decoding any
+image file to 8-bit RGB, resized and encoded for a shard.
 
 Rules (the shard contract says every stored image decodes to 8-bit RGB):
 
@@ -21,18 +22,39 @@ Rules (the shard contract says every stored image decodes to 8-bit RGB):
 from __future__ import annotations
 
 import io
+import os
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+# The normalisation of every network here (ImageNet statistics), as DINO, MAE and LOST apply it:
+# `Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))` (valeoai/LOST `datasets.py`).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# Files taken as images by move-shard, evaluate and predict (case-insensitive); what a shard member
+# holding a sample's image may be called is `tario.IMAGE_EXTS`.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jfif", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm")
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb threshold
 IMAGE_FORMATS = ("keep", "jpg", "png", "webp")
 _LOSSY_SOURCES = ("JPEG", "MPO")
 _EXT_BY_FORMAT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 _PIL_FORMAT = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
 
+
+
+def is_image_name(path: str | os.PathLike) -> bool:
+    """Whether a file name (a path or URL) has an image suffix."""
+    return os.path.splitext(path)[1].lower() in IMAGE_SUFFIXES
+
+
+def list_images(folder: str | Path, recursive: bool = True) -> list[Path]:
+    """Image files under `folder` (by suffix, case-insensitive), sorted."""
+    folder = Path(folder)
+    pattern = folder.rglob("*") if recursive else folder.glob("*")
+    return sorted(p for p in pattern if p.is_file() and is_image_name(p))
 
 class BadImage(Exception):
     """A file that cannot become a sample; ``reason`` is a short machine-readable word."""

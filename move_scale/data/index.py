@@ -49,7 +49,7 @@ from move_scale.data.manifest import MANIFEST_NAME, REPORT_NAME, Manifest, Shard
 from move_scale.data.remote import ReadPolicy, RetryingFile, filesystem, retrying
 from move_scale.data.shardlist import TAR_SUFFIXES
 from move_scale.data.storage import DataError, OutputDir, storage_options_for
-from move_scale.data.tario import IMAGE_EXTS, group_members, has_image
+from move_scale.data.tario import IMAGE_EXTS, group_members, has_image, image_first
 
 log = logging.getLogger(__name__)
 
@@ -273,7 +273,7 @@ def build_manifest(scans: list[ShardScan], folder: str, *, name: str, sources: S
     if empty:
         log.warning("%d shards hold no sample with an image member and are left out of the "
                     "manifest: %s", len(empty), ", ".join(empty[:5]) + (" ..." if len(empty) > 5 else ""))
-    keys = tuple(sorted(exts, key=lambda ext: (ext not in IMAGE_EXTS, ext)))
+    keys = tuple(image_first(exts))
     manifest = Manifest(name=name, shards=tuple(records), keys=keys,
                         inputs=sum(s.samples + len(s.imageless) for s in scans),
                         skipped_by_reason={"no_image": len(lines)} if lines else {},

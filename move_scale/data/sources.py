@@ -24,12 +24,11 @@ from dataclasses import dataclass
 from typing import Iterator
 
 
+from move_scale.data.images import IMAGE_SUFFIXES, is_image_name
 from move_scale.data.storage import DataError
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jfif", ".png", ".webp", ".bmp", ".tif", ".tiff",
-                              ".gif"})
 _GLOB_CHARS = re.compile(r"[*?\[]")
 
 
@@ -51,10 +50,6 @@ def is_url(path: str) -> bool:
 
 def stem_of(path: str) -> str:
     return os.path.splitext(posixpath.basename(path.rstrip("/")))[0]
-
-
-def _is_image_name(path: str) -> bool:
-    return os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS
 
 
 def _strip_ext(relative: str) -> str:
@@ -111,12 +106,12 @@ def expand_source(src: str, storage_options: dict | None = None) -> list[tuple[s
         raise DataError(f"SRC {src!r} does not exist; give an image folder, a list file or a glob")
     if fs.isdir(path):
         files = _files_below(fs, path, local)
-        images = [f for f in files if _is_image_name(f)]
+        images = [f for f in files if is_image_name(f)]
         if len(images) != len(files):
             log.info("%s: ignored %d files without an image extension (%s)", src,
-                     len(files) - len(images), ", ".join(sorted(IMAGE_EXTENSIONS)))
+                     len(files) - len(images), ", ".join(IMAGE_SUFFIXES))
         return [(_with_protocol(fs, f, src), _strip_ext(os.path.relpath(f, path))) for f in images]
-    if _is_image_name(path):
+    if is_image_name(path):
         return [(src, stem_of(src))]
     return _list_file(fs, path, src)
 

@@ -108,6 +108,12 @@ def has_image(exts) -> bool:
     return any(ext in exts for ext in IMAGE_EXTS)
 
 
+def image_first(exts: Iterable[str]) -> list[str]:
+    """Member extensions in the order shards store them and manifests list them: the image first,
+    then the rest, each part alphabetical."""
+    return sorted(exts, key=lambda ext: (ext not in IMAGE_EXTS, ext))
+
+
 def group_members(names: Iterable[str]) -> Iterator[tuple[str, tuple[str, ...]]]:
     """(key, extensions) of each group of consecutive members sharing a key, in order, from the
     names of a tar's regular members. ValueError on an extension repeated inside a group, which

@@ -22,11 +22,11 @@ from dataclasses import asdict
 
 from move_scale.data.prepare import Encoded, Skipped
 from move_scale.data.storage import OutputDir
+from move_scale.data.tario import image_first
 
 log = logging.getLogger(__name__)
 
 PROGRESS_DIR = "_progress"
-IMAGE_EXTS = ("jpg", "png", "webp")
 _BLOCK = 512
 
 
@@ -54,7 +54,7 @@ def _padded(size: int) -> int:
 
 def member_names(encoded: Encoded) -> list[tuple[str, bytes]]:
     """(tar member name, bytes) of a sample in the canonical order."""
-    exts = sorted(encoded.members, key=lambda ext: (ext not in IMAGE_EXTS, ext))
+    exts = image_first(encoded.members)
     return [(f"{encoded.key}.{ext}", encoded.members[ext]) for ext in exts]
 
 

@@ -18,10 +18,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from move_scale.data.images import IMAGENET_MEAN, IMAGENET_STD
 from move_scale.data.tario import IMAGE_EXTS  # defined with the rule of what a sample is
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 EXTRA_FIELDS = {"mask": "mask.png", "background": "bg.png"}  # batch key -> shard extension
 
 

@@ -30,11 +30,12 @@ from typing import Callable, Iterable, Iterator, Sequence
 from tqdm import tqdm
 
 from move_scale.data.annotations import index_masks, load_boxes_index
-from move_scale.data.images import DEFAULT_MAX_PIXELS, IMAGE_FORMATS
+from move_scale.data.images import DEFAULT_MAX_PIXELS, IMAGE_FORMATS, IMAGE_SUFFIXES
 from move_scale.data.manifest import MANIFEST_NAME, REPORT_NAME, Manifest, ShardRecord
 from move_scale.data.prepare import ImageOptions, Sample, Skipped, encode_sample, prepare_chunk, prepare_item
 from move_scale.data.sources import Item, list_inputs, sanitize_key, stem_of
 from move_scale.data.storage import DataError, OutputDir
+from move_scale.data.tario import image_first
 from move_scale.data.tars import PROGRESS_DIR, ShardSink, shard_name
 
 log = logging.getLogger(__name__)
@@ -147,8 +148,8 @@ def write_shards(sources: Sequence[str], out: str, *, name: str | None = None,
     items = plan_items(sources, masks=masks, boxes=boxes, shuffle=shuffle, seed=seed,
                        storage_options=storage_options, policy=policy)
     if not items:
-        raise DataError(f"no image files found in {', '.join(sources)} (extensions: jpg, jpeg, png, "
-                        "webp, bmp, tif, tiff, gif, jfif; or a text file listing paths)")
+        raise DataError(f"no image files found in {', '.join(sources)} (extensions: "
+                        f"{', '.join(s.lstrip('.') for s in IMAGE_SUFFIXES)}; or a text file listing paths)")
     prefix = sanitize_key(name) if name else default_name(out)
     options = {"sources": list(sources), "name": prefix, "max_count": max_count, "max_size": max_size,
                "resize": resize, "format": image_format, "quality": quality, "shuffle": shuffle,
@@ -315,8 +316,7 @@ def _finalize(out: OutputDir, prefix: str, options: dict, records: list[dict], i
                     ", ".join(f"{k}: {v}" for k, v in sorted(reasons.items())), out.path(REPORT_NAME))
     if not shards:
         raise DataError(f"none of the {inputs} inputs could be used; see {out.path(REPORT_NAME)}")
-    exts = sorted({ext for record in records for ext in record["exts"]},
-                  key=lambda ext: (ext not in ("jpg", "png", "webp"), ext))
+    exts = image_first({ext for record in records for ext in record["exts"]})
     manifest = Manifest(name=prefix, shards=shards, keys=tuple(exts), inputs=inputs,
                         skipped_by_reason=reasons, options=options)
     out.write_bytes(MANIFEST_NAME, manifest.to_json().encode("utf-8"))

@@ -21,12 +21,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from move_scale.data.images import IMAGENET_MEAN, IMAGENET_STD
 from move_scale.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 T = TypeVar("T")
 
 
@@ -191,16 +190,6 @@ def load_predictor(checkpoint: str | Path, device: str | torch.device, short_sid
     logger.info("loaded segmenter %s (features %s, weights %s)", path,
                 meta["features"].get("kind"), source.get("weights"))
     return MaskPredictor(features_net, segmenter, device, short_side), meta
-
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm")
-
-
-def list_images(folder: str | Path, recursive: bool = True) -> list[Path]:
-    """Image files under `folder` (by suffix, case-insensitive), sorted."""
-    folder = Path(folder)
-    pattern = folder.rglob("*") if recursive else folder.glob("*")
-    return sorted(p for p in pattern if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def read_image(path: str | Path, exif: bool = True):

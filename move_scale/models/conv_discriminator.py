@@ -18,7 +18,8 @@ import torch
 from torch import nn
 from torch.nn.utils import spectral_norm
 
-from .discriminator import IMAGENET_MEAN, IMAGENET_STD, diff_augment_color
+from ..data.images import IMAGENET_MEAN, IMAGENET_STD
+from .discriminator import diff_augment_color
 
 
 class ConvDiscriminator(nn.Module):

@@ -26,12 +26,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import spectral_norm
 
+from ..data.images import IMAGENET_MEAN, IMAGENET_STD
 from ..kernels.augment import FusedDiscriminatorInput
 from ..kernels.fold import folded_copy
 from ..weights import load_strict
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 BACKBONE = "tf_efficientnet_lite0"
 STAGE_CHANNELS = (24, 40, 112, 320)
 CCM_CHANNELS = (64, 128, 256, 512)
