@@ -15,6 +15,7 @@ so this one file measures any version of the tree. One CPU process, one thread. 
   and of a 3-step MAE pretraining;
 - every figure of eval.json for saliency and CorLoc from shards, an image folder, a VOC root,
   VOC XML, COCO JSON (paper and float protocols, bilateral, MAE features);
+- the manifests (tar sha256s, member keys) of the shards `move-shard synth` and `make` write;
 - sha256 of each file predict writes (masks, overlays, boxes.json, coco_*.json);
 - with --pipelines also the shrunk demo and a shrunk benchmarks/synthetic.py (the table without
   times and paths).
@@ -211,6 +212,14 @@ def evaluate(run, work: Path, val_shards: str) -> dict:
     return out
 
 
+def manifests(work: Path) -> dict:
+    """Each manifest the shard writer made (sha256 of every tar, sample counts, member keys), less
+    its options (paths and a digest of them)."""
+    shards = work / "shards"
+    return {str(m.parent.relative_to(shards)): {k: v for k, v in json.loads(m.read_text()).items() if k != "options"}
+            for m in sorted(shards.rglob("manifest.json"))}
+
+
 def pretrain(run, work: Path, train_shards: str) -> dict:
     out = work / "mae.pth"
     run("-m", "move_scale.pretrain_mae", "--config", CONFIG, "--out", str(out), "--steps", "3",
@@ -244,7 +253,7 @@ def fingerprint(tree: Path, work: Path, with_pipelines: bool) -> tuple[dict, dic
     val_shards = str(work / "shards" / "synthetic" / "val" / "manifest.json")
     write_folders(work / "folders")
     result = {"train": train(run, work, train_shards), "mae": pretrain(run, work, train_shards),
-              "eval": evaluate(run, work, val_shards)}
+              "eval": evaluate(run, work, val_shards), "shards": manifests(work)}
     if with_pipelines:
         result["pipelines"] = pipelines(run, work)
     return result, run.seconds
