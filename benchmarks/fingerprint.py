@@ -20,7 +20,7 @@ so this one file measures any version of the tree. One CPU process, one thread. 
 - with --pipelines also the shrunk demo and a shrunk benchmarks/synthetic.py (the table without
   times and paths).
 The fixtures hold no VOC <part> boxes, duplicate stems, or .ppm/.pgm/.jfif files (cases issue 18
-changes on purpose). Takes about 3 minutes on 2 CPU cores, 5 with --pipelines.
+changes on purpose). Takes about 3 minutes on 2 CPU cores, 4 with --pipelines.
 """
 from __future__ import annotations
 
