@@ -30,10 +30,12 @@ from move_scale.config_rules import (
     WeightsRef,
     above,
     at_least,
+    between,
     each,
     one_of,
     ruled,
 )
+from move_scale.compose import FAKE_KINDS, REAL_KINDS
 from move_scale.config_tree import (  # noqa: F401 - part of this module's interface
     ConfigError,
     build_tree,
@@ -44,6 +46,7 @@ from move_scale.config_tree import (  # noqa: F401 - part of this module's inter
     set_dotted,
     to_dict,
 )
+from move_scale.losses import MASK_LOSS_SCALES
 
 
 # ----------------------------------------------------------------------------- schema
@@ -55,6 +58,7 @@ PRECISIONS = ("bf16", "fp32")
 INPUT_NORMS = ("auto", "layernorm", "none")
 BACKBONE_BN = ("zero_image", "checkpoint")
 DIFFAUG_POLICIES = ("color",)  # the policy MOVE uses (DiffAugment, Zhao et al. 2020)
+INPAINTERS = ("gan", "mse")  # the MAE trained with a GAN loss (MOVE's) or with MSE (Table 5)
 POSITIVE = Range(1)
 UNIT = Range(0.0, 1.0, high_open=True)
 
@@ -157,32 +161,27 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class ObjectiveConfig:
-    """The MOVE objective (paper eq. 1-8) and the switches of its ablations (Table 5). The ranges
-    and choices are checked by `objective.check_objective_config`, the objective's own checks."""
+    """The MOVE objective (paper eq. 1-8) and the switches of its ablations (Table 5).
+    `objective.MoveObjective(settings, ...)` takes this section as it is."""
 
-    shift_range: float = 0.125  # Δ: |δ| ≤ Δ·min(H, W) on each axis
-    theta_min: float = 0.05
-    lambda_min: float = 100.0
-    lambda_bin: float = 12.5
+    shift_range: float = between(0.125, 0, 1, high_open=True)  # Δ: |δ| ≤ Δ·min(H, W) on each axis
+    theta_min: float = between(0.05, 0, 1)
+    lambda_min: float = at_least(100.0, 0)
+    lambda_bin: float = at_least(12.5, 0)
     # Segmenter steps over which λ_bin ramps up from 0. The step count is checkpointed, so a resumed
     # run continues the ramp where it stopped; the authors' code restarts it at 0 on every launch.
-    bin_ramp_steps: int = 2500
+    bin_ramp_steps: int = at_least(2500, 0)
     min_loss: bool = True
     bin_loss: bool = True
-    mask_loss_scales: tuple[str, ...] = ("full", "avg", "max")  # where L_min and L_bin apply
-    real_inputs: tuple[str, ...] = ("autoencoded", "composite_noshift")  # also: "input"
-    fake_inputs: tuple[str, ...] = ("composite_shifted", "copy_paste")
+    # where L_min and L_bin apply; an empty list turns the mask losses off
+    mask_loss_scales: tuple[str, ...] = each(MASK_LOSS_SCALES, OneOf(MASK_LOSS_SCALES), distinct=True)
+    real_inputs: tuple[str, ...] = each(("autoencoded", "composite_noshift"), OneOf(REAL_KINDS),
+                                        distinct=True, non_empty=True)
+    fake_inputs: tuple[str, ...] = each(("composite_shifted", "copy_paste"), OneOf(FAKE_KINDS),
+                                        distinct=True, non_empty=True)
     hard_tile_mask: bool = False  # the non-differentiable inpainter ablation
-    inpainter: str = "gan"  # "gan": autoencoded D inputs; "mse": paste x outside tiles, no AE
+    inpainter: str = one_of("gan", INPAINTERS)  # "gan": autoencoded D inputs; "mse": paste x outside tiles, no AE
     true_background: bool = False  # diagnostic: a perfect inpainter (the data's true background in the tiles)
-
-    def relations(self):
-        from move_scale.objective import check_objective_config  # the objective's one list of checks
-
-        try:
-            check_objective_config(self)
-        except ValueError as err:  # a whole message: "objective.theta_min = 2.0: use a value in [0, 1] ..."
-            yield None, str(err)
 
 
 @dataclass(frozen=True)

@@ -8,12 +8,12 @@ import torch
 import torch.nn.functional as F
 
 from move_scale import compose
-from move_scale.config import ObjectiveConfig, load_config
+from move_scale.config import ConfigError, ObjectiveConfig, config_from_dict, load_config
 from move_scale.models.backbone import FrozenViT
 from move_scale.models.discriminator import ProjectedDiscriminator
 from move_scale.models.mae import MAE
 from move_scale.models.segmenter import Segmenter
-from move_scale.objective import MoveObjective, build_objective, check_objective_config, objective_from_config
+from move_scale.objective import MoveObjective, build_objective
 
 SIZE = 64  # MAE patch 16 → 4×4 tiles; DINO patch 8 → 8×8 tokens
 ALL_KINDS = compose.REAL_KINDS + compose.FAKE_KINDS
@@ -31,7 +31,8 @@ def tiny_networks(mae_features: bool = False) -> dict:
 
 
 def make_objective(mae_features: bool = False, device="cpu", **switches) -> MoveObjective:
-    objective = MoveObjective(**tiny_networks(mae_features), **switches).to(device)
+    settings = dataclasses.replace(ObjectiveConfig(), **switches)
+    objective = MoveObjective(settings, **tiny_networks(mae_features)).to(device)
     objective.train_modes()
     return objective
 
@@ -203,11 +204,12 @@ def test_mae_features_feed_the_segmenter_encoder_tokens(device):
     ],
 )
 def test_invalid_switches_are_rejected_with_the_key(switches, message):
-    with pytest.raises(ValueError, match=message):
-        MoveObjective(**tiny_networks(), **switches)
-    with pytest.raises(ValueError, match=message):  # the same check on the config, before any build
-        check_objective_config(dataclasses.replace(ObjectiveConfig(), **switches))
-    check_objective_config(ObjectiveConfig())
+    with pytest.raises(ValueError, match=message):  # a hand-made settings object is checked too
+        MoveObjective(dataclasses.replace(ObjectiveConfig(), **switches), **tiny_networks())
+    as_yaml = {k: list(v) if isinstance(v, tuple) else v for k, v in switches.items()}
+    with pytest.raises(ConfigError, match=message):  # the same rule as the config loads, before any build
+        config_from_dict({"objective": as_yaml})
+    MoveObjective(**tiny_networks())  # the defaults pass
 
 
 def test_segmenter_that_does_not_reach_image_size_is_reported():
@@ -223,8 +225,9 @@ def test_objective_and_networks_from_the_debug_config():
                                               "objective.mask_loss_scales=[full]"])
     objective = build_objective(cfg)
     assert isinstance(objective.features, FrozenViT) and isinstance(objective.mae, MAE)
-    assert objective.shift_range == 0.25 and objective.real_inputs == ("input",)
-    assert objective.mask_loss_scales == ("full",) and objective.lambda_min == 100.0
-    again = objective_from_config(cfg.objective, features=None, segmenter=objective.segmenter,
-                                  mae=objective.mae, discriminator=objective.discriminator)
-    assert again.features is None and again.fake_inputs == ("composite_shifted", "copy_paste")
+    assert objective.settings is cfg.objective
+    assert objective.settings.shift_range == 0.25 and objective.settings.real_inputs == ("input",)
+    assert objective.settings.mask_loss_scales == ("full",) and objective.settings.lambda_min == 100.0
+    again = MoveObjective(cfg.objective, features=None, segmenter=objective.segmenter,
+                          mae=objective.mae, discriminator=objective.discriminator)
+    assert again.features is None and again.settings.fake_inputs == ("composite_shifted", "copy_paste")

@@ -26,16 +26,17 @@ def authors_d_step_loss(objective, x, seed):
     then on every real kind, each call drawing its own DiffAugment; disc_wrapper.py HingeLoss:
     mean(relu(1 + D(fake))) and mean(relu(1 - D(real))), each kind divided by its kind count."""
     generator = torch.Generator().manual_seed(seed)
-    kinds = objective.fake_inputs + objective.real_inputs
+    fake_inputs, real_inputs = objective.settings.fake_inputs, objective.settings.real_inputs
+    kinds = fake_inputs + real_inputs
     with torch.no_grad():
         comp = objective.compose(x, generator, kinds)
     logits = {}
-    for kind in objective.fake_inputs:
+    for kind in fake_inputs:
         logits[kind] = objective.discriminator(comp.input_for(kind), augment=True, generator=generator)
-    for kind in objective.real_inputs:
+    for kind in real_inputs:
         logits[kind] = objective.discriminator(comp.input_for(kind), augment=True, generator=generator)
-    fake = sum(F.relu(1 + logits[k]).mean() for k in objective.fake_inputs) / len(objective.fake_inputs)
-    real = sum(F.relu(1 - logits[k]).mean() for k in objective.real_inputs) / len(objective.real_inputs)
+    fake = sum(F.relu(1 + logits[k]).mean() for k in fake_inputs) / len(fake_inputs)
+    real = sum(F.relu(1 - logits[k]).mean() for k in real_inputs) / len(real_inputs)
     return fake + real, logits
 
 
