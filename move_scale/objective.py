@@ -32,9 +32,9 @@ from move_scale.losses import (
 )
 from move_scale.models.build import build_discriminator, build_features, build_mae, build_segmenter
 
-AUTOENCODED_KINDS = ("autoencoded", "composite_noshift", "copy_paste")  # need x̌
-SHIFTED_KINDS = ("composite_shifted", "copy_paste")  # need x̌_δ
-BACKGROUND_KINDS = ("composite_noshift", "composite_shifted")  # need b̂
+AUTOENCODED_KINDS = compose.kinds_needing("autoencoded")  # need x̌
+SHIFTED_KINDS = compose.kinds_needing("autoencoded_shifted")  # need x̌_δ
+BACKGROUND_KINDS = compose.kinds_needing("inpainted_background")  # need b̂
 
 
 @dataclass
@@ -51,16 +51,8 @@ class Composition:
     inpainted_background: Tensor | None  # b̂
 
     def input_for(self, kind: str) -> Tensor:
-        """The D input of `kind` (see `compose.discriminator_input`)."""
-        return compose.discriminator_input(
-            kind,
-            image=self.image,
-            mask=self.mask,
-            mask_shifted=self.mask_shifted,
-            autoencoded=self.autoencoded,
-            autoencoded_shifted=self.autoencoded_shifted,
-            inpainted_background=self.inpainted_background,
-        )
+        """The D input of `kind` (compose.DISCRIMINATOR_INPUTS: the parts are this object's fields)."""
+        return compose.discriminator_input(kind, vars(self))
 
 
 class MoveObjective:
