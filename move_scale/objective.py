@@ -154,10 +154,9 @@ class MoveObjective:
     def _mae_autoencodings(self, images, latent, shifts, needs_ae, needs_ae_shifted):
         autoencoded = autoencoded_shifted = None
         if needs_ae:
-            autoencoded = self.mae.unpatchify(self.mae.decode(latent, None))  # (B, 3, H, W)
+            autoencoded = self.mae.autoencode(images, latent)  # (B, 3, H, W), from encoder pass 1
         if needs_ae_shifted:
-            latent_shifted = self.mae.encode(compose.translate(images, shifts))  # pass 2
-            autoencoded_shifted = self.mae.unpatchify(self.mae.decode(latent_shifted, None))
+            autoencoded_shifted = self.mae.autoencode(compose.translate(images, shifts))  # pass 2
         return autoencoded, autoencoded_shifted
 
     def _background(self, images, latent, tiles, background):
@@ -177,9 +176,9 @@ class MoveObjective:
                     f"objective.true_background needs a background batch of shape {tuple(images.shape)}, "
                     f"got {got}: load shards with bg.png and pass extra_keys=('background',) to the loader"
                 )
-            kept = images if self.settings.inpainter == "mse" else self.mae.unpatchify(self.mae.decode(latent, tiles))
+            kept = images if self.settings.inpainter == "mse" else self.mae.inpaint(latent, tiles)
             return compose.paste_outside_tiles(kept, background.to(images.dtype), tiles, self.mae.patch_size)
-        inpainted = self.mae.unpatchify(self.mae.decode(latent, tiles))  # (B, 3, H, W)
+        inpainted = self.mae.inpaint(latent, tiles)  # (B, 3, H, W)
         if self.settings.inpainter == "mse":
             inpainted = compose.paste_outside_tiles(images, inpainted, tiles, self.mae.patch_size)
         return inpainted

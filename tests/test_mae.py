@@ -84,6 +84,7 @@ def test_shapes(size):
     assert latent.shape == (2, 1 + n, 32)
     assert mae.decode(latent, torch.rand(2, n)).shape == (2, n, 16 * 16 * 3)
     assert mae.autoencode(x).shape == x.shape
+    assert torch.equal(mae.autoencode(x, latent), mae.autoencode(x))  # a latent at hand saves the encoder pass
     assert mae.inpaint(latent, torch.rand(2, n)).shape == x.shape
 
 

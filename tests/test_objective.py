@@ -49,10 +49,6 @@ def count_encoder_passes(mae: MAE) -> list:
     return calls
 
 
-def ae(mae: MAE, x: torch.Tensor) -> torch.Tensor:
-    return mae.unpatchify(mae.decode(mae.encode(x), None))
-
-
 @pytest.mark.parametrize("mae_features", [False, True])
 def test_encoder_runs_exactly_twice_per_forward(mae_features, device):
     objective = make_objective(mae_features=mae_features, device=device)
@@ -74,7 +70,7 @@ def test_mse_inpainter_runs_the_encoder_once_and_pastes_the_input_back(device):
     assert comp.autoencoded is x
     assert torch.equal(comp.autoencoded_shifted, compose.translate(x, comp.shifts))
     with torch.no_grad():
-        inpainted = objective.mae.unpatchify(objective.mae.decode(objective.mae.encode(x), comp.tile_mask))
+        inpainted = objective.mae.inpaint(objective.mae.encode(x), comp.tile_mask)
     tiles_up = comp.tile_mask.reshape(2, 1, 4, 4).repeat_interleave(16, 2).repeat_interleave(16, 3)
     expected = x * (1 - tiles_up) + inpainted * tiles_up  # b̂ := x ⊙ (1 − up(t)) + b̂ ⊙ up(t)
     assert torch.allclose(comp.inpainted_background, expected, atol=1e-6)
@@ -92,8 +88,8 @@ def test_composition_follows_reference_section_1(device):
         union = 1 - (1 - m) * (1 - m_shift)
         assert torch.allclose(comp.tile_mask, F.max_pool2d(union, 16).flatten(1))
         latent = mae.encode(x)
-        x_ae, x_ae_shift = ae(mae, x), ae(mae, compose.translate(x, comp.shifts))
-        background = mae.unpatchify(mae.decode(latent, comp.tile_mask))
+        x_ae, x_ae_shift = mae.autoencode(x), mae.autoencode(compose.translate(x, comp.shifts))
+        background = mae.inpaint(latent, comp.tile_mask)
     assert torch.allclose(comp.autoencoded, x_ae, atol=1e-5)
     assert torch.allclose(comp.autoencoded_shifted, x_ae_shift, atol=1e-5)  # AE(shift(x)) ...
     assert not torch.allclose(x_ae_shift, compose.translate(x_ae, comp.shifts), atol=1e-3)  # ≠ shift(AE(x))
@@ -167,7 +163,7 @@ def test_true_background_replaces_the_inpainting_inside_the_tiles(inpainter, dev
     with torch.no_grad():
         comp = objective.compose(x, torch.Generator().manual_seed(0), ALL_KINDS, background=background)
         latent = objective.mae.encode(x)
-        painted = objective.mae.unpatchify(objective.mae.decode(latent, comp.tile_mask))
+        painted = objective.mae.inpaint(latent, comp.tile_mask)
     tiles = compose.upsample_tiles(comp.tile_mask, objective.mae.grid, objective.mae.patch_size)
     kept = x if inpainter == "mse" else painted  # what the inpainter leaves outside its tiles
     assert 0 < tiles.mean() < 1
