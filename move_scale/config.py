@@ -36,6 +36,7 @@ from move_scale.config_rules import (
     ruled,
 )
 from move_scale.compose import FAKE_KINDS, REAL_KINDS
+from move_scale.kernels.augment import DIFFAUG_POLICIES
 from move_scale.config_tree import (  # noqa: F401 - part of this module's interface
     ConfigError,
     build_tree,
@@ -57,7 +58,6 @@ DISC_KINDS = ("projected", "conv")
 PRECISIONS = ("bf16", "fp32")
 INPUT_NORMS = ("auto", "layernorm", "none")
 BACKBONE_BN = ("zero_image", "checkpoint")
-DIFFAUG_POLICIES = ("color",)  # the policy MOVE uses (DiffAugment, Zhao et al. 2020)
 INPAINTERS = ("gan", "mse")  # the MAE trained with a GAN loss (MOVE's) or with MSE (Table 5)
 POSITIVE = Range(1)
 UNIT = Range(0.0, 1.0, high_open=True)
@@ -136,7 +136,7 @@ class DiscConfig:
     weights: str = ruled("efficientnet_lite0", WeightsRef())  # projected only: name, path or "random"
     resolution: int = at_least(224, 64)  # projected only: D inputs are resized to this side
     conv_widths: tuple[int, ...] = each((64, 128, 256), POSITIVE, non_empty=True)  # conv only: stride-2 layers
-    diffaug: tuple[str, ...] = each(("color",), OneOf(DIFFAUG_POLICIES), distinct=True)
+    diffaug: tuple[str, ...] = each(DIFFAUG_POLICIES, OneOf(DIFFAUG_POLICIES), distinct=True)
     # projected only: the frozen EfficientNet's BatchNorm statistics. "zero_image" (the authors' D,
     # as Projected GAN's): when D is built, one all-zero 224×224 image runs through the loaded
     # network in train mode (move-seg projector.py calc_channels), moving every running mean and
