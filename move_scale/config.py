@@ -20,6 +20,7 @@ from typing import ClassVar
 
 import yaml
 
+from move_scale.compose import FAKE_KINDS, REAL_KINDS
 from move_scale.config_rules import (
     TRACKING_SCHEMES,
     NonEmpty,
@@ -35,8 +36,6 @@ from move_scale.config_rules import (
     one_of,
     ruled,
 )
-from move_scale.compose import FAKE_KINDS, REAL_KINDS
-from move_scale.kernels.augment import DIFFAUG_POLICIES
 from move_scale.config_tree import (  # noqa: F401 - part of this module's interface
     ConfigError,
     build_tree,
@@ -47,6 +46,8 @@ from move_scale.config_tree import (  # noqa: F401 - part of this module's inter
     set_dotted,
     to_dict,
 )
+from move_scale.data.remote import ReadPolicy
+from move_scale.kernels.augment import DIFFAUG_POLICIES
 from move_scale.losses import MASK_LOSS_SCALES
 
 
@@ -219,9 +220,11 @@ class DataConfig:
     # (same samples as without the fault), until the store has been silent for retry_window_s;
     # then the run stops with one line naming the endpoint, about retry_window_s + 2 *
     # (connect_timeout_s + read_timeout_s) after the store went silent.
-    connect_timeout_s: float = ruled(10.0, Range(0.0, low_open=True), mid_run=True)
-    read_timeout_s: float = ruled(15.0, Range(0.0, low_open=True), mid_run=True)
-    retry_window_s: float = ruled(120.0, Range(0.0, low_open=True), mid_run=True)  # rides out blips of tens of seconds
+    # The defaults are ReadPolicy's, the remote reader's own (10, 15 and 120 s).
+    connect_timeout_s: float = ruled(ReadPolicy.connect_timeout_s, Range(0.0, low_open=True), mid_run=True)
+    read_timeout_s: float = ruled(ReadPolicy.read_timeout_s, Range(0.0, low_open=True), mid_run=True)
+    # rides out blips of tens of seconds
+    retry_window_s: float = ruled(ReadPolicy.retry_window_s, Range(0.0, low_open=True), mid_run=True)
     # no batch and no sample read this long (workers >= 1): stop, naming the shards in flight
     stall_timeout_s: float = ruled(300.0, Range(0.0, low_open=True), mid_run=True)
     # stop when samples lost (missing/unreadable/truncated/short shards, undecodable images;

@@ -20,9 +20,8 @@ from collections.abc import Iterator, Mapping
 import torch
 from torch import Tensor, nn
 
+from move_scale.config import PRECISIONS
 from move_scale.objective import MoveObjective
-
-PRECISIONS = ("bf16", "fp32")
 
 
 class NonFiniteLossError(RuntimeError):
