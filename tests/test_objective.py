@@ -1,4 +1,5 @@
-"""MoveObjective on tiny real networks: REFERENCE §1 step by step, encoder passes, grads, switches.
+"""MoveObjective on tiny real networks: paper §2 (Fig. 2, eq. 3-4) step by step, encoder passes,
+grads, switches.
 
 The forward-pass tests take the `device` fixture (CPU by default, `pytest --device cuda` on CUDA)."""
 import dataclasses
@@ -76,7 +77,7 @@ def test_mse_inpainter_runs_the_encoder_once_and_pastes_the_input_back(device):
     assert torch.allclose(comp.inpainted_background, expected, atol=1e-6)
 
 
-def test_composition_follows_reference_section_1(device):
+def test_composition_follows_fig_2_and_eq_3_4(device):
     objective = make_objective(shift_range=0.25, device=device)
     x, mae = images(device=device), objective.mae
     with torch.no_grad():

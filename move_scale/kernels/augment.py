@@ -1,7 +1,7 @@
 """DiffAugment "color" (Zhao et al. 2020) fused with the discriminator's input map, beside its reference.
 
 The projected D maps ImageNet-normalised images to [-1, 1], applies brightness, saturation and
-contrast per sample (paper §2.3), and only then resizes them to its resolution (the authors' order,
+contrast per sample (paper §3), and only then resizes them to its resolution (the authors' order,
 adambielski/move-seg `disc_wrapper.py run_D`). Eager that is seven full passes over the image;
 fused it is one kernel (two reductions kept in registers per image) before the resize.
 The random factors are drawn eagerly from the caller's generator by `color_factors`, the one draw

@@ -1,4 +1,8 @@
-"""Projected discriminator (Sauer et al. 2021) as MOVE uses it (paper §2.3 and §3, REFERENCE §3).
+"""Projected discriminator (Sauer et al. 2021) as MOVE uses it (paper §2.3 and §3).
+
+The layout follows autonomousvision/projected-gan `pg_modules/projector.py` (feature network, CCM,
+CSM) and `pg_modules/discriminator.py` (DownBlock heads), as the authors' copy in
+adambielski/move-seg `discriminators/pg_modules/` does.
 
 A frozen ImageNet `tf_efficientnet_lite0` in four stages (24, 40, 112, 320 channels at strides 4,
 8, 16, 32), frozen random projections mixing channels (CCM, 1×1 convs) and scales (CSM, top-down
@@ -54,7 +58,8 @@ def diff_augment_color(x: torch.Tensor, generator: torch.Generator | None = None
 
 
 def _split_stages(net: nn.Module) -> nn.ModuleList:
-    """timm EfficientNet → four stages at strides 4, 8, 16, 32 (REFERENCE §3)."""
+    """timm EfficientNet → four stages at strides 4, 8, 16, 32 (projected-gan `projector.py
+    _make_efficientnet`; timm's BatchNormAct2d `bn1` holds the stem's activation)."""
     return nn.ModuleList([
         nn.Sequential(net.conv_stem, net.bn1, *net.blocks[0:2]),
         nn.Sequential(*net.blocks[2:3]),

@@ -1,7 +1,8 @@
 """The MAE inpainter (He et al. 2022), used frozen by MOVE to inpaint the background (paper §2.2).
 
 Parameter names and shapes are exactly those of the official `mae_vit_large_patch16_dec512d8b`
-checkpoints (REFERENCE §3), so their `{"model": sd}` loads strictly. Unlike standard MAE, MOVE feeds
+(facebookresearch/mae `models_mae.py`) and of its released checkpoints, so their `{"model": sd}`
+loads strictly. Unlike standard MAE, MOVE feeds
 ALL tokens to the encoder and mixes each decoder token with the mask token by a soft weight,
 ξ̂_j = t_j·ξ_MSK + (1 - t_j)·ξ_j (paper §2.2, eq. 4 gives t), so the inpainting is differentiable
 in the tile mask t. `forward_pretrain` keeps the standard random-masking recipe for pre-training.
