@@ -61,7 +61,7 @@ def d_order() -> None:
     x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
     _, terms = objective.discriminator_loss(x, torch.Generator().manual_seed(3))
     g = torch.Generator().manual_seed(3)
-    kinds = reference.fake_inputs + reference.real_inputs
+    kinds = reference.settings.fake_inputs + reference.settings.real_inputs
     with torch.no_grad():
         comp = reference.compose(x, g, kinds)
     logits = {k: reference.discriminator(comp.input_for(k), augment=True, generator=g) for k in kinds}

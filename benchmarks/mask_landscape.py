@@ -129,11 +129,11 @@ def landscape(cfg, train: dict, val: dict, scored: dict[str, torch.Tensor], step
     from move_scale.engine import disc_step, make_adamw
     from move_scale.losses import mask_losses, segmenter_adversarial_loss, segmenter_total_loss
     from move_scale.models.build import build_discriminator, build_mae
-    from move_scale.objective import objective_from_config
+    from move_scale.objective import MoveObjective
 
     torch.manual_seed(seed)
     masks = CandidateMasks()
-    objective = objective_from_config(
+    objective = MoveObjective(
         dataclasses.replace(cfg.objective, true_background=true_background),
         features=None, segmenter=masks, mae=build_mae(cfg.model, cfg.data.image_size),
         discriminator=build_discriminator(cfg.model, seed))
@@ -141,10 +141,11 @@ def landscape(cfg, train: dict, val: dict, scored: dict[str, torch.Tensor], step
     optimizer = make_adamw(objective.discriminator, lr=d.lr, betas=d.betas, weight_decay=d.weight_decay)
     generator = torch.Generator().manual_seed(seed)
     count, batch_size = len(train["image"]), cfg.data.batch_size
+    settings = objective.settings
     for step in range(steps):
         batch = _subset(train, torch.randint(0, count, (batch_size,), generator=generator))
         name = CANDIDATES[int(torch.randint(0, len(CANDIDATES), (1,), generator=generator))]
-        masks.masks = candidate(name, batch, objective.theta_min, generator)
+        masks.masks = candidate(name, batch, settings.theta_min, generator)
         disc_step(objective, batch["image"], optimizer, generator=generator, step=step,
                   background=batch["background"])
     scores = {}
@@ -157,9 +158,9 @@ def landscape(cfg, train: dict, val: dict, scored: dict[str, torch.Tensor], step
             shifted = objective.ops.discriminator_inputs(comp, ("composite_shifted",))["composite_shifted"]
             adversarial = segmenter_adversarial_loss(objective.discriminator(shifted, augment=False))
             terms = mask_losses(comp.mask_shifted, patch_size=objective.mae.patch_size,
-                                theta_min=objective.theta_min, scales=objective.mask_loss_scales,
-                                min_loss=objective.min_loss, bin_loss=objective.bin_loss)
-            total = segmenter_total_loss(adversarial, terms, objective.lambda_min, objective.lambda_bin)
+                                theta_min=settings.theta_min, scales=settings.mask_loss_scales,
+                                min_loss=settings.min_loss, bin_loss=settings.bin_loss)
+            total = segmenter_total_loss(adversarial, terms, settings.lambda_min, settings.lambda_bin)
             scores[name] = (-adversarial.item(), total.item())
         real = objective.discriminator(val["image"], augment=False).float().mean().item()
         scores["(real x)"] = (real, float("nan"))

@@ -9,12 +9,32 @@ The paper writes m_δ[p] = m[p + δ]; as δ is drawn symmetrically the two are t
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+# D input kind -> the parts of one forward it is made of (Fig. 2; eq. 3), named as the fields of
+# `objective.Composition`: one part is passed through, three are composite(mask, foreground, background).
+#   real: "input" x · "autoencoded" x̌ = AE(x) · "composite_noshift" x̂_0 = m·x̌ + (1−m)·b̂;
+#   fake: "composite_shifted" x̂_δ = m_δ·x̌_δ + (1−m_δ)·b̂ (eq. 3) ·
+#         "copy_paste" x̃_δ = m_δ·x̌_δ + (1−m_δ)·x̌, with x̌_δ = AE(shift(x)).
+DISCRIMINATOR_INPUTS = {
+    "input": ("image",),
+    "autoencoded": ("autoencoded",),
+    "composite_noshift": ("mask", "autoencoded", "inpainted_background"),
+    "composite_shifted": ("mask_shifted", "autoencoded_shifted", "inpainted_background"),
+    "copy_paste": ("mask_shifted", "autoencoded_shifted", "autoencoded"),
+}
 REAL_KINDS = ("input", "autoencoded", "composite_noshift")
 FAKE_KINDS = ("composite_shifted", "copy_paste")
+COMPOSITE_KINDS = tuple(kind for kind, parts in DISCRIMINATOR_INPUTS.items() if len(parts) == 3)
+
+
+def kinds_needing(part: str) -> tuple[str, ...]:
+    """The D input kinds made with `part` (a key of a DISCRIMINATOR_INPUTS entry), in table order."""
+    return tuple(kind for kind, parts in DISCRIMINATOR_INPUTS.items() if part in parts)
 
 
 def sample_shifts(
@@ -106,30 +126,9 @@ def composite(mask: Tensor, foreground: Tensor, background: Tensor) -> Tensor:
     return mask * foreground + (1.0 - mask) * background
 
 
-def discriminator_input(
-    kind: str,
-    *,
-    image: Tensor,
-    mask: Tensor,
-    mask_shifted: Tensor,
-    autoencoded: Tensor | None,
-    autoencoded_shifted: Tensor | None,
-    inpainted_background: Tensor | None,
-) -> Tensor:
-    """One of the D inputs of Fig. 2 (B, 3, H, W), by kind name.
-
-    real: "input" x · "autoencoded" x̌ = AE(x) · "composite_noshift" x̂_0 = m·x̌ + (1−m)·b̂;
-    fake: "composite_shifted" x̂_δ = m_δ·x̌_δ + (1−m_δ)·b̂ (eq. 3) ·
-          "copy_paste" x̃_δ = m_δ·x̌_δ + (1−m_δ)·x̌, with x̌_δ = AE(shift(x)).
-    """
-    if kind == "input":
-        return image
-    if kind == "autoencoded":
-        return autoencoded
-    if kind == "composite_noshift":
-        return composite(mask, autoencoded, inpainted_background)
-    if kind == "composite_shifted":
-        return composite(mask_shifted, autoencoded_shifted, inpainted_background)
-    if kind == "copy_paste":
-        return composite(mask_shifted, autoencoded_shifted, autoencoded)
-    raise ValueError(f"unknown discriminator input kind {kind!r}; valid: {REAL_KINDS + FAKE_KINDS}")
+def discriminator_input(kind: str, parts: Mapping[str, Tensor | None]) -> Tensor:
+    """The D input of `kind` (B, 3, H, W) from the parts of one forward (DISCRIMINATOR_INPUTS)."""
+    if kind not in DISCRIMINATOR_INPUTS:
+        raise ValueError(f"unknown discriminator input kind {kind!r}; valid: {tuple(DISCRIMINATOR_INPUTS)}")
+    made_of = [parts[name] for name in DISCRIMINATOR_INPUTS[kind]]
+    return made_of[0] if len(made_of) == 1 else composite(*made_of)

@@ -20,6 +20,7 @@ from typing import ClassVar
 
 import yaml
 
+from move_scale.compose import FAKE_KINDS, REAL_KINDS
 from move_scale.config_rules import (
     TRACKING_SCHEMES,
     NonEmpty,
@@ -30,6 +31,7 @@ from move_scale.config_rules import (
     WeightsRef,
     above,
     at_least,
+    between,
     each,
     one_of,
     ruled,
@@ -44,6 +46,9 @@ from move_scale.config_tree import (  # noqa: F401 - part of this module's inter
     set_dotted,
     to_dict,
 )
+from move_scale.data.remote import ReadPolicy
+from move_scale.kernels.augment import DIFFAUG_POLICIES
+from move_scale.losses import MASK_LOSS_SCALES
 
 
 # ----------------------------------------------------------------------------- schema
@@ -54,7 +59,7 @@ DISC_KINDS = ("projected", "conv")
 PRECISIONS = ("bf16", "fp32")
 INPUT_NORMS = ("auto", "layernorm", "none")
 BACKBONE_BN = ("zero_image", "checkpoint")
-DIFFAUG_POLICIES = ("color",)  # the policy MOVE uses (DiffAugment, Zhao et al. 2020)
+INPAINTERS = ("gan", "mse")  # the MAE trained with a GAN loss (MOVE's) or with MSE (Table 5)
 POSITIVE = Range(1)
 UNIT = Range(0.0, 1.0, high_open=True)
 
@@ -132,7 +137,7 @@ class DiscConfig:
     weights: str = ruled("efficientnet_lite0", WeightsRef())  # projected only: name, path or "random"
     resolution: int = at_least(224, 64)  # projected only: D inputs are resized to this side
     conv_widths: tuple[int, ...] = each((64, 128, 256), POSITIVE, non_empty=True)  # conv only: stride-2 layers
-    diffaug: tuple[str, ...] = each(("color",), OneOf(DIFFAUG_POLICIES), distinct=True)
+    diffaug: tuple[str, ...] = each(DIFFAUG_POLICIES, OneOf(DIFFAUG_POLICIES), distinct=True)
     # projected only: the frozen EfficientNet's BatchNorm statistics. "zero_image" (the authors' D,
     # as Projected GAN's): when D is built, one all-zero 224×224 image runs through the loaded
     # network in train mode (move-seg projector.py calc_channels), moving every running mean and
@@ -157,32 +162,27 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class ObjectiveConfig:
-    """The MOVE objective (paper eq. 1-8) and the switches of its ablations (Table 5). The ranges
-    and choices are checked by `objective.check_objective_config`, the objective's own checks."""
+    """The MOVE objective (paper eq. 1-8) and the switches of its ablations (Table 5).
+    `objective.MoveObjective(settings, ...)` takes this section as it is."""
 
-    shift_range: float = 0.125  # Δ: |δ| ≤ Δ·min(H, W) on each axis
-    theta_min: float = 0.05
-    lambda_min: float = 100.0
-    lambda_bin: float = 12.5
+    shift_range: float = between(0.125, 0, 1, high_open=True)  # Δ: |δ| ≤ Δ·min(H, W) on each axis
+    theta_min: float = between(0.05, 0, 1)
+    lambda_min: float = at_least(100.0, 0)
+    lambda_bin: float = at_least(12.5, 0)
     # Segmenter steps over which λ_bin ramps up from 0. The step count is checkpointed, so a resumed
     # run continues the ramp where it stopped; the authors' code restarts it at 0 on every launch.
-    bin_ramp_steps: int = 2500
+    bin_ramp_steps: int = at_least(2500, 0)
     min_loss: bool = True
     bin_loss: bool = True
-    mask_loss_scales: tuple[str, ...] = ("full", "avg", "max")  # where L_min and L_bin apply
-    real_inputs: tuple[str, ...] = ("autoencoded", "composite_noshift")  # also: "input"
-    fake_inputs: tuple[str, ...] = ("composite_shifted", "copy_paste")
+    # where L_min and L_bin apply; an empty list turns the mask losses off
+    mask_loss_scales: tuple[str, ...] = each(MASK_LOSS_SCALES, OneOf(MASK_LOSS_SCALES), distinct=True)
+    real_inputs: tuple[str, ...] = each(("autoencoded", "composite_noshift"), OneOf(REAL_KINDS),
+                                        distinct=True, non_empty=True)
+    fake_inputs: tuple[str, ...] = each(("composite_shifted", "copy_paste"), OneOf(FAKE_KINDS),
+                                        distinct=True, non_empty=True)
     hard_tile_mask: bool = False  # the non-differentiable inpainter ablation
-    inpainter: str = "gan"  # "gan": autoencoded D inputs; "mse": paste x outside tiles, no AE
+    inpainter: str = one_of("gan", INPAINTERS)  # "gan": autoencoded D inputs; "mse": paste x outside tiles, no AE
     true_background: bool = False  # diagnostic: a perfect inpainter (the data's true background in the tiles)
-
-    def relations(self):
-        from move_scale.objective import check_objective_config  # the objective's one list of checks
-
-        try:
-            check_objective_config(self)
-        except ValueError as err:  # a whole message: "objective.theta_min = 2.0: use a value in [0, 1] ..."
-            yield None, str(err)
 
 
 @dataclass(frozen=True)
@@ -220,9 +220,11 @@ class DataConfig:
     # (same samples as without the fault), until the store has been silent for retry_window_s;
     # then the run stops with one line naming the endpoint, about retry_window_s + 2 *
     # (connect_timeout_s + read_timeout_s) after the store went silent.
-    connect_timeout_s: float = ruled(10.0, Range(0.0, low_open=True), mid_run=True)
-    read_timeout_s: float = ruled(15.0, Range(0.0, low_open=True), mid_run=True)
-    retry_window_s: float = ruled(120.0, Range(0.0, low_open=True), mid_run=True)  # rides out blips of tens of seconds
+    # The defaults are ReadPolicy's, the remote reader's own (10, 15 and 120 s).
+    connect_timeout_s: float = ruled(ReadPolicy.connect_timeout_s, Range(0.0, low_open=True), mid_run=True)
+    read_timeout_s: float = ruled(ReadPolicy.read_timeout_s, Range(0.0, low_open=True), mid_run=True)
+    # rides out blips of tens of seconds
+    retry_window_s: float = ruled(ReadPolicy.retry_window_s, Range(0.0, low_open=True), mid_run=True)
     # no batch and no sample read this long (workers >= 1): stop, naming the shards in flight
     stall_timeout_s: float = ruled(300.0, Range(0.0, low_open=True), mid_run=True)
     # stop when samples lost (missing/unreadable/truncated/short shards, undecodable images;

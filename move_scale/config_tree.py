@@ -91,7 +91,7 @@ def build_tree(cls: type, data: dict, prefix: str = "") -> Any:
         key = f"{prefix}.{name}" if prefix else name
         kwargs[name] = _convert(value, hints[name], key)
     section = cls(**kwargs)
-    _check(section, prefix)
+    check_section(section, prefix)
     return section
 
 
@@ -99,8 +99,9 @@ def _shown(value: Any) -> str:
     return repr(list(value)) if isinstance(value, tuple) else repr(value)
 
 
-def _check(section: Any, prefix: str) -> None:
-    """Every field's rule (config_rules.py), then the section's relations between its fields."""
+def check_section(section: Any, prefix: str) -> None:
+    """Every field's rule (config_rules.py), then the section's relations between its fields;
+    ConfigError naming the first value that fails. `prefix`: the section's dotted key."""
     dotted = (prefix + ".") if prefix else ""
     for f in dataclasses.fields(section):
         value = getattr(section, f.name)
@@ -110,8 +111,6 @@ def _check(section: Any, prefix: str) -> None:
     for name, problem in getattr(section, "relations", lambda: ())():
         if problem is None:
             continue
-        if name is None:  # a whole message already
-            raise ConfigError(problem)
         value = section
         for part in name.split("."):
             value = getattr(value, part)

@@ -2,8 +2,9 @@
 
 Explicit arguments only (the objective, a batch, an optimizer, an Accelerator or None, a
 generator, step counters, a precision), never the Config; each step returns its metrics as python
-floats under the names of `losses.py`. Batches alternate (REFERENCE §4): batch 0 trains D,
-batch 1 the segmenter, and so on, each batch feeding one step.
+floats under the names of `losses.py`. Batches alternate as in the authors' code
+(adambielski/move-seg `engine.py train_one_epoch`): batch 0 trains D, batch 1 the segmenter, and so
+on, each batch feeding one step.
 
 Precision: "fp32", or "bf16" = torch.autocast(bfloat16) on a CUDA device that supports bf16 and
 on the CPU (where torch's CPU autocast supports bf16; asked for explicitly by the value); any
@@ -20,9 +21,8 @@ from collections.abc import Iterator, Mapping
 import torch
 from torch import Tensor, nn
 
+from move_scale.config import PRECISIONS
 from move_scale.objective import MoveObjective
-
-PRECISIONS = ("bf16", "fp32")
 
 
 class NonFiniteLossError(RuntimeError):

@@ -110,10 +110,8 @@ def save_objective_gallery(path: str | Path, objective: MoveObjective, segmenter
     """The gallery of the first `rows` images of a training batch, composed by `objective` with
     its networks given unwrapped (not DDP). Runs in eval mode with its own generator (`seed`):
     training RNG and BatchNorm statistics are untouched."""
-    view = MoveObjective(features=objective.features, segmenter=segmenter, mae=objective.mae,
-                         discriminator=discriminator, shift_range=objective.shift_range,
-                         inpainter=objective.inpainter, true_background=objective.true_background,
-                         hard_tile_mask=objective.hard_tile_mask)
+    view = MoveObjective(objective.settings, features=objective.features, segmenter=segmenter,
+                         mae=objective.mae, discriminator=discriminator)  # eager: fused stays off
     was_training = segmenter.training
     segmenter.eval()
     try:

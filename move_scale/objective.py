@@ -1,8 +1,8 @@
 """The MOVE objective (paper §2, eq. 1-8): forward pass, composites and the losses of both phases.
 
-`MoveObjective` holds the networks and the switches of the Table 5 ablations as plain arguments;
-`objective_from_config(objective_cfg, ...)` fills the switches from the `objective` config
-section; `build_objective(cfg)` also builds the networks from a full Config.
+`MoveObjective(settings, features=..., segmenter=..., mae=..., discriminator=...)` holds the
+networks and the `objective` config section (ObjectiveConfig: the switches of the Table 5
+ablations, each with its rule); `build_objective(cfg)` also builds the networks from a full Config.
 
 Cost discipline (see DESIGN.md): the frozen MAE encoder runs at most twice per forward, once on x
 (serving AE(x), the inpainting, and the segmenter's tokens when features are the MAE encoder's)
@@ -20,9 +20,10 @@ import torch
 from torch import Tensor, nn
 
 from move_scale import compose
+from move_scale.config import ObjectiveConfig
+from move_scale.config_tree import check_section
 from move_scale.kernels import ComposeOps
 from move_scale.losses import (
-    MASK_LOSS_SCALES,
     discriminator_hinge_loss,
     lambda_bin_at,
     mask_losses,
@@ -31,9 +32,9 @@ from move_scale.losses import (
 )
 from move_scale.models.build import build_discriminator, build_features, build_mae, build_segmenter
 
-AUTOENCODED_KINDS = ("autoencoded", "composite_noshift", "copy_paste")  # need x̌
-SHIFTED_KINDS = ("composite_shifted", "copy_paste")  # need x̌_δ
-BACKGROUND_KINDS = ("composite_noshift", "composite_shifted")  # need b̂
+AUTOENCODED_KINDS = compose.kinds_needing("autoencoded")  # need x̌
+SHIFTED_KINDS = compose.kinds_needing("autoencoded_shifted")  # need x̌_δ
+BACKGROUND_KINDS = compose.kinds_needing("inpainted_background")  # need b̂
 
 
 @dataclass
@@ -50,103 +51,24 @@ class Composition:
     inpainted_background: Tensor | None  # b̂
 
     def input_for(self, kind: str) -> Tensor:
-        """The D input of `kind` (see `compose.discriminator_input`)."""
-        return compose.discriminator_input(
-            kind,
-            image=self.image,
-            mask=self.mask,
-            mask_shifted=self.mask_shifted,
-            autoencoded=self.autoencoded,
-            autoencoded_shifted=self.autoencoded_shifted,
-            inpainted_background=self.inpainted_background,
-        )
-
-
-def _check_kinds(name: str, kinds: Sequence[str], valid: Sequence[str]) -> tuple[str, ...]:
-    kinds = tuple(kinds)
-    if not kinds or len(set(kinds)) != len(kinds) or any(k not in valid for k in kinds):
-        raise ValueError(
-            f"objective.{name} = {list(kinds)}: use a non-empty list of distinct values from {list(valid)}"
-        )
-    return kinds
-
-
-def _check_switches(shift_range, theta_min, lambda_min, lambda_bin, bin_ramp_steps, inpainter) -> None:
-    if not 0.0 <= shift_range < 1.0:
-        raise ValueError(f"objective.shift_range = {shift_range}: use a value in [0, 1) (paper: 0.125)")
-    if not 0.0 <= theta_min <= 1.0:
-        raise ValueError(f"objective.theta_min = {theta_min}: use a value in [0, 1] (paper: 0.05)")
-    if lambda_min < 0 or lambda_bin < 0:
-        raise ValueError(f"objective.lambda_min / lambda_bin = {lambda_min} / {lambda_bin}: use values ≥ 0")
-    if bin_ramp_steps < 0:
-        raise ValueError(f"objective.bin_ramp_steps = {bin_ramp_steps}: use a value ≥ 0 (paper: 2500)")
-    if inpainter not in ("gan", "mse"):
-        raise ValueError(f"objective.inpainter = {inpainter!r}: use 'gan' or 'mse'")
-
-
-def _check_scales(scales: Sequence[str]) -> tuple[str, ...]:
-    scales = tuple(scales)
-    if len(set(scales)) != len(scales) or any(s not in MASK_LOSS_SCALES for s in scales):
-        raise ValueError(
-            f"objective.mask_loss_scales = {list(scales)}: use distinct values from "
-            f"{list(MASK_LOSS_SCALES)} (an empty list turns the mask losses off)"
-        )
-    return scales
-
-
-def _checked(shift_range, theta_min, lambda_min, lambda_bin, bin_ramp_steps, inpainter, real_inputs,
-             fake_inputs, mask_loss_scales) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
-    """Every check of the objective's settings; returns (real_inputs, fake_inputs, mask_loss_scales)."""
-    _check_switches(shift_range, theta_min, lambda_min, lambda_bin, bin_ramp_steps, inpainter)
-    return (_check_kinds("real_inputs", real_inputs, compose.REAL_KINDS),
-            _check_kinds("fake_inputs", fake_inputs, compose.FAKE_KINDS), _check_scales(mask_loss_scales))
-
-
-def check_objective_config(objective_cfg) -> None:
-    """ValueError naming the first out-of-range value of the `objective` section (ObjectiveConfig),
-    before any network is built or any data is made; MoveObjective runs the same checks."""
-    c = objective_cfg
-    _checked(c.shift_range, c.theta_min, c.lambda_min, c.lambda_bin, c.bin_ramp_steps, c.inpainter,
-             c.real_inputs, c.fake_inputs, c.mask_loss_scales)
+        """The D input of `kind` (compose.DISCRIMINATOR_INPUTS: the parts are this object's fields)."""
+        return compose.discriminator_input(kind, vars(self))
 
 
 class MoveObjective:
-    """The networks of MOVE plus the switches of its ablations; computes both phases' losses.
+    """The networks of MOVE plus its settings; computes both phases' losses (as nanoGPT's
+    `GPT(config)`, the settings object is taken whole).
 
+    settings: the `objective` section (ObjectiveConfig), its rules checked here as at config load.
     features: frozen ViT (tokens (B, N, C)) or None to read the MAE encoder's tokens (ablation).
     segmenter, discriminator: trainable (may be DDP-wrapped by the caller); mae: frozen inpainter.
     """
 
-    def __init__(
-        self,
-        *,
-        features: nn.Module | None,
-        segmenter: nn.Module,
-        mae: nn.Module,
-        discriminator: nn.Module,
-        shift_range: float = 0.125,
-        theta_min: float = 0.05,
-        lambda_min: float = 100.0,
-        lambda_bin: float = 12.5,
-        bin_ramp_steps: int = 2500,
-        min_loss: bool = True,
-        bin_loss: bool = True,
-        mask_loss_scales: Sequence[str] = MASK_LOSS_SCALES,
-        real_inputs: Sequence[str] = ("autoencoded", "composite_noshift"),
-        fake_inputs: Sequence[str] = ("composite_shifted", "copy_paste"),
-        hard_tile_mask: bool = False,
-        inpainter: str = "gan",
-        true_background: bool = False,
-        fused: bool = False,
-    ) -> None:
-        self.real_inputs, self.fake_inputs, self.mask_loss_scales = _checked(
-            shift_range, theta_min, lambda_min, lambda_bin, bin_ramp_steps, inpainter, real_inputs,
-            fake_inputs, mask_loss_scales)
+    def __init__(self, settings: ObjectiveConfig = ObjectiveConfig(), *, features: nn.Module | None,
+                 segmenter: nn.Module, mae: nn.Module, discriminator: nn.Module, fused: bool = False) -> None:
+        check_section(settings, "objective")  # a hand-made dataclasses.replace(...) is checked too
+        self.settings = settings
         self.features, self.segmenter, self.mae, self.discriminator = features, segmenter, mae, discriminator
-        self.shift_range, self.theta_min = shift_range, theta_min
-        self.lambda_min, self.lambda_bin, self.bin_ramp_steps = lambda_min, lambda_bin, bin_ramp_steps
-        self.min_loss, self.bin_loss = min_loss, bin_loss
-        self.hard_tile_mask, self.inpainter, self.true_background = hard_tile_mask, inpainter, true_background
         self.ops = ComposeOps(fused)  # fused=False: compose.py itself, the reference
 
     # ------------------------------------------------------------------ modes and devices
@@ -179,18 +101,19 @@ class MoveObjective:
         true_background. Runs under the caller's grad mode except for the frozen passes.
         """
         batch, _, height, width = images.shape
+        settings = self.settings
         needs_ae = any(k in AUTOENCODED_KINDS for k in kinds)
         needs_ae_shifted = any(k in SHIFTED_KINDS for k in kinds)
         needs_background = any(k in BACKGROUND_KINDS for k in kinds)
         # The diagnostic keeps the MAE's output outside the tiles with the GAN inpainter (see _background)
-        decodes_background = needs_background and (self.inpainter == "gan" or not self.true_background)
+        decodes_background = needs_background and (settings.inpainter == "gan" or not settings.true_background)
         latent = None  # encoder pass 1, on x
-        if self.features is None or decodes_background or (needs_ae and self.inpainter == "gan"):
+        if self.features is None or decodes_background or (needs_ae and settings.inpainter == "gan"):
             latent = self.ops.frozen(self.mae.encode, images)  # (B, 1+N, D)
         mask = self._predict_mask(images, latent)  # (B, 1, H, W)
-        shifts = compose.sample_shifts(batch, height, width, self.shift_range, generator, images.device)
+        shifts = compose.sample_shifts(batch, height, width, settings.shift_range, generator, images.device)
         mask_shifted, tiles = self.ops.mask_chain(mask, shifts, self.mae.patch_size)  # (B,1,H,W), (B,N)
-        if self.hard_tile_mask:
+        if settings.hard_tile_mask:
             tiles = compose.harden_tile_mask(tiles)
         autoencoded, autoencoded_shifted = self._autoencodings(
             images, latent, shifts, needs_ae, needs_ae_shifted
@@ -221,7 +144,7 @@ class MoveObjective:
     def _autoencodings(self, images, latent, shifts, needs_ae, needs_ae_shifted):
         """x̌ = AE(x) from encoder pass 1 and x̌_δ = AE(shift(x)) from encoder pass 2 (no grad);
         with the MSE inpainter, x and shift(x) themselves (no encoder pass on shift(x))."""
-        if self.inpainter == "gan":
+        if self.settings.inpainter == "gan":
             return self.ops.frozen(self._mae_autoencodings, images, latent, shifts, needs_ae, needs_ae_shifted)
         with torch.no_grad():
             autoencoded = images if needs_ae else None
@@ -231,10 +154,9 @@ class MoveObjective:
     def _mae_autoencodings(self, images, latent, shifts, needs_ae, needs_ae_shifted):
         autoencoded = autoencoded_shifted = None
         if needs_ae:
-            autoencoded = self.mae.unpatchify(self.mae.decode(latent, None))  # (B, 3, H, W)
+            autoencoded = self.mae.autoencode(images, latent)  # (B, 3, H, W), from encoder pass 1
         if needs_ae_shifted:
-            latent_shifted = self.mae.encode(compose.translate(images, shifts))  # pass 2
-            autoencoded_shifted = self.mae.unpatchify(self.mae.decode(latent_shifted, None))
+            autoencoded_shifted = self.mae.autoencode(compose.translate(images, shifts))  # pass 2
         return autoencoded, autoencoded_shifted
 
     def _background(self, images, latent, tiles, background):
@@ -247,17 +169,17 @@ class MoveObjective:
         so that only the inpainting itself changes and a mask that leaves object parts outside its
         tiles is still caught by them.
         """
-        if self.true_background:
+        if self.settings.true_background:
             if background is None or background.shape != images.shape:
                 got = None if background is None else tuple(background.shape)
                 raise ValueError(
                     f"objective.true_background needs a background batch of shape {tuple(images.shape)}, "
                     f"got {got}: load shards with bg.png and pass extra_keys=('background',) to the loader"
                 )
-            kept = images if self.inpainter == "mse" else self.mae.unpatchify(self.mae.decode(latent, tiles))
+            kept = images if self.settings.inpainter == "mse" else self.mae.inpaint(latent, tiles)
             return compose.paste_outside_tiles(kept, background.to(images.dtype), tiles, self.mae.patch_size)
-        inpainted = self.mae.unpatchify(self.mae.decode(latent, tiles))  # (B, 3, H, W)
-        if self.inpainter == "mse":
+        inpainted = self.mae.inpaint(latent, tiles)  # (B, 3, H, W)
+        if self.settings.inpainter == "mse":
             inpainted = compose.paste_outside_tiles(images, inpainted, tiles, self.mae.patch_size)
         return inpainted
 
@@ -272,13 +194,14 @@ class MoveObjective:
         advances the spectral norms' power iteration once and draws its own DiffAugment factors,
         so the order decides which σ and which draw each kind gets. Returns (loss/disc/total, terms).
         """
-        kinds = self.fake_inputs + self.real_inputs
+        real, fake = self.settings.real_inputs, self.settings.fake_inputs
+        kinds = fake + real
         with torch.no_grad():
             comp = self.compose(images, generator, kinds, background)
             inputs = self.ops.discriminator_inputs(comp, kinds)
         logits = {kind: self.discriminator(inputs[kind], augment=True, generator=generator) for kind in kinds}
         terms = discriminator_hinge_loss(
-            {k: logits[k] for k in self.real_inputs}, {k: logits[k] for k in self.fake_inputs}
+            {k: logits[k] for k in real}, {k: logits[k] for k in fake}
         )
         total = terms["loss/disc/total"]
         terms = {name: value.detach() for name, value in terms.items()}
@@ -298,12 +221,13 @@ class MoveObjective:
         composite_shifted = self.ops.discriminator_inputs(comp, ("composite_shifted",))["composite_shifted"]
         logits = self.discriminator(composite_shifted, augment=True, generator=generator)
         adversarial = segmenter_adversarial_loss(logits)
+        settings = self.settings
         mask_terms = mask_losses(
-            comp.mask_shifted, patch_size=self.mae.patch_size, theta_min=self.theta_min,
-            scales=self.mask_loss_scales, min_loss=self.min_loss, bin_loss=self.bin_loss,
+            comp.mask_shifted, patch_size=self.mae.patch_size, theta_min=settings.theta_min,
+            scales=settings.mask_loss_scales, min_loss=settings.min_loss, bin_loss=settings.bin_loss,
         )
-        lambda_bin = lambda_bin_at(segmenter_step, self.lambda_bin, self.bin_ramp_steps)
-        total = segmenter_total_loss(adversarial, mask_terms, self.lambda_min, lambda_bin)
+        lambda_bin = lambda_bin_at(segmenter_step, settings.lambda_bin, settings.bin_ramp_steps)
+        total = segmenter_total_loss(adversarial, mask_terms, settings.lambda_min, lambda_bin)
         terms = {"loss/seg/adv": adversarial.detach()}
         terms.update({name: value.detach() for name, value in mask_terms.items()})
         terms["loss/seg/total"] = total.detach()
@@ -311,21 +235,6 @@ class MoveObjective:
         terms["mask/tile_area"] = comp.tile_mask.detach().float().mean()
         terms["lambda_bin"] = lambda_bin
         return total, terms
-
-
-def objective_from_config(objective_cfg, *, features: nn.Module | None, segmenter: nn.Module,
-                          mae: nn.Module, discriminator: nn.Module, fused: bool = False) -> MoveObjective:
-    """A MoveObjective from the `objective` section (ObjectiveConfig) and already built networks;
-    `fused` (train.fused) picks the compiled compose chain (kernels/compose_ops.py)."""
-    c = objective_cfg
-    return MoveObjective(
-        features=features, segmenter=segmenter, mae=mae, discriminator=discriminator,
-        shift_range=c.shift_range, theta_min=c.theta_min, lambda_min=c.lambda_min,
-        lambda_bin=c.lambda_bin, bin_ramp_steps=c.bin_ramp_steps, min_loss=c.min_loss,
-        bin_loss=c.bin_loss, mask_loss_scales=c.mask_loss_scales, real_inputs=c.real_inputs,
-        fake_inputs=c.fake_inputs, hard_tile_mask=c.hard_tile_mask, inpainter=c.inpainter,
-        true_background=c.true_background, fused=fused,
-    )
 
 
 def build_objective(cfg) -> MoveObjective:
@@ -336,7 +245,5 @@ def build_objective(cfg) -> MoveObjective:
     in_dim = features.embed_dim if features is not None else cfg.model.mae.embed_dim
     segmenter = build_segmenter(cfg.model, in_dim)
     discriminator = build_discriminator(cfg.model, cfg.seed, fused=cfg.train.fused)
-    return objective_from_config(
-        cfg.objective, features=features, segmenter=segmenter, mae=mae, discriminator=discriminator,
-        fused=cfg.train.fused,
-    )
+    return MoveObjective(cfg.objective, features=features, segmenter=segmenter, mae=mae,
+                         discriminator=discriminator, fused=cfg.train.fused)

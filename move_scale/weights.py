@@ -1,6 +1,9 @@
 """Named pretrained weights: resolve a file (explicit path → cache → download), read it, load strictly.
 
-The four networks of MOVE start from public checkpoints (REFERENCE §6):
+The four networks of MOVE start from public checkpoints, from their own download pages (the
+facebookresearch/dino README's table; the "visualize" checkpoints of facebookresearch/mae
+`demo/mae_visualize.ipynb`, which the authors' move-seg `segmenter.py MAE_MODELS` names; timm's
+`tf_efficientnet_lite0.in1k` on the Hugging Face hub):
 
     dino_vits8          DINO ViT-S/8, plain state dict in timm `vit_small_patch8_224` names
     mae_vitl16_gan      MAE ViT-L/16 trained with a GAN loss ({"model": sd}), used by MOVE

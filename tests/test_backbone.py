@@ -23,7 +23,8 @@ def tiny_cfg(weights, cache):
 
 
 def dino_vits8_layout() -> dict[str, tuple[int, ...]]:
-    """Key names and shapes of the official dino_deitsmall8_pretrain.pth (REFERENCE §3)."""
+    """Key names and shapes of the official dino_deitsmall8_pretrain.pth (facebookresearch/dino
+    `vision_transformer.py vit_small`, patch 8)."""
     shapes = {"cls_token": (1, 1, 384), "pos_embed": (1, 785, 384), "patch_embed.proj.weight": (384, 3, 8, 8),
               "patch_embed.proj.bias": (384,), "norm.weight": (384,), "norm.bias": (384,)}
     for i in range(12):

@@ -110,7 +110,7 @@ def test_paste_outside_tiles_keeps_the_input_where_tiles_are_zero():
     assert torch.equal(pasted, expected.expand(1, 3, 4, 4))
 
 
-def test_the_four_discriminator_inputs_equal_their_formulas():
+def test_the_discriminator_input_table_gives_the_formulas_of_eq_3():
     mask = torch.tensor([[[[1.0, 0.0], [0.25, 0.0]]]])
     mask_shifted = torch.tensor([[[[0.0, 1.0], [0.0, 0.5]]]])
     image = torch.full((1, 3, 2, 2), 1.0)
@@ -130,7 +130,12 @@ def test_the_four_discriminator_inputs_equal_their_formulas():
         "copy_paste": [[2.0, 3.0], [2.0, 0.5 * 3 + 0.5 * 2]],  # m_δ·x̌_δ + (1-m_δ)·x̌
     }
     for kind, values in expected.items():
-        got = compose.discriminator_input(kind, **parts)
+        got = compose.discriminator_input(kind, parts)
         assert torch.allclose(got, torch.tensor(values).expand(1, 3, 2, 2)), kind
+    assert set(compose.DISCRIMINATOR_INPUTS) == set(expected) == {*compose.REAL_KINDS, *compose.FAKE_KINDS}
+    assert compose.COMPOSITE_KINDS == ("composite_noshift", "composite_shifted", "copy_paste")
+    assert compose.kinds_needing("autoencoded") == ("autoencoded", "composite_noshift", "copy_paste")
+    assert compose.kinds_needing("autoencoded_shifted") == ("composite_shifted", "copy_paste")
+    assert compose.kinds_needing("inpainted_background") == ("composite_noshift", "composite_shifted")
     with pytest.raises(ValueError, match="unknown discriminator input kind 'shifted'"):
-        compose.discriminator_input("shifted", **parts)
+        compose.discriminator_input("shifted", parts)

@@ -5,6 +5,8 @@ from pathlib import Path
 import pytest
 
 from move_scale.config import (
+    DISC_KINDS,
+    FEATURE_KINDS,
     Config,
     ConfigError,
     config_from_dict,
@@ -12,6 +14,7 @@ from move_scale.config import (
     flatten,
     load_config,
 )
+from move_scale.models.build import DISCRIMINATOR_BUILDERS, FEATURE_BUILDERS
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -113,3 +116,7 @@ def test_relations_follow_the_feature_kind():
     assert cfg.model.features.kind == "mae"
     with pytest.raises(ConfigError, match=r"patches of 16 \(model\.mae\.patch_size\): give 5 widths"):
         load_config(None, ["model.features.kind=mae"])
+
+
+def test_every_kind_the_config_accepts_has_a_builder():
+    assert tuple(FEATURE_BUILDERS) == FEATURE_KINDS and tuple(DISCRIMINATOR_BUILDERS) == DISC_KINDS

@@ -5,7 +5,9 @@ import torch
 from safetensors.torch import save_file
 
 from move_scale.config import DiscConfig, ModelConfig
+from move_scale.kernels.augment import color_factors
 from move_scale.models.build import build_discriminator
+from move_scale.models.conv_discriminator import ConvDiscriminator
 from move_scale.models.discriminator import ProjectedDiscriminator, diff_augment_color
 from move_scale.weights import WeightsError
 
@@ -103,6 +105,10 @@ def test_diffaugment_colour_per_sample():
     state = torch.random.get_rng_state()
     diff_augment_color(x, torch.Generator().manual_seed(0))
     assert torch.equal(torch.random.get_rng_state(), state)  # a given generator leaves the global one
+    u = color_factors(x, torch.Generator().manual_seed(0))  # the one draw, shared with the fused body
+    brightened = x + (u[0] - 0.5)
+    assert torch.allclose(diff_augment_color(x, torch.Generator().manual_seed(0)).mean(dim=(1, 2, 3)),
+                          brightened.mean(dim=(1, 2, 3)), atol=1e-6)  # saturation, contrast keep the mean
 
 
 def test_diffaugment_on_grey_constant_images_is_a_brightness_shift_within_half():
@@ -128,6 +134,8 @@ def test_bad_settings_are_errors():
         ProjectedDiscriminator(100)
     with pytest.raises(ValueError, match="translation"):
         ProjectedDiscriminator(64, diffaug=("color", "translation"))
+    with pytest.raises(ValueError, match="'cutout'.*MOVE uses only 'color'"):
+        ConvDiscriminator(diffaug=("cutout",))
 
 
 def disc_cfg(weights, cache, backbone_bn="zero_image"):

@@ -135,10 +135,7 @@ class FakeComposition:
 def test_fused_discriminator_inputs_match_compose_with_gradient(fused_ops, device, dtype, tol):
     kinds = compose.REAL_KINDS + compose.FAKE_KINDS
     reference, comp = FakeComposition(torch.float32, device), FakeComposition(dtype, device)
-    expected = {k: compose.discriminator_input(
-        k, image=reference.image, mask=reference.mask, mask_shifted=reference.mask_shifted,
-        autoencoded=reference.autoencoded, autoencoded_shifted=reference.autoencoded_shifted,
-        inpainted_background=reference.inpainted_background) for k in kinds}
+    expected = {k: compose.discriminator_input(k, vars(reference)) for k in kinds}
     got = fused_ops.discriminator_inputs(comp, kinds)
     assert list(got) == list(kinds)
     for c, values in ((reference, expected), (comp, got)):

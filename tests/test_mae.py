@@ -36,7 +36,8 @@ def official_sincos(dim: int, grid_size: int) -> np.ndarray:
 
 
 def official_large_layout() -> dict[str, tuple[int, ...]]:
-    """Names and shapes of mae_visualize_vit_large*.pth's "model" entry (REFERENCE §3)."""
+    """Names and shapes of mae_visualize_vit_large*.pth's "model" entry (facebookresearch/mae
+    `models_mae.py mae_vit_large_patch16_dec512d8b`)."""
     shapes = {"cls_token": (1, 1, 1024), "pos_embed": (1, 197, 1024), "mask_token": (1, 1, 512),
               "patch_embed.proj.weight": (1024, 3, 16, 16), "patch_embed.proj.bias": (1024,),
               "norm.weight": (1024,), "norm.bias": (1024,), "decoder_embed.weight": (512, 1024),
@@ -84,6 +85,7 @@ def test_shapes(size):
     assert latent.shape == (2, 1 + n, 32)
     assert mae.decode(latent, torch.rand(2, n)).shape == (2, n, 16 * 16 * 3)
     assert mae.autoencode(x).shape == x.shape
+    assert torch.equal(mae.autoencode(x, latent), mae.autoencode(x))  # a latent at hand saves the encoder pass
     assert mae.inpaint(latent, torch.rand(2, n)).shape == x.shape
 
 

@@ -1,4 +1,5 @@
-"""MoveObjective on tiny real networks: REFERENCE §1 step by step, encoder passes, grads, switches.
+"""MoveObjective on tiny real networks: paper §2 (Fig. 2, eq. 3-4) step by step, encoder passes,
+grads, switches.
 
 The forward-pass tests take the `device` fixture (CPU by default, `pytest --device cuda` on CUDA)."""
 import dataclasses
@@ -8,12 +9,12 @@ import torch
 import torch.nn.functional as F
 
 from move_scale import compose
-from move_scale.config import ObjectiveConfig, load_config
+from move_scale.config import ConfigError, ObjectiveConfig, config_from_dict, load_config
 from move_scale.models.backbone import FrozenViT
 from move_scale.models.discriminator import ProjectedDiscriminator
 from move_scale.models.mae import MAE
 from move_scale.models.segmenter import Segmenter
-from move_scale.objective import MoveObjective, build_objective, check_objective_config, objective_from_config
+from move_scale.objective import MoveObjective, build_objective
 
 SIZE = 64  # MAE patch 16 → 4×4 tiles; DINO patch 8 → 8×8 tokens
 ALL_KINDS = compose.REAL_KINDS + compose.FAKE_KINDS
@@ -31,7 +32,8 @@ def tiny_networks(mae_features: bool = False) -> dict:
 
 
 def make_objective(mae_features: bool = False, device="cpu", **switches) -> MoveObjective:
-    objective = MoveObjective(**tiny_networks(mae_features), **switches).to(device)
+    settings = dataclasses.replace(ObjectiveConfig(), **switches)
+    objective = MoveObjective(settings, **tiny_networks(mae_features)).to(device)
     objective.train_modes()
     return objective
 
@@ -46,10 +48,6 @@ def count_encoder_passes(mae: MAE) -> list:
     calls = []
     mae.patch_embed.register_forward_hook(lambda *_: calls.append(1))
     return calls
-
-
-def ae(mae: MAE, x: torch.Tensor) -> torch.Tensor:
-    return mae.unpatchify(mae.decode(mae.encode(x), None))
 
 
 @pytest.mark.parametrize("mae_features", [False, True])
@@ -73,13 +71,13 @@ def test_mse_inpainter_runs_the_encoder_once_and_pastes_the_input_back(device):
     assert comp.autoencoded is x
     assert torch.equal(comp.autoencoded_shifted, compose.translate(x, comp.shifts))
     with torch.no_grad():
-        inpainted = objective.mae.unpatchify(objective.mae.decode(objective.mae.encode(x), comp.tile_mask))
+        inpainted = objective.mae.inpaint(objective.mae.encode(x), comp.tile_mask)
     tiles_up = comp.tile_mask.reshape(2, 1, 4, 4).repeat_interleave(16, 2).repeat_interleave(16, 3)
     expected = x * (1 - tiles_up) + inpainted * tiles_up  # b̂ := x ⊙ (1 − up(t)) + b̂ ⊙ up(t)
     assert torch.allclose(comp.inpainted_background, expected, atol=1e-6)
 
 
-def test_composition_follows_reference_section_1(device):
+def test_composition_follows_fig_2_and_eq_3_4(device):
     objective = make_objective(shift_range=0.25, device=device)
     x, mae = images(device=device), objective.mae
     with torch.no_grad():
@@ -91,8 +89,8 @@ def test_composition_follows_reference_section_1(device):
         union = 1 - (1 - m) * (1 - m_shift)
         assert torch.allclose(comp.tile_mask, F.max_pool2d(union, 16).flatten(1))
         latent = mae.encode(x)
-        x_ae, x_ae_shift = ae(mae, x), ae(mae, compose.translate(x, comp.shifts))
-        background = mae.unpatchify(mae.decode(latent, comp.tile_mask))
+        x_ae, x_ae_shift = mae.autoencode(x), mae.autoencode(compose.translate(x, comp.shifts))
+        background = mae.inpaint(latent, comp.tile_mask)
     assert torch.allclose(comp.autoencoded, x_ae, atol=1e-5)
     assert torch.allclose(comp.autoencoded_shifted, x_ae_shift, atol=1e-5)  # AE(shift(x)) ...
     assert not torch.allclose(x_ae_shift, compose.translate(x_ae, comp.shifts), atol=1e-3)  # ≠ shift(AE(x))
@@ -166,7 +164,7 @@ def test_true_background_replaces_the_inpainting_inside_the_tiles(inpainter, dev
     with torch.no_grad():
         comp = objective.compose(x, torch.Generator().manual_seed(0), ALL_KINDS, background=background)
         latent = objective.mae.encode(x)
-        painted = objective.mae.unpatchify(objective.mae.decode(latent, comp.tile_mask))
+        painted = objective.mae.inpaint(latent, comp.tile_mask)
     tiles = compose.upsample_tiles(comp.tile_mask, objective.mae.grid, objective.mae.patch_size)
     kept = x if inpainter == "mse" else painted  # what the inpainter leaves outside its tiles
     assert 0 < tiles.mean() < 1
@@ -203,11 +201,12 @@ def test_mae_features_feed_the_segmenter_encoder_tokens(device):
     ],
 )
 def test_invalid_switches_are_rejected_with_the_key(switches, message):
-    with pytest.raises(ValueError, match=message):
-        MoveObjective(**tiny_networks(), **switches)
-    with pytest.raises(ValueError, match=message):  # the same check on the config, before any build
-        check_objective_config(dataclasses.replace(ObjectiveConfig(), **switches))
-    check_objective_config(ObjectiveConfig())
+    with pytest.raises(ValueError, match=message):  # a hand-made settings object is checked too
+        MoveObjective(dataclasses.replace(ObjectiveConfig(), **switches), **tiny_networks())
+    as_yaml = {k: list(v) if isinstance(v, tuple) else v for k, v in switches.items()}
+    with pytest.raises(ConfigError, match=message):  # the same rule as the config loads, before any build
+        config_from_dict({"objective": as_yaml})
+    MoveObjective(**tiny_networks())  # the defaults pass
 
 
 def test_segmenter_that_does_not_reach_image_size_is_reported():
@@ -223,8 +222,9 @@ def test_objective_and_networks_from_the_debug_config():
                                               "objective.mask_loss_scales=[full]"])
     objective = build_objective(cfg)
     assert isinstance(objective.features, FrozenViT) and isinstance(objective.mae, MAE)
-    assert objective.shift_range == 0.25 and objective.real_inputs == ("input",)
-    assert objective.mask_loss_scales == ("full",) and objective.lambda_min == 100.0
-    again = objective_from_config(cfg.objective, features=None, segmenter=objective.segmenter,
-                                  mae=objective.mae, discriminator=objective.discriminator)
-    assert again.features is None and again.fake_inputs == ("composite_shifted", "copy_paste")
+    assert objective.settings is cfg.objective
+    assert objective.settings.shift_range == 0.25 and objective.settings.real_inputs == ("input",)
+    assert objective.settings.mask_loss_scales == ("full",) and objective.settings.lambda_min == 100.0
+    again = MoveObjective(cfg.objective, features=None, segmenter=objective.segmenter,
+                          mae=objective.mae, discriminator=objective.discriminator)
+    assert again.features is None and again.settings.fake_inputs == ("composite_shifted", "copy_paste")

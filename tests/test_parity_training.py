@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from move_scale.config import DiscConfig, ModelConfig, load_config
+from move_scale.config import ConfigError, DiscConfig, ModelConfig, load_config
 from move_scale.models.build import build_discriminator, build_segmenter
 from move_scale.models.discriminator import ProjectedDiscriminator, diff_augment_color
 from move_scale.models.segmenter import Segmenter
@@ -26,16 +26,17 @@ def authors_d_step_loss(objective, x, seed):
     then on every real kind, each call drawing its own DiffAugment; disc_wrapper.py HingeLoss:
     mean(relu(1 + D(fake))) and mean(relu(1 - D(real))), each kind divided by its kind count."""
     generator = torch.Generator().manual_seed(seed)
-    kinds = objective.fake_inputs + objective.real_inputs
+    fake_inputs, real_inputs = objective.settings.fake_inputs, objective.settings.real_inputs
+    kinds = fake_inputs + real_inputs
     with torch.no_grad():
         comp = objective.compose(x, generator, kinds)
     logits = {}
-    for kind in objective.fake_inputs:
+    for kind in fake_inputs:
         logits[kind] = objective.discriminator(comp.input_for(kind), augment=True, generator=generator)
-    for kind in objective.real_inputs:
+    for kind in real_inputs:
         logits[kind] = objective.discriminator(comp.input_for(kind), augment=True, generator=generator)
-    fake = sum(F.relu(1 + logits[k]).mean() for k in objective.fake_inputs) / len(objective.fake_inputs)
-    real = sum(F.relu(1 - logits[k]).mean() for k in objective.real_inputs) / len(objective.real_inputs)
+    fake = sum(F.relu(1 + logits[k]).mean() for k in fake_inputs) / len(fake_inputs)
+    real = sum(F.relu(1 - logits[k]).mean() for k in real_inputs) / len(real_inputs)
     return fake + real, logits
 
 
@@ -129,8 +130,8 @@ def test_random_backbone_gets_the_pass_too_and_a_bad_choice_is_named():
             h = stage(h)
     for (key, value), ref in zip(bn_buffers(zero.features.stages).items(), bn_buffers(reference).values()):
         torch.testing.assert_close(value, ref, rtol=1e-6, atol=1e-7, msg=key)
-    with pytest.raises(ValueError, match="model.disc.backbone_bn"):
-        build_discriminator(load_config("configs/debug.yaml", ["model.disc.backbone_bn=imagenet"]).model, seed=0)
+    with pytest.raises(ConfigError, match="model.disc.backbone_bn"):  # refused before any build
+        load_config("configs/debug.yaml", ["model.disc.backbone_bn=imagenet"])
 
 
 # ----------------------------------------------------------------------------- 3. MAE tokens, no LayerNorm
@@ -151,8 +152,8 @@ def test_mae_encoder_tokens_go_straight_to_the_head():
                                                                 "model.segmenter.widths=[16,16,16,16,16]",
                                                                 "model.segmenter.input_norm=layernorm"]).model, 32)
     assert isinstance(forced.norm, torch.nn.LayerNorm)  # the project's former choice, one switch away
-    with pytest.raises(ValueError, match="model.segmenter.input_norm"):
-        build_segmenter(load_config("configs/debug.yaml", ["model.segmenter.input_norm=batch"]).model, 32)
+    with pytest.raises(ConfigError, match="model.segmenter.input_norm"):  # refused before any build
+        load_config("configs/debug.yaml", ["model.segmenter.input_norm=batch"])
 
 
 def test_an_export_made_before_input_norm_existed_still_loads(tmp_path):

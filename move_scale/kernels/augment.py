@@ -1,13 +1,12 @@
 """DiffAugment "color" (Zhao et al. 2020) fused with the discriminator's input map, beside its reference.
 
 The projected D maps ImageNet-normalised images to [-1, 1], applies brightness, saturation and
-contrast per sample (paper §2.3), and only then resizes them to its resolution (the authors' order,
+contrast per sample (paper §3), and only then resizes them to its resolution (the authors' order,
 adambielski/move-seg `disc_wrapper.py run_D`). Eager that is seven full passes over the image;
 fused it is one kernel (two reductions kept in registers per image) before the resize.
-The random factors are drawn eagerly from the caller's generator, exactly as the reference draws
-them, so the fused and eager paths see the same augmentation.
-
-The eager reference is `models.discriminator.diff_augment_color`.
+The random factors are drawn eagerly from the caller's generator by `color_factors`, the one draw
+that the fused body here and the eager reference `models.discriminator.diff_augment_color` both
+use, so the two paths see the same augmentation.
 """
 from __future__ import annotations
 
@@ -19,11 +18,21 @@ from torch import Tensor
 
 from .compose_ops import COMPILE_DEVICES, Kernel
 
+DIFFAUG_POLICIES = ("color",)  # the DiffAugment policies MOVE uses: colour only (paper §3)
+
+
+def check_policies(diffaug: Sequence[str]) -> None:
+    """ValueError for a DiffAugment policy other than DIFFAUG_POLICIES (the discriminators' check)."""
+    unknown = set(diffaug) - set(DIFFAUG_POLICIES)
+    if unknown:
+        raise ValueError(f"unsupported DiffAugment policies {sorted(unknown)}; "
+                         f"MOVE uses only {', '.join(map(repr, DIFFAUG_POLICIES))}")
+
 
 def color_factors(x: Tensor, generator: torch.Generator | None) -> Tensor:
-    """The three per-sample factors U ~ U[0,1) of the colour policy: (3, B, 1, 1, 1) on x's device/dtype.
-
-    Drawn as `models.discriminator.diff_augment_color` draws them (same generator calls).
+    """The three per-sample factors U ~ U[0,1) of the colour policy: (3, B, 1, 1, 1) on x's device/dtype
+    (brightness, saturation, contrast), drawn on the generator's device. The one draw of both bodies:
+    the fused kernel below and `models.discriminator.diff_augment_color`.
     """
     device = generator.device if generator is not None else x.device
     return torch.rand(3, x.shape[0], 1, 1, 1, generator=generator, device=device).to(x.device, x.dtype)

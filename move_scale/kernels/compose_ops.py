@@ -24,7 +24,6 @@ from torch import Tensor
 
 from move_scale import compose
 
-COMPOSITE_KINDS = ("composite_noshift", "composite_shifted", "copy_paste")
 COMPILE_DEVICES = ("cuda",)  # device types whose tensors run the compiled kernels by default
 
 
@@ -80,13 +79,12 @@ def _mask_chain_body(mask: Tensor, shifts: Tensor, patch_size: int) -> tuple[Ten
 
 def composites_reference(kinds: Sequence[str], mask: Tensor, mask_shifted: Tensor, autoencoded: Tensor | None,
                          autoencoded_shifted: Tensor | None, background: Tensor | None) -> tuple[Tensor, ...]:
-    """Eager: the composites of `kinds` (a subset of COMPOSITE_KINDS, in order), (B,3,H,W) each."""
-    operands = {
-        "composite_noshift": (mask, autoencoded, background),
-        "composite_shifted": (mask_shifted, autoencoded_shifted, background),
-        "copy_paste": (mask_shifted, autoencoded_shifted, autoencoded),
-    }
-    return tuple(compose.composite(*operands[kind]) for kind in kinds)
+    """Eager: the composites of `kinds` (a subset of compose.COMPOSITE_KINDS, in order), (B,3,H,W)
+    each, made of the parts compose.DISCRIMINATOR_INPUTS names (positional: the compiled region
+    takes its tensors as arguments)."""
+    parts = dict(mask=mask, mask_shifted=mask_shifted, autoencoded=autoencoded,
+                 autoencoded_shifted=autoencoded_shifted, inpainted_background=background)
+    return tuple(compose.composite(*(parts[p] for p in compose.DISCRIMINATOR_INPUTS[kind])) for kind in kinds)
 
 
 def _composites_body(kinds, mask, mask_shifted, autoencoded, autoencoded_shifted, background):
@@ -112,7 +110,7 @@ class ComposeOps:
     def discriminator_inputs(self, comp, kinds: Sequence[str]) -> dict[str, Tensor]:
         """{kind: D input (B,3,H,W)} for `kinds` from a `objective.Composition`; the composites in
         one fused region, the others ("input", "autoencoded") passed through."""
-        mixed = tuple(k for k in COMPOSITE_KINDS if k in kinds)
+        mixed = tuple(k for k in compose.COMPOSITE_KINDS if k in kinds)
         values = self._composites(mixed, comp.mask, comp.mask_shifted, comp.autoencoded,
                                   comp.autoencoded_shifted, comp.inpainted_background) if mixed else ()
         by_kind = dict(zip(mixed, values))

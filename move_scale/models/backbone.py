@@ -1,7 +1,8 @@
-"""Frozen DINO ViT features for the segmenter (paper §2.1 and §3, REFERENCE §3).
+"""Frozen DINO ViT features for the segmenter (paper §2.1 and §3; facebookresearch/dino `vision_transformer.py`).
 
 MOVE feeds the segmenter with the patch tokens output by block 10 (the 11th of 12) of a
-self-supervised DINO ViT-S/8, CLS dropped and without DINO's final norm. The module is a timm
+self-supervised DINO ViT-S/8, CLS dropped and without DINO's final norm (the authors' code,
+adambielski/move-seg `segmenter.py ViTFeatureExtractor`, block_layer -2). The module is a timm
 `VisionTransformer` in the `vit_small_patch8_224` layout, so the official
 `dino_deitsmall8_pretrain.pth` (a plain state dict in the same names) loads strictly; the blocks
 after `layer` are kept for that strict load but never run. At token grids other than the stored

@@ -1,7 +1,9 @@
 """Config → networks: one `build_*` per family, each loading its weights through `weights.py`.
 
 Each takes the `ModelConfig` (its section plus `weights_cache`) and plain arguments, never the whole
-Config. Weights are a registered name, a file path, or "random" (tests and demos).
+Config. Weights are a registered name, a file path, or "random" (tests and demos). Variants are
+chosen from explicit dicts keyed by the config's kinds (`config.FEATURE_KINDS`, `DISC_KINDS`); the
+config has checked every choice as it loaded, so nothing here checks one again.
 """
 from __future__ import annotations
 
@@ -31,16 +33,15 @@ def _check_image_size(image_size: int, patch_size: int, what: str) -> None:
 
 
 def build_features(model_cfg: ModelConfig, image_size: int) -> FrozenViT | None:
-    """The frozen DINO ViT (paper §3), or None when `features.kind == "mae"` (the MAE encoder serves).
+    """The frozen feature network by `features.kind`: a DINO ViT, or None for "mae" (the MAE
+    encoder serves, `objective.MoveObjective` reads its tokens)."""
+    return FEATURE_BUILDERS[model_cfg.features.kind](model_cfg, image_size)
 
-    The positional table keeps the checkpoint's grid (224 for DINO ViT-S/8); other image sizes are
-    served by interpolation at run time.
-    """
+
+def _dino_features(model_cfg: ModelConfig, image_size: int) -> FrozenViT:
+    """The frozen DINO ViT (paper §3). The positional table keeps the checkpoint's grid (224 for
+    DINO ViT-S/8); other image sizes are served by interpolation at run time."""
     cfg = model_cfg.features
-    if cfg.kind == "mae":
-        return None
-    if cfg.kind != "dino":
-        raise ValueError(f"model.features.kind must be 'dino' or 'mae', got {cfg.kind!r}")
     _check_image_size(image_size, cfg.patch_size, "features ViT")
     what = f"features ViT ({cfg.weights})"
     if cfg.weights == RANDOM:
@@ -56,6 +57,9 @@ def build_features(model_cfg: ModelConfig, image_size: int) -> FrozenViT | None:
     return vit
 
 
+FEATURE_BUILDERS = {"dino": _dino_features, "mae": lambda model_cfg, image_size: None}  # by features.kind
+
+
 def _square_grid(pos_embed: torch.Tensor | None, default: int) -> int:
     """Token grid side of a (1, 1+side², C) positional table; `default` when it is not one."""
     if pos_embed is None or pos_embed.ndim != 3:
@@ -64,17 +68,11 @@ def _square_grid(pos_embed: torch.Tensor | None, default: int) -> int:
     return side if side * side == pos_embed.shape[1] - 1 and side > 0 else default
 
 
-INPUT_NORMS = ("auto", "layernorm", "none")
-BACKBONE_BN = ("zero_image", "checkpoint")
-
-
 def segmenter_input_norm(model_cfg: ModelConfig) -> bool:
     """Whether the head starts with a new LayerNorm: `segmenter.input_norm`, where "auto" is the
     authors' rule (move-seg segmenter.py): yes on DINO's block tokens, no on the MAE encoder's
     tokens, which its own final norm has already normalised."""
-    choice = model_cfg.segmenter.input_norm
-    if choice not in INPUT_NORMS:
-        raise ValueError(f"model.segmenter.input_norm = {choice!r}: use one of {list(INPUT_NORMS)}")
+    choice = model_cfg.segmenter.input_norm  # one of config.INPUT_NORMS
     if choice == "auto":
         return model_cfg.features.kind != "mae"
     return choice == "layernorm"
@@ -131,18 +129,15 @@ def _regrid_fixed_positions(state_dict: dict[str, torch.Tensor], mae: MAE) -> di
 
 def build_discriminator(model_cfg: ModelConfig, seed: int, fused: bool = False
                         ) -> ProjectedDiscriminator | ConvDiscriminator:
-    """The projected D (paper §2.3): frozen EfficientNet-lite0 + random CCM/CSM, trainable heads;
-    or, with `disc.kind: conv`, a small trainable conv D that needs no pretrained weights.
+    """The discriminator by `disc.kind`: the projected D (paper §2.3) or a small conv D.
+    `fused` (train.fused): fused input map + colour, conv+BN-folded frozen features (kernels/)."""
+    return DISCRIMINATOR_BUILDERS[model_cfg.disc.kind](model_cfg, seed, fused)
 
-    `fused` (train.fused): fused input map + colour, conv+BN-folded frozen features (kernels/).
-    """
+
+def _projected_discriminator(model_cfg: ModelConfig, seed: int, fused: bool) -> ProjectedDiscriminator:
+    """Frozen EfficientNet-lite0 + random CCM/CSM, trainable heads; `disc.backbone_bn` decides
+    the frozen BatchNorm statistics (config.DiscConfig)."""
     cfg = model_cfg.disc
-    if cfg.kind == "conv":
-        return ConvDiscriminator(cfg.conv_widths, cfg.diffaug)
-    if cfg.kind != "projected":
-        raise ValueError(f"model.disc.kind must be 'projected' or 'conv', got {cfg.kind!r}")
-    if cfg.backbone_bn not in BACKBONE_BN:
-        raise ValueError(f"model.disc.backbone_bn = {cfg.backbone_bn!r}: use one of {list(BACKBONE_BN)}")
     disc = ProjectedDiscriminator(cfg.resolution, cfg.diffaug, seed, fused=fused)
     what = f"discriminator backbone ({cfg.weights})"
     if cfg.weights == RANDOM:
@@ -156,3 +151,11 @@ def build_discriminator(model_cfg: ModelConfig, seed: int, fused: bool = False
     if fused:
         disc.fold_features()  # the folded copy must follow the loaded weights and statistics
     return disc
+
+
+def _conv_discriminator(model_cfg: ModelConfig, seed: int, fused: bool) -> ConvDiscriminator:
+    """A small trainable conv D that needs no pretrained weights (offline runs); no fused path."""
+    return ConvDiscriminator(model_cfg.disc.conv_widths, model_cfg.disc.diffaug)
+
+
+DISCRIMINATOR_BUILDERS = {"projected": _projected_discriminator, "conv": _conv_discriminator}  # by disc.kind

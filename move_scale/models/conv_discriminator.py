@@ -19,20 +19,19 @@ from torch import nn
 from torch.nn.utils import spectral_norm
 
 from ..data.images import IMAGENET_MEAN, IMAGENET_STD
+from ..kernels.augment import DIFFAUG_POLICIES, check_policies
 from .discriminator import diff_augment_color
 
 
 class ConvDiscriminator(nn.Module):
     """D(x): ImageNet-normalised images (B,3,H,W) → patch logits (B, (H/2^k)·(W/2^k)), k = len(widths)."""
 
-    def __init__(self, widths: tuple[int, ...] | list[int] = (64, 128, 256), diffaug: tuple[str, ...] = ("color",),
-                 batch_norm: bool = False):
+    def __init__(self, widths: tuple[int, ...] | list[int] = (64, 128, 256),
+                 diffaug: tuple[str, ...] = DIFFAUG_POLICIES, batch_norm: bool = False):
         super().__init__()
         if not widths or any(w < 1 for w in widths):
             raise ValueError(f"model.disc.conv_widths must be a non-empty list of positive widths, got {list(widths)}")
-        unknown = set(diffaug) - {"color"}
-        if unknown:
-            raise ValueError(f"unsupported DiffAugment policies {sorted(unknown)}; MOVE uses only 'color'")
+        check_policies(diffaug)
         self.diffaug = tuple(diffaug)
         self.downsamplings = len(widths)
         layers: list[nn.Module] = []

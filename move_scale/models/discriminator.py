@@ -1,4 +1,8 @@
-"""Projected discriminator (Sauer et al. 2021) as MOVE uses it (paper §2.3 and §3, REFERENCE §3).
+"""Projected discriminator (Sauer et al. 2021) as MOVE uses it (paper §2.3 and §3).
+
+The layout follows autonomousvision/projected-gan `pg_modules/projector.py` (feature network, CCM,
+CSM) and `pg_modules/discriminator.py` (DownBlock heads), as the authors' copy in
+adambielski/move-seg `discriminators/pg_modules/` does.
 
 A frozen ImageNet `tf_efficientnet_lite0` in four stages (24, 40, 112, 320 channels at strides 4,
 8, 16, 32), frozen random projections mixing channels (CCM, 1×1 convs) and scales (CSM, top-down
@@ -27,7 +31,7 @@ from torch import nn
 from torch.nn.utils import spectral_norm
 
 from ..data.images import IMAGENET_MEAN, IMAGENET_STD
-from ..kernels.augment import FusedDiscriminatorInput
+from ..kernels.augment import DIFFAUG_POLICIES, FusedDiscriminatorInput, check_policies, color_factors
 from ..kernels.fold import folded_copy
 from ..weights import load_strict
 
@@ -43,9 +47,9 @@ def diff_augment_color(x: torch.Tensor, generator: torch.Generator | None = None
     """DiffAugment "color" (Zhao et al. 2020) per sample on (B,3,H,W) images in [-1, 1].
 
     brightness x + (U - 0.5); saturation (x - mean_c)·2U + mean_c; contrast (x - mean)·(U + 0.5) + mean.
+    The eager body; the factors U come from `kernels.augment.color_factors`, as the fused body's do.
     """
-    device = generator.device if generator is not None else x.device
-    u = torch.rand(3, x.shape[0], 1, 1, 1, generator=generator, device=device).to(x.device, x.dtype)
+    u = color_factors(x, generator)  # (3, B, 1, 1, 1)
     x = x + (u[0] - 0.5)
     channel_mean = x.mean(dim=1, keepdim=True)  # (B, 1, H, W)
     x = (x - channel_mean) * (u[1] * 2) + channel_mean
@@ -54,7 +58,8 @@ def diff_augment_color(x: torch.Tensor, generator: torch.Generator | None = None
 
 
 def _split_stages(net: nn.Module) -> nn.ModuleList:
-    """timm EfficientNet → four stages at strides 4, 8, 16, 32 (REFERENCE §3)."""
+    """timm EfficientNet → four stages at strides 4, 8, 16, 32 (projected-gan `projector.py
+    _make_efficientnet`; timm's BatchNormAct2d `bn1` holds the stem's activation)."""
     return nn.ModuleList([
         nn.Sequential(net.conv_stem, net.bn1, *net.blocks[0:2]),
         nn.Sequential(*net.blocks[2:3]),
@@ -162,14 +167,12 @@ def _head(in_ch: int, side: int) -> nn.Sequential:
 class ProjectedDiscriminator(nn.Module):
     """D(x): ImageNet-normalised images (B,3,H,W) → logits (B,K); K = 64 at resolution 224."""
 
-    def __init__(self, resolution: int = 224, diffaug: tuple[str, ...] = ("color",), seed: int = 0,
+    def __init__(self, resolution: int = 224, diffaug: tuple[str, ...] = DIFFAUG_POLICIES, seed: int = 0,
                  fused: bool = False):
         super().__init__()
         if resolution % 32 or resolution < 64:
             raise ValueError(f"discriminator resolution must be a multiple of 32 and at least 64, got {resolution}")
-        unknown = set(diffaug) - {"color"}
-        if unknown:
-            raise ValueError(f"unsupported DiffAugment policies {sorted(unknown)}; MOVE uses only 'color'")
+        check_policies(diffaug)
         self.resolution = resolution
         self.diffaug = tuple(diffaug)
         self.features = ProjectedFeatures(seed)

@@ -1,7 +1,8 @@
 """The MAE inpainter (He et al. 2022), used frozen by MOVE to inpaint the background (paper §2.2).
 
 Parameter names and shapes are exactly those of the official `mae_vit_large_patch16_dec512d8b`
-checkpoints (REFERENCE §3), so their `{"model": sd}` loads strictly. Unlike standard MAE, MOVE feeds
+(facebookresearch/mae `models_mae.py`) and of its released checkpoints, so their `{"model": sd}`
+loads strictly. Unlike standard MAE, MOVE feeds
 ALL tokens to the encoder and mixes each decoder token with the mask token by a soft weight,
 ξ̂_j = t_j·ξ_MSK + (1 - t_j)·ξ_j (paper §2.2, eq. 4 gives t), so the inpainting is differentiable
 in the tile mask t. `forward_pretrain` keeps the standard random-masking recipe for pre-training.
@@ -107,10 +108,6 @@ class MAE(nn.Module):
         """Frozen: stays in eval mode whatever the caller asks."""
         return super().train(False if self.frozen else mode)
 
-    @property
-    def num_patches(self) -> int:
-        return self.grid[0] * self.grid[1]
-
     def _check_image(self, x: torch.Tensor) -> None:
         if x.ndim != 4 or x.shape[1] != 3 or tuple(x.shape[2:]) != (self.img_size, self.img_size):
             raise ValueError(
@@ -187,9 +184,13 @@ class MAE(nn.Module):
         x = pred.reshape(batch, h, w, p, p, 3)
         return torch.einsum("bhwpqc->bchpwq", x).reshape(batch, 3, h * p, w * p)
 
-    def autoencode(self, x: torch.Tensor) -> torch.Tensor:
-        """x̌ = AE(x): encode all tokens, decode with no mask (paper §2, Fig. 2). (B,3,H,W)."""
-        return self.unpatchify(self.decode(self.encode(x)))
+    def autoencode(self, x: torch.Tensor, latent: torch.Tensor | None = None) -> torch.Tensor:
+        """x̌ = AE(x): encode all tokens, decode with no mask (paper §2, Fig. 2). (B,3,H,W).
+
+        Pass `latent = encode(x)` when it is at hand (the objective's encoder pass 1)."""
+        if latent is None:
+            latent = self.encode(x)
+        return self.unpatchify(self.decode(latent))
 
     def inpaint(self, latent: torch.Tensor, tile_mask: torch.Tensor) -> torch.Tensor:
         """Inpainted background b̂ (B,3,H,W) from latent (B,1+N,D) and tile mask (B,N)."""

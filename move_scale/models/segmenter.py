@@ -4,7 +4,7 @@ The new LayerNorm serves DINO's block-10 tokens, which no norm has touched; the 
 tokens come out of its own final norm and go straight to the head, as in the authors' code
 (adambielski/move-seg segmenter.py; `build.segmenter_input_norm` decides).
 
-Blocks (REFERENCE §3): `len(widths) - 1` blocks of nearest Upsample×2 → [Conv3×3 (pad 1) →
+Blocks (supplementary §D, eq. 2-4; move-seg segmenter.py `up_block`): `len(widths) - 1` blocks of nearest Upsample×2 → [Conv3×3 (pad 1) →
 BatchNorm → LeakyReLU(0.01)] × convs_per_block, one more block without upsampling, then Conv1×1 to
 one channel and a sigmoid. DINO ViT-S/8 at 224: widths (192,128,128,128), 28→56→112→224.
 MAE features (patch 16): widths (512,256,128,128,128), 14→...→224. ImageNet100: two convs per block.
