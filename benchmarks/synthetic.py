@@ -4,81 +4,67 @@
     python benchmarks/synthetic.py --config configs/demo.yaml --train 600 --mae-steps 200
     python benchmarks/synthetic.py --diagnostic          # a perfect inpainter: the true background in the tiles
 
-Phases (each timed): generate train/val shards (reused when the same scenes are already there),
-pretrain an MAE on the training shards, train MOVE with `move_scale.train` (features = that MAE's
-encoder, inpainter = that MAE), evaluate the exported segmenter on the validation shards with
-`move_scale.evaluate` (saliency IoU). Prints one table: IoU, Acc, maxFβ, seconds per phase, total,
-and the config with its overrides. Nothing is downloaded.
+Phases (each timed), the demo's pipeline (`move_scale.demo.run_pipeline`) with this benchmark's
+values: generate train/val shards (reused when the same scenes are already there), pretrain an MAE
+on the training shards, train MOVE with `move_scale.train` (features = that MAE's encoder,
+inpainter = that MAE; data.val = the validation shards), evaluate the exported segmenter on the
+validation shards (saliency IoU). Prints one table: IoU, Acc, maxFβ, seconds per phase, total, and
+the config with its overrides. Nothing is downloaded.
 """
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+PHASES = {"data": "data", "mae": "mae pretrain", "move": "move train", "eval": "evaluate"}  # table names
 
 
-def _phase(timings: dict[str, float], name: str, fn, *args, **kwargs):
-    start = time.perf_counter()
-    result = fn(*args, **kwargs)
-    timings[name] = time.perf_counter() - start
-    return result
+def settings_from_args(args: argparse.Namespace):
+    """This benchmark's pipeline: its own scene size and seed, shards of 1000 under OUT/shards,
+    data.val in training, everything redone (MAE, MOVE with train.resume=never), no MLflow eval."""
+    from move_scale.demo import PipelineSettings
+    from move_scale.pretrain_mae import PretrainRecipe
+
+    extra = ["objective.true_background=true"] if args.diagnostic else []
+    return PipelineSettings(
+        out=args.out, config=args.config, train=args.train, val=args.val,
+        recipe=PretrainRecipe(steps=args.mae_steps, batch_size=args.mae_batch_size, lr=args.mae_lr),
+        overrides=(*extra, *args.overrides), data_dir="shards", samples_per_shard=1000,
+        image_size=args.size, scene_seed=args.seed, run_name="move-diagnostic" if args.diagnostic else "move",
+        val_in_training=True, keep_mae=False, keep_move=False, log_eval=False)
 
 
-def run(args: argparse.Namespace) -> dict:
-    from move_scale import evaluate, pretrain_mae, train
-    from move_scale.config import load_config
-    from move_scale.data.synthetic import write_synthetic
+def run(args: argparse.Namespace):
+    from move_scale.demo import StepFailed, run_pipeline
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    timings: dict[str, float] = {}
-    manifests = _phase(timings, "data", write_synthetic, out / "shards", train=args.train, val=args.val,
-                       size=args.size, seed=args.seed)
-    mae_path = out / "mae.pth"
-    run_dir = out / ("move-diagnostic" if args.diagnostic else "move")
-    overrides = [f"data.train={manifests['train']}", f"data.val={manifests['val']}",
-                 f"data.image_size={args.size}", f"model.mae.weights={mae_path}", f"run_dir={run_dir}",
-                 "train.resume=never"]  # MLflow: the default local store under run_dir
-    if args.diagnostic:
-        overrides.append("objective.true_background=true")
-    overrides += args.overrides
-    cfg = load_config(args.config, overrides)
-    recipe = pretrain_mae.PretrainRecipe(steps=args.mae_steps, batch_size=args.mae_batch_size, lr=args.mae_lr)
-    mae = _phase(timings, "mae pretrain", pretrain_mae.pretrain, cfg, recipe, mae_path)
-    code = _phase(timings, "move train", train.main, ["--config", args.config, *overrides])
-    if code not in (0, None):
-        raise SystemExit(f"move_scale.train failed with exit code {code}")
-    eval_args = evaluate.build_parser().parse_args([
-        "--checkpoint", str(run_dir / "segmenter.pt"), "--data", str(manifests["val"]),
-        "--task", "saliency", "--name", "synthetic-val", "--out", str(out / "eval.json"),
-        "--short-side", str(cfg.data.image_size), "--no-progress", "--device", "cpu"])  # the scenes' own scale
-    results = _phase(timings, "evaluate", evaluate.run, eval_args)
-    return {"metrics": results["metrics"], "timings": timings, "mae": mae, "config": args.config,
-            "overrides": overrides, "steps": cfg.train.max_steps}
+    try:
+        return run_pipeline(settings_from_args(args))
+    except StepFailed as failed:
+        raise SystemExit(f"move_scale.train failed with exit code {failed.code}") from None
 
 
-def format_table(report: dict) -> str:
-    m, t = report["metrics"], report["timings"]
+def format_table(result, config: str) -> str:
+    m, t = result.metrics, {PHASES[name]: seconds for name, seconds in result.seconds.items()}
     lines = ["| what | value |", "| --- | --- |",
              f"| IoU (synthetic val, {m['images']} images) | {m['iou']:.3f} |",
              f"| Acc | {m['acc']:.3f} |", f"| maxFβ | {m['max_fbeta']:.3f} |",
-             f"| MAE loss first → last | {report['mae']['loss_first']:.3f} → {report['mae']['loss_last']:.3f} |"]
+             f"| MAE loss first → last | {result.mae['loss_first']:.3f} → {result.mae['loss_last']:.3f} |"]
     lines += [f"| time: {name} | {seconds / 60:.1f} min |" for name, seconds in t.items()]
     lines += [f"| time: total | {sum(t.values()) / 60:.1f} min |",
               f"| torch threads | {torch.get_num_threads()} |",
-              f"| config | {report['config']} |",
-              f"| overrides | {' '.join(report['overrides'])} |"]
+              f"| config | {config} |",
+              f"| overrides | {' '.join(result.overrides)} |"]
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default=str(ROOT / "configs" / "synthetic.yaml"))
     parser.add_argument("--out", default="runs/benchmark-synthetic", help="shards, MAE, runs and results go here")
@@ -94,9 +80,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="objective.true_background=true: inside the inpainted tiles the scenes' true background "
                              "replaces the MAE's painting (a perfect inpainter)")
     parser.add_argument("overrides", nargs="*", help="extra config overrides, e.g. train.max_steps=400")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    print(format_table(run(args)))
+    print(format_table(run(args), args.config))
     return 0
 
 

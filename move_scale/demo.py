@@ -19,17 +19,135 @@ import argparse
 import logging
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from move_scale import evaluate, pretrain_mae, train
+from move_scale import train
 from move_scale.checkpoint import latest_mlflow_run_id
-from move_scale.config import ConfigError, load_config
+from move_scale.config import Config, ConfigError, load_config
 from move_scale.data.synthetic import write_synthetic
 from move_scale.errors import UserError, report
-from move_scale.paths import check_output_dir
+from move_scale.evaluation.scoring import EvalRequest, evaluate_segmenter
+from move_scale.paths import check_output_dir, check_output_file
+from move_scale.pretrain_mae import PretrainRecipe, pretrain
 
 log = logging.getLogger("move_scale.demo")
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+
+
+@dataclass(frozen=True)
+class PipelineSettings:
+    """One offline run of data → MAE → MOVE → evaluation: the demo's, and benchmarks/synthetic.py's
+    with its own values (shard size and layout change the shuffled stream, so they stay apart)."""
+
+    out: str | Path  # everything goes under it
+    config: str  # the MOVE config
+    train: int  # training scenes
+    val: int  # held-out scenes
+    recipe: PretrainRecipe  # the MAE pretraining
+    overrides: tuple[str, ...] = ()  # the user's config overrides, applied last
+    data_dir: str = "data"  # scenes under OUT/<data_dir>/{train,val}
+    samples_per_shard: int = 500
+    image_size: int | None = None  # scene side; None: the config's data.image_size, else also the override
+    scene_seed: int | None = None  # None: the config's seed
+    run_name: str = "move"  # the MOVE run_dir under OUT
+    val_in_training: bool = False  # data.val = the held-out scenes during MOVE training
+    keep_mae: bool = True  # keep OUT/mae.pth when it exists
+    keep_move: bool = True  # keep the MOVE export when it exists, resume its run (False: train afresh)
+    log_eval: bool = True  # log the metrics into the MOVE run's MLflow store
+
+
+@dataclass
+class PipelineResult:
+    metrics: dict  # evaluate's: images, acc, iou, max_fbeta, ...
+    seconds: dict[str, float]  # data, mae, move, eval
+    mae: dict | None  # pretraining losses and time; None when the MAE was kept
+    run_dir: Path  # the MOVE run
+    overrides: list[str]  # what MOVE training got after its --config
+    config: Config  # the resolved MOVE config
+
+
+def move_overrides(settings: PipelineSettings, manifests: dict, mae_path: Path, run_dir: Path) -> list[str]:
+    """The config overrides of MOVE training (and of the MAE pretraining, which reads data.*)."""
+    return [f"data.train={manifests['train']}",
+            *([f"data.val={manifests['val']}"] if settings.val_in_training else []),
+            *([f"data.image_size={settings.image_size}"] if settings.image_size is not None else []),
+            f"model.mae.weights={mae_path}", f"run_dir={run_dir}",
+            "train.resume=auto" if settings.keep_move else "train.resume=never",
+            *settings.overrides]
+
+
+def _step(title: str) -> float:
+    log.info("=== %s", title)
+    return time.perf_counter()
+
+
+class StepFailed(Exception):
+    """A step's command failed and has said why; the demo exits with its code."""
+
+    def __init__(self, code: int):
+        super().__init__(f"exit {code}")
+        self.code = code
+
+
+def _checked(settings: PipelineSettings) -> tuple[Path, Config]:
+    """OUT, and the config with the user's overrides: bad values fail here, before any work."""
+    out = check_output_dir(settings.out, "--out")
+    size = [f"data.image_size={settings.image_size}"] if settings.image_size is not None else []
+    cfg = load_config(settings.config, [*size, *settings.overrides])
+    if settings.val < 1 or settings.train < cfg.data.batch_size or settings.recipe.steps < 1:
+        raise ConfigError(f"--train {settings.train}, --val {settings.val}, --mae-steps {settings.recipe.steps}: "
+                          f"the demo needs at least one held-out scene and step, and a batch of training "
+                          f"scenes (data.batch_size={cfg.data.batch_size})")
+    settings.recipe.check()
+    return out, cfg
+
+
+def run_pipeline(settings: PipelineSettings) -> PipelineResult:
+    """The four steps; each of MAE and MOVE is skipped when its output is there and may be kept."""
+    out, cfg = _checked(settings)
+    seconds = {}
+    size = cfg.data.image_size if settings.image_size is None else settings.image_size
+    start = _step(f"1/4 synthetic scenes: {settings.train} train, {settings.val} val, {size} px")
+    manifests = write_synthetic(out / settings.data_dir, train=settings.train, val=settings.val, size=size,
+                                seed=cfg.seed if settings.scene_seed is None else settings.scene_seed,
+                                samples_per_shard=settings.samples_per_shard)
+    seconds["data"] = time.perf_counter() - start
+    mae_path, run_dir = out / "mae.pth", out / settings.run_name
+    overrides = move_overrides(settings, manifests, mae_path, run_dir)
+    cfg = load_config(settings.config, overrides)
+
+    mae = None
+    start = _step(f"2/4 MAE pretraining ({settings.recipe.steps} steps) -> {mae_path}")
+    if settings.keep_mae and mae_path.exists():
+        log.info("kept %s (delete it to pretrain again)", mae_path)
+    else:
+        check_output_file(mae_path, "--out", example="mae.pth")
+        mae = pretrain(cfg, settings.recipe, mae_path)
+    seconds["mae"] = time.perf_counter() - start
+
+    export = run_dir / "segmenter.pt"
+    start = _step(f"3/4 MOVE training -> {run_dir}")
+    if settings.keep_move and export.exists():
+        log.info("kept %s (--fresh to train again)", export)
+    else:
+        code = train.main(["--config", settings.config, *overrides])
+        if code != 0:
+            raise StepFailed(code)
+    seconds["move"] = time.perf_counter() - start
+
+    start = _step("4/4 evaluation on the held-out scenes")
+    run_id = latest_mlflow_run_id(run_dir) if settings.log_eval else None
+    results = evaluate_segmenter(EvalRequest(
+        checkpoint=str(export), data=str(manifests["val"]), task="saliency", name="synthetic-val",
+        short_side=cfg.data.image_size, out=str(out / "eval.json"), progress=False, device="cpu",
+        mlflow_run_id=run_id, tracking_uri=_tracking_uri(run_dir) if run_id else None))
+    seconds["eval"] = time.perf_counter() - start
+    return PipelineResult(results["metrics"], seconds, mae, run_dir, overrides, cfg)
+
+
+def _tracking_uri(run_dir: Path) -> str:
+    return f"sqlite:///{(run_dir / 'mlruns' / 'mlflow.db').resolve()}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,91 +166,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _step(title: str) -> float:
-    log.info("=== %s", title)
-    return time.perf_counter()
-
-
-class StepFailed(Exception):
-    """A step's command failed and has said why; the demo exits with its code."""
-
-    def __init__(self, code: int):
-        super().__init__(f"exit {code}")
-        self.code = code
-
-
-def run(args: argparse.Namespace) -> dict:
-    """The four steps; returns {'iou': ..., 'seconds': {...}, 'run_dir': ...}."""
-    out = check_output_dir(args.out, "--out")
-    cfg = load_config(args.config, args.overrides)  # fail on a bad override before any work
-    if args.val < 1 or args.train < cfg.data.batch_size or args.mae_steps < 1:
-        raise ConfigError(f"--train {args.train}, --val {args.val}, --mae-steps {args.mae_steps}: the demo needs "
-                          f"at least one held-out scene and step, and a batch of training scenes "
-                          f"(data.batch_size={cfg.data.batch_size})")
-    seconds = {}
-
-    start = _step(f"1/4 synthetic scenes: {args.train} train, {args.val} val, {cfg.data.image_size} px")
-    manifests = write_synthetic(out / "data", train=args.train, val=args.val,
-                                size=cfg.data.image_size, seed=cfg.seed, samples_per_shard=500)
-    seconds["data"] = time.perf_counter() - start
-
-    mae_path = out / "mae.pth"
-    start = _step(f"2/4 MAE pretraining ({args.mae_steps} steps) -> {mae_path}")
-    if mae_path.exists():
-        log.info("kept %s (delete it to pretrain again)", mae_path)
-    else:
-        code = pretrain_mae.main(["--config", args.config, "--out", str(mae_path), "--steps", str(args.mae_steps),
-                                  "--batch-size", str(min(pretrain_mae.PretrainRecipe().batch_size, args.train)),
-                                  f"data.train={manifests['train']}", *args.overrides])
-        if code != 0:
-            raise StepFailed(code)
-    seconds["mae"] = time.perf_counter() - start
-
-    run_dir = out / "move"
-    export = run_dir / "segmenter.pt"
-    start = _step(f"3/4 MOVE training -> {run_dir}")
-    if export.exists() and not args.fresh:
-        log.info("kept %s (--fresh to train again)", export)
-    else:
-        code = train.main(["--config", args.config, f"data.train={manifests['train']}",
-                           f"model.mae.weights={mae_path}", f"run_dir={run_dir}",
-                           "train.resume=never" if args.fresh else "train.resume=auto",
-                           *args.overrides])
-        if code != 0:
-            raise StepFailed(code)
-    seconds["move"] = time.perf_counter() - start
-
-    start = _step("4/4 evaluation on the held-out scenes")
-    run_id = latest_mlflow_run_id(run_dir)
-    results = evaluate.run(evaluate.build_parser().parse_args([
-        "--checkpoint", str(export), "--data", str(manifests["val"]), "--task", "saliency",
-        "--name", "synthetic-val", "--short-side", str(cfg.data.image_size),
-        "--out", str(out / "eval.json"), "--no-progress", "--device", "cpu",
-        *(["--mlflow-run-id", run_id, "--tracking-uri", _tracking_uri(run_dir)] if run_id else []),
-    ]))
-    seconds["eval"] = time.perf_counter() - start
-    return {"iou": results["metrics"]["iou"], "metrics": results["metrics"], "seconds": seconds,
-            "run_dir": str(run_dir)}
-
-
-def _tracking_uri(run_dir: Path) -> str:
-    return f"sqlite:///{(run_dir / 'mlruns' / 'mlflow.db').resolve()}"
+def settings_from_args(args: argparse.Namespace) -> PipelineSettings:
+    """The demo's values: the config's image size and seed, 500 scenes a shard, a batch of at most
+    the training scenes for the MAE, and every output kept from an earlier run (but MOVE's with --fresh)."""
+    recipe = PretrainRecipe(steps=args.mae_steps, batch_size=min(PretrainRecipe().batch_size, args.train))
+    return PipelineSettings(out=args.out, config=args.config, train=args.train, val=args.val, recipe=recipe,
+                            overrides=tuple(args.overrides), keep_move=not args.fresh)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        summary = run(args)
+        result = run_pipeline(settings_from_args(args))
     except UserError as err:
         return report(err)
     except StepFailed as failed:  # the step printed its own error
         return failed.code
-    total = sum(summary["seconds"].values())
-    phases = ", ".join(f"{k} {v / 60:.1f} min" for k, v in summary["seconds"].items())
-    print(f"\nMOVE demo: IoU {summary['iou']:.3f} on held-out synthetic scenes "
+    total = sum(result.seconds.values())
+    phases = ", ".join(f"{k} {v / 60:.1f} min" for k, v in result.seconds.items())
+    print(f"\nMOVE demo: IoU {result.metrics['iou']:.3f} on held-out synthetic scenes "
           f"({phases}; total {total / 60:.1f} min)")
-    print(f"curves and mask galleries: mlflow ui --backend-store-uri {_tracking_uri(Path(summary['run_dir']))}")
+    print(f"curves and mask galleries: mlflow ui --backend-store-uri {_tracking_uri(result.run_dir)}")
     return 0
 
 

@@ -2,9 +2,9 @@
 
 Every command catches `UserError`, prints `error: <message>` on one line and exits 2; anything
 else is a bug or an outage and keeps its traceback. The subclasses live where they arise
-(`config.ConfigError`, `data.storage.DataError`, `checkpoint.CheckpointError`,
-`weights.WeightsError`, ...) and keep their older builtin bases so existing `except ValueError`
-callers still work.
+(`config.ConfigError`, `data.storage.DataError` and its `data.ground_truth.GroundTruthError`,
+`checkpoint.CheckpointError`, `weights.WeightsError`, `evaluation.inference.InferenceError`, ...)
+and keep their older builtin bases so existing `except ValueError` callers still work.
 """
 from __future__ import annotations
 

@@ -17,155 +17,15 @@ paths (one a line, relative to the list's folder), or shards (manifest.json, a f
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Iterator
 
-import cv2
-import numpy as np
-import torch
-from PIL import Image
-from tqdm import tqdm
-
-from move_scale.cli_args import device, number
+from move_scale.cli_args import number
 from move_scale.config_rules import Range
-from move_scale.data.images import IMAGE_SUFFIXES, list_images
-from move_scale.data.remote import ReadPolicy, add_policy_arguments, policy_from_args
+from move_scale.data.remote import add_policy_arguments, policy_from_args
 from move_scale.errors import UserError, report
-from move_scale.evaluation.boxes import Box, boxes_record, coco_detections, mask_to_boxes
-from move_scale.evaluation.inference import InferenceError, load_predictor, read_image
-from move_scale.paths import check_output_dir, save_or_keep
-
-logger = logging.getLogger(__name__)
-LIST_SUFFIXES = (".txt", ".lst", ".list")
-
-
-@dataclass
-class InputImage:
-    key: str  # output name (no suffix)
-    file_name: str  # as written into the COCO JSON
-    path: Path | None  # None for images that come from shards
-
-
-def _is_shards(spec: str) -> bool:
-    path = Path(spec)
-    return ("://" in spec or "{" in spec or spec.endswith((".tar", "manifest.json"))
-            or (path.is_dir() and (path / "manifest.json").is_file()))
-
-
-def list_inputs(spec: str) -> list[InputImage]:
-    """Image files named by INPUT (folder, image file or list); InferenceError when there are none."""
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        files, root = list_images(path), path
-    elif path.is_file() and path.suffix.lower() in LIST_SUFFIXES:
-        root = path.parent
-        files = [root / line.strip() for line in path.read_text().splitlines() if line.strip()]
-        missing = [str(f) for f in files if not f.is_file()]
-        if missing:
-            raise InferenceError(f"{path} lists {len(missing)} missing files, e.g. {missing[0]}")
-    elif path.is_file():
-        files, root = [path], path.parent
-    else:
-        raise InferenceError(f"input not found: {spec} (give a folder, an image, a list "
-                             f"({'/'.join(LIST_SUFFIXES)}) or shards)")
-    if not files:
-        raise InferenceError(f"no images in {spec} (looked for {' '.join(IMAGE_SUFFIXES)})")
-    inputs, seen = [], set()
-    for file in files:
-        relative = file.relative_to(root) if file.is_relative_to(root) else Path(file.name)
-        key = relative.with_suffix("").as_posix()
-        if key in seen:  # a.jpg and a.png side by side: keep the suffix in the name
-            key = relative.as_posix()
-        seen.add(key)
-        inputs.append(InputImage(key, relative.as_posix(), file))
-    return inputs
-
-
-def _file_images(inputs: list[InputImage], skipped: list[str],
-                 reasons: list[str]) -> Iterator[tuple[InputImage, np.ndarray]]:
-    for item in inputs:
-        try:
-            image = np.asarray(read_image(item.path).image)
-        except InferenceError as err:
-            logger.warning("skipping %s", err)
-            skipped.append(str(item.path))
-            reasons.append(str(err))
-            continue
-        yield item, image
-
-
-def _shard_images(spec: str, endpoint_url: str | None,
-                  policy: ReadPolicy) -> Iterator[tuple[InputImage, np.ndarray]]:
-    from move_scale.data.shardlist import shard_options
-    from move_scale.data.stream import build_eval_loader
-
-    try:
-        loader = build_eval_loader(spec, rank=0, world_size=1, policy=policy,
-                                   storage_options=shard_options(spec, endpoint_url, policy))
-    except (ValueError, OSError) as err:
-        raise InferenceError(f"cannot open shards {spec}: {err}") from err
-    for sample in loader:
-        yield InputImage(sample["key"], sample["key"], None), sample["image"]
-
-
-def draw_overlay(image: np.ndarray, mask: np.ndarray, boxes: list[Box]) -> np.ndarray:
-    """uint8 (H, W, 3): the mask tinted red at half strength, boxes outlined (largest yellow)."""
-    tint = np.array([255, 0, 0], np.float32)
-    alpha = 0.5 * mask[..., None]
-    out = (image.astype(np.float32) * (1 - alpha) + tint * alpha).astype(np.uint8)
-    thickness = max(1, round(min(image.shape[:2]) / 200))
-    for index, box in reversed(list(enumerate(boxes))):
-        colour = (255, 255, 0) if index == 0 else (0, 255, 0)
-        cv2.rectangle(out, (box.x0, box.y0), (box.x1 - 1, box.y1 - 1), colour, thickness)
-    return out
-
-
-class OutputWriter:
-    """Writes masks, overlays and the box files under OUTPUT."""
-
-    def __init__(self, out_dir: Path, overlay: bool, threshold: float, min_area_fraction: float):
-        self.out_dir = out_dir
-        self.overlay = overlay
-        self.threshold = threshold
-        self.min_area_fraction = min_area_fraction
-        self.records: list[dict] = []
-        self.detections: list[tuple[str, int, int, list[Box]]] = []
-
-    def add(self, item: InputImage, image: np.ndarray, mask: np.ndarray) -> None:
-        """mask: float (H, W) in [0, 1] at the image's size."""
-        height, width = mask.shape
-        boxes = mask_to_boxes(mask, self.threshold, self.min_area_fraction)
-        target = self.out_dir / "masks" / f"{item.key}.png"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.round(mask * 255).astype(np.uint8), "L").save(target)
-        if self.overlay:
-            target = self.out_dir / "overlays" / f"{item.key}.jpg"
-            target.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(draw_overlay(image, mask, boxes), "RGB").save(target, quality=90)
-        self.records.append(boxes_record(item.key, width, height, boxes))
-        self.detections.append((item.file_name, width, height, boxes))
-
-    def finish(self) -> None:
-        order = sorted(range(len(self.records)), key=lambda i: self.records[i]["key"])
-        records = [self.records[i] for i in order]
-        detections = [self.detections[i] for i in order]
-        boxes_json = {"threshold": self.threshold, "min_area_fraction": self.min_area_fraction,
-                      "box_convention": "[x0, y0, x1, y1], pixels, x1/y1 exclusive",
-                      "images": records}
-        texts = {"boxes.json": json.dumps(boxes_json, indent=1),
-                 "coco_multi.json": json.dumps(coco_detections(detections)),
-                 "coco_largest.json": json.dumps(coco_detections(detections, largest_only=True))}
-
-        def write(folder: Path) -> None:
-            folder.mkdir(parents=True, exist_ok=True)
-            for name, text in texts.items():
-                (folder / name).write_text(text)
-
-        save_or_keep(write, self.out_dir, "the box files")  # elsewhere, and said, if OUTPUT fails now
+from move_scale.evaluation.inference import add_inference_arguments
+from move_scale.evaluation.predictions import PredictRequest, predict_images
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -176,58 +36,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("input", help="image folder, image file, list file (.txt) or shards")
     parser.add_argument("output", help="output folder (created)")
-    parser.add_argument("--checkpoint", required=True,
-                        help="segmenter export: run_dir/segmenter.pt, or `move-export` of a checkpoint")
+    add_inference_arguments(parser, PredictRequest, "--checkpoint")
     parser.add_argument("--overlay", action="store_true", help="also write overlays/<key>.jpg")
-    parser.add_argument("--batch-size", type=number(int, Range(1)), default=8,
-                        help="images per forward (same padded size)")
-    parser.add_argument("--short-side", type=number(int, Range(1)), default=448,
-                        help="inference shorter side (448)")
-    parser.add_argument("--threshold", type=number(float, Range(0.0, 1.0)), default=0.5,
+    add_inference_arguments(parser, PredictRequest, "--batch-size", "--short-side")
+    parser.add_argument("--threshold", type=number(float, Range(0.0, 1.0)), default=PredictRequest.threshold,
                         help="mask threshold for boxes")
     parser.add_argument("--min-box-fraction", type=number(float, Range(0.0, 1.0, high_open=True)),
-                        default=0.01, help="drop boxes smaller than this share of the image (0.01)")
-    parser.add_argument("--device", type=device, default=None,
-                        help="torch device (default: cuda when available)")
-    parser.add_argument("--weights-cache", default=None, help="where named feature weights live")
-    parser.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint for s3:// shards")
+                        default=PredictRequest.min_box_fraction,
+                        help=f"drop boxes smaller than this share of the image ({PredictRequest.min_box_fraction})")
+    add_inference_arguments(parser, PredictRequest, "--device", "--weights-cache", "--endpoint-url")
     add_policy_arguments(parser)  # --read-timeout, --retry-window (shards on object storage)
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_inference_arguments(parser, PredictRequest, "--no-progress")
     return parser
 
 
-def run(args: argparse.Namespace) -> dict:
-    """Predict for every input image; returns {"images": written, "skipped": [paths]}."""
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    out_dir = check_output_dir(args.output, "OUTPUT")  # before any image is read
-    skipped: list[str] = []
-    reasons: list[str] = []
-    if _is_shards(args.input):
-        images, total = _shard_images(args.input, args.endpoint_url, policy_from_args(args)), None
-    else:
-        inputs = list_inputs(args.input)
-        images, total = _file_images(inputs, skipped, reasons), len(inputs)
-    predictor, _ = load_predictor(args.checkpoint, device, args.short_side, args.weights_cache)
-    writer = OutputWriter(out_dir, args.overlay, args.threshold, args.min_box_fraction)
-    prepared = (predictor.prepare(item.key, image, payload=(item, image)) for item, image in images)
-    with tqdm(total=total, desc="predict", unit="img", disable=args.no_progress) as bar:
-        for prepared_image, mask in predictor.predict_stream(prepared, args.batch_size):
-            writer.add(*prepared_image.payload, mask)  # makes OUTPUT's folders with the first mask
-            bar.update(1)
-    if not writer.records:
-        why = f": {reasons[0]}" if reasons else ""
-        raise InferenceError(f"no image of {args.input} could be read ({len(skipped)} skipped){why}; "
-                             f"nothing was written to {args.output}")
-    writer.finish()
-    logger.info("wrote %d masks and boxes to %s (%d skipped)", len(writer.records), args.output, len(skipped))
-    return {"images": len(writer.records), "skipped": skipped}
+def request_from_args(args: argparse.Namespace) -> PredictRequest:
+    """The parsed command line as a PredictRequest."""
+    return PredictRequest(
+        checkpoint=args.checkpoint, input=args.input, output=args.output, overlay=args.overlay,
+        batch_size=args.batch_size, short_side=args.short_side, threshold=args.threshold,
+        min_box_fraction=args.min_box_fraction, device=args.device, weights_cache=args.weights_cache,
+        endpoint_url=args.endpoint_url, policy=policy_from_args(args), progress=not args.no_progress)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        run(args)
+        predict_images(request_from_args(args))
     except UserError as err:
         return report(err)
     return 0

@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from move_scale.evaluation.boxes import Box, boxes_record, coco_detections, largest_box, mask_to_boxes, scale_boxes
+from move_scale.evaluation.boxes import boxes_record, coco_detections, largest_box, mask_to_boxes
 
 
 def _mask_with_components() -> np.ndarray:
@@ -47,11 +47,6 @@ def test_exclusive_end_coordinates():
 def test_empty_mask_has_no_box():
     boxes = mask_to_boxes(np.zeros((8, 8)))
     assert boxes == [] and largest_box(boxes) is None
-
-
-def test_scale_boxes_rounds_outwards():
-    (box,) = scale_boxes([Box(1, 1, 3, 3, 4, 1.0)], 1.5, 2.0)
-    assert box.xyxy() == [1, 2, 5, 6]  # 1.5 → 1, 4.5 → 5
 
 
 def test_coco_export():

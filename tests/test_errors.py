@@ -5,9 +5,9 @@ import pytest
 
 from move_scale.checkpoint import CheckpointError
 from move_scale.config import ConfigError, load_config
+from move_scale.data.ground_truth import GroundTruthError
 from move_scale.data.storage import DataError
 from move_scale.errors import UserError
-from move_scale.evaluate import GroundTruthError
 from move_scale.evaluation.inference import InferenceError
 from move_scale.paths import InputError, OutputError
 from move_scale.resume import ResumeError

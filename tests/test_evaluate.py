@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 
 from move_scale.config import FeaturesConfig, SegmenterConfig
-from move_scale.evaluate import main, parse_voc_xml
+from move_scale.data.ground_truth import parse_voc
+from move_scale.evaluate import main
 from move_scale.evaluation.bilateral import fill_holes, refine_mask
 from move_scale.evaluation.inference import MaskPredictor, bucketed, prepare_image
 from move_scale.evaluation.segmenter_file import export_segmenter
@@ -109,9 +110,9 @@ def test_voc_boxes_become_half_open():
 
     with tempfile.TemporaryDirectory() as folder:
         write_voc(Path(folder))
-        file_name, boxes = parse_voc_xml(Path(folder) / "Annotations" / "hit.xml")
-    assert file_name == "hit.jpg"
-    assert boxes.tolist() == [[0, 0, 64, 30], [4, 4, 10, 10]]
+        annotation = parse_voc(Path(folder) / "Annotations" / "hit.xml")
+    assert annotation.filename == "hit.jpg"
+    assert annotation.boxes.tolist() == [[0, 0, 64, 30], [4, 4, 10, 10]]
 
 
 def test_corloc_voc_root_and_coco_json(tmp_path):

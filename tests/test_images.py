@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from move_scale.data.annotations import transform_boxes
+from move_scale.data.ground_truth import transform_boxes
 from move_scale.data.images import (BadImage, decode_rgb, is_image_name, list_images, prepare_image, prepare_mask,
                                     resized_size)
 from move_scale.data.prepare import ImageOptions, Sample, Skipped, encode_sample, prepare_item

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from move_scale.evaluation.metrics import CorLocMeter, SaliencyMeter, box_iou, image_scores
+from move_scale.evaluation.metrics import CorLocMeter, SaliencyMeter, image_scores
 
 F_HALF_PRECISION = 0.65 / 1.15  # P = 0.5, R = 1: 1.3·0.5 / (0.15 + 1) = 13/23
 
@@ -101,17 +101,16 @@ def test_dataset_and_per_image_max_fbeta_differ():
     assert out["iou"] == pytest.approx(0.5)  # A: 1; B: 0
 
 
-def test_merge_and_state_dict_give_the_same_sums():
+def test_state_dict_round_trip_gives_the_same_sums():
     preds, gts = _two_images()
-    first, second = SaliencyMeter(), SaliencyMeter()
-    first.update(preds[:1], gts[:1])
-    second.update(preds[1:], gts[1:])
+    meter = SaliencyMeter()
+    meter.update(preds, gts)
     restored = SaliencyMeter()
-    restored.load_state_dict(first.state_dict())
-    restored.merge(second)
+    restored.load_state_dict(meter.state_dict())
+    assert restored.compute() == meter.compute()
     assert restored.compute()["max_fbeta"] == pytest.approx(18 / 23)
-    with pytest.raises(TypeError):
-        restored.merge(CorLocMeter())
+    with pytest.raises(ValueError, match="shape"):
+        CorLocMeter().load_state_dict(meter.state_dict())
 
 
 def test_empty_meter_raises_clear_error():
@@ -147,12 +146,6 @@ def test_reduce_sums_across_gloo_processes():
         assert count == 2
         assert max_fbeta == pytest.approx(18 / 23)
         assert corloc == pytest.approx(50.0)  # 2 hits of 4 images
-
-
-def test_box_iou_half_open_boxes():
-    # [0,0,10,10] vs [5,0,15,10]: intersection 5·10 = 50, union 150
-    iou = box_iou([[0, 0, 10, 10]], [[5, 0, 15, 10], [0, 0, 10, 10], [20, 20, 30, 30]])
-    assert iou[0].tolist() == pytest.approx([1 / 3, 1.0, 0.0])
 
 
 def test_corloc_counts_hits_at_iou_half():

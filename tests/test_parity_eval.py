@@ -11,9 +11,9 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 
 from authors_chain import torchvision_resized_hw
-from move_scale.evaluate import open_eval_source
 from move_scale.evaluation.inference import read_image, resized_hw
 from move_scale.evaluation.protocol import eight_bit_mask, paper_mask_at
+from move_scale.evaluation.sources import open_eval_source
 
 
 @pytest.mark.parametrize("height,width", [(333, 500), (500, 333), (40, 56), (448, 448), (301, 449),

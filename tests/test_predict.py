@@ -13,7 +13,8 @@ from move_scale.config import FeaturesConfig, SegmenterConfig
 from move_scale.evaluation.segmenter_file import export_segmenter
 from move_scale.models.backbone import FrozenViT
 from move_scale.models.segmenter import Segmenter
-from move_scale.predict import draw_overlay, list_inputs, main
+from move_scale.evaluation.predictions import draw_overlay, list_inputs
+from move_scale.predict import main
 
 
 def make_export(folder: Path, bias: float | None = None) -> Path:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from move_scale.data.annotations import parse_voc, transform_boxes
+from move_scale.data.ground_truth import GroundTruthError, parse_voc, transform_boxes
 from move_scale.data.images import (
     DEFAULT_MAX_PIXELS,
     BadImage,
@@ -99,11 +99,18 @@ def _prepare(item: Item, options: ImageOptions) -> Encoded:
     if item.mask is not None:
         mask_data = _read(item.mask, options, "mask")
         members["mask.png"] = prepare_mask(mask_data, decoded, encoded.size, options.max_pixels)
-    boxes = item.boxes if item.boxes_file is None else parse_voc(item.boxes_file)
+    boxes = item.boxes if item.boxes_file is None else _voc_boxes(item.boxes_file)
     if boxes is not None:
         stored = transform_boxes(boxes, decoded.transpose, decoded.raw_size, encoded.scale)
         members["boxes.json"] = _boxes_json(stored)
     return Encoded(item.key, members)
+
+
+def _voc_boxes(path: str):
+    try:
+        return parse_voc(path).boxes
+    except GroundTruthError as err:  # this sample is skipped and reported, the others go on
+        raise BadImage("bad_boxes", str(err)) from err
 
 
 def prepare_chunk(chunk: list[tuple[int, Item]], options: ImageOptions) -> list[tuple[int, Encoded | Skipped]]:

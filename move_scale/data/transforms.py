@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from move_scale.data.ground_truth import foreground
 from move_scale.data.images import IMAGENET_MEAN, IMAGENET_STD
 from move_scale.data.tario import IMAGE_EXTS  # defined with the rule of what a sample is
 
@@ -116,7 +117,7 @@ class TrainTransform:
             array = np.asarray(img.resize(size, resample, box=box))  # (S, S[, 3]) uint8
             if flip:
                 array = array[:, ::-1]
-            out[name] = (array > 127).astype(np.uint8) if name == "mask" else array
+            out[name] = foreground(array).astype(np.uint8) if name == "mask" else array
         return out
 
 
@@ -139,7 +140,7 @@ def decode_eval_sample(sample: dict) -> dict:
     image = np.asarray(decode_image(image_field(sample), "RGB", "image"))
     mask = None
     if "mask.png" in sample:
-        mask = np.asarray(decode_image(sample["mask.png"], "L", "mask")) > 127
+        mask = foreground(decode_image(sample["mask.png"], "L", "mask"))
         if mask.shape != image.shape[:2]:
             raise SampleError("mask size", f"{mask.shape} != image {image.shape[:2]}")
     boxes = None

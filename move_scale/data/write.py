@@ -29,7 +29,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 from tqdm import tqdm
 
-from move_scale.data.annotations import index_masks, load_boxes_index
+from move_scale.data.ground_truth import index_masks, load_boxes_index
 from move_scale.data.images import DEFAULT_MAX_PIXELS, IMAGE_FORMATS, IMAGE_SUFFIXES
 from move_scale.data.manifest import MANIFEST_NAME, REPORT_NAME, Manifest, ShardRecord
 from move_scale.data.prepare import ImageOptions, Sample, Skipped, encode_sample, prepare_chunk, prepare_item

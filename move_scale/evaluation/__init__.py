@@ -1,10 +1,24 @@
-"""The paper's evaluation and mask inference, under the `evaluate` and `predict` commands.
+"""The paper's evaluation and mask inference; `evaluate` and `predict` are thin commands over it.
 
-    inference.py       segmenter export → masks at the paper's scale (the authors' `infer.py`)
+    evaluate_segmenter(EvalRequest(checkpoint=..., data=..., task="saliency"))   # scoring.py
+    predict_images(PredictRequest(checkpoint=..., input=..., output=...))        # predictions.py
+
+    scoring.py         EvalRequest, evaluate_segmenter, score: the evaluation (paper §4.1, §4.2)
+    sources.py         what evaluate scores: image folders with ground truth, VOC roots, shards
+    predictions.py     PredictRequest, predict_images: masks, boxes and overlays for any images
+    inference.py       segmenter export → masks at the paper's scale (the authors' `infer.py`);
+                       the options evaluate and predict share
     protocol.py        the published evaluation chain step for step; LOST's CorLoc rules
-    metrics.py         saliency Acc / IoU / maxFβ and CorLoc (paper §4.1, §4.2)
+    metrics.py         saliency Acc / IoU / maxFβ and CorLoc
     boxes.py           masks → boxes (single-object discovery, pseudo-labels)
     bilateral.py       the optional bilateral-solver refinement
     results.py         evaluate's input checks, table, eval.json and MLflow logging
     segmenter_file.py  the segmenter export: write, read back checked, rebuild the networks
+
+The ground truth (masks, VOC XML, COCO JSON) is read by `move_scale/data/ground_truth.py`, which
+move-shard shares.
 """
+from move_scale.evaluation.predictions import PredictRequest, predict_images
+from move_scale.evaluation.scoring import EvalRequest, evaluate_segmenter
+
+__all__ = ["EvalRequest", "PredictRequest", "evaluate_segmenter", "predict_images"]

@@ -1,9 +1,12 @@
 """Optional mask refinement: the fast bilateral solver (Barron & Poole, ECCV 2016), then hole filling.
 
-The protocol that MOVE follows for its "+ bilateral solver" rows (REFERENCE §5; the TokenCut /
-Deep Spectral recipe): σ_spatial 16, σ_luma 16, σ_chroma 8, λ 256; target = mask > 0.5 with
-confidence 0.999 everywhere; refined = solver output > 0.5 with holes filled. Unlike TokenCut, all
-components are kept (MOVE's masks may hold several objects).
+The protocol of the paper's "+ Bilateral" rows (Table 1; §4.1 "we also follow [11, 12] and
+further refine our masks with a bilateral solver [39]"), as TokenCut runs it
+(YangtaoWANG95/TokenCut `unsupervised_saliency_detection/get_saliency.py` and `bilateral_solver.py`;
+the authors' adambielski/move-seg `bilateral_solver.py` has the same solver settings): σ_spatial
+16, σ_luma 16, σ_chroma 8, λ 256; target = mask > 0.5 with confidence 0.999 everywhere; refined =
+solver output > 0.5 with holes filled. Unlike TokenCut, all components are kept (MOVE's masks may
+hold several objects).
 
 The solver works on a bilateral grid: every pixel falls into one vertex of a 5-D lattice
 (x/σs, y/σs, Y/σl, U/σc, V/σc); splatting sums pixel values per vertex, the blur adds the ±1

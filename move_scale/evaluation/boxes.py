@@ -17,6 +17,8 @@ from typing import Any, Iterable
 import cv2
 import numpy as np
 
+from move_scale.evaluation.protocol import mask_2d
+
 
 @dataclass(frozen=True)
 class Box:
@@ -47,11 +49,7 @@ def mask_to_boxes(mask: Any, threshold: float = 0.5, min_area_fraction: float = 
     mask: soft or binary (H, W) array in [0, 1]. A box whose area is below
     `min_area_fraction`·H·W is dropped (equal to the limit is kept).
     """
-    soft = np.asarray(mask, dtype=np.float32)
-    if soft.ndim == 3 and soft.shape[0] == 1:
-        soft = soft[0]
-    if soft.ndim != 2:
-        raise ValueError(f"expected a mask of shape (H, W), got {soft.shape}")
+    soft = mask_2d(mask)
     binary = (soft > threshold).astype(np.uint8)
     count, labels, stats, _ = cv2.connectedComponentsWithStats(binary, connectivity=connectivity)
     min_area = min_area_fraction * soft.shape[0] * soft.shape[1]
@@ -69,13 +67,6 @@ def mask_to_boxes(mask: Any, threshold: float = 0.5, min_area_fraction: float = 
 def largest_box(boxes: list[Box]) -> Box | None:
     """The box with the largest area (ties: more component pixels), None when there is none."""
     return boxes[0] if boxes else None
-
-
-def scale_boxes(boxes: list[Box], scale_x: float, scale_y: float) -> list[Box]:
-    """Boxes found on a resized mask mapped back to the image (rounded outwards)."""
-    return [Box(int(np.floor(b.x0 * scale_x)), int(np.floor(b.y0 * scale_y)),
-                int(np.ceil(b.x1 * scale_x)), int(np.ceil(b.y1 * scale_y)), b.pixels, b.score)
-            for b in boxes]
 
 
 def boxes_record(key: str, width: int, height: int, boxes: list[Box]) -> dict:

@@ -21,12 +21,16 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from move_scale.cli_args import device as torch_device
+from move_scale.cli_args import number
+from move_scale.config_rules import Range
 from move_scale.data.images import IMAGENET_MEAN, IMAGENET_STD
 from move_scale.errors import UserError
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+SHORT_SIDE = 448  # the shorter side infer.py resizes to (torchvision `Resize(448)`)
 
 
 class InferenceError(UserError, ValueError):
@@ -84,7 +88,7 @@ class MaskPredictor:
     """Frozen features + segmenter → soft masks at the input images' own sizes."""
 
     def __init__(self, features_net: torch.nn.Module, segmenter: torch.nn.Module,
-                 device: str | torch.device = "cpu", short_side: int = 448):
+                 device: str | torch.device = "cpu", short_side: int = SHORT_SIDE):
         self.features_net = features_net.eval()
         self.segmenter = segmenter.eval()
         self.device = torch.device(device)
@@ -190,6 +194,29 @@ def load_predictor(checkpoint: str | Path, device: str | torch.device, short_sid
     logger.info("loaded segmenter %s (features %s, weights %s)", path,
                 meta["features"].get("kind"), source.get("weights"))
     return MaskPredictor(features_net, segmenter, device, short_side), meta
+
+
+# The options evaluate and predict share, declared once; each command names them in its own order.
+_INFERENCE_OPTIONS = {
+    "--checkpoint": dict(required=True,
+                         help="segmenter export: run_dir/segmenter.pt, or `move-export` of a checkpoint"),
+    "--short-side": dict(type=number(int, Range(1)), help=f"inference shorter side ({SHORT_SIDE})"),
+    "--batch-size": dict(type=number(int, Range(1)), help="images per forward (same padded size)"),
+    "--device": dict(type=torch_device, help="torch device (default: cuda when available)"),
+    "--weights-cache": dict(help="where named feature weights live"),
+    "--endpoint-url": dict(help="S3-compatible endpoint for s3:// shards"),
+    "--no-progress": dict(action="store_true", help="no progress bar"),
+}
+
+
+def add_inference_arguments(parser, request_type: type, *flags: str) -> None:
+    """Add the shared inference options `flags` to `parser`, in that order; their defaults are the
+    fields of the same name of `request_type` (EvalRequest, PredictRequest)."""
+    for flag in flags:
+        options = dict(_INFERENCE_OPTIONS[flag])
+        if "action" not in options and not options.get("required"):
+            options["default"] = getattr(request_type, flag[2:].replace("-", "_"))
+        parser.add_argument(flag, **options)
 
 
 def read_image(path: str | Path, exif: bool = True):

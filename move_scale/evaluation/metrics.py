@@ -1,6 +1,9 @@
 """Evaluation metrics of the paper (§4.1, §4.2): saliency Acc / IoU / maxFβ and CorLoc.
 
-Conventions (REFERENCE.md §5), stated once here:
+Conventions, stated once here, as the paper defines the metrics (§4.1: maxFβ is "the score for
+the single optimal threshold on a whole dataset"; §4.2: CorLoc) and the published code computes
+them: the authors' `segmentation_eval.py` (adambielski/move-seg) for saliency, LOST's
+`main_corloc_evaluation.py` and `datasets.bbox_iou` (valeoai/LOST) for CorLoc:
 
 - Ground truth is boolean (H, W); a prediction is a soft mask in [0, 1] at any size, resized to
   the ground-truth size with bilinear interpolation (align_corners=False) before scoring. The
@@ -20,7 +23,7 @@ Conventions (REFERENCE.md §5), stated once here:
   predicted box or no ground-truth box counts as a miss. Boxes are [x0, y0, x1, y1] in continuous
   pixel coordinates: pixel columns x0 .. x1-1 are inside (x1 exclusive), width = x1 - x0.
 
-Meters only hold sums, so they can be merged (`merge`) or summed across processes (`reduce`).
+Meters only hold sums, so they can be summed across processes (`reduce`).
 """
 from __future__ import annotations
 
@@ -90,7 +93,7 @@ def image_scores(pred: Any, gt: Any) -> dict[str, torch.Tensor]:
 
 
 class _SumMeter:
-    """A meter whose whole state is one float64 vector of sums (mergeable, reducible)."""
+    """A meter whose whole state is one float64 vector of sums (saved, restored, reduced)."""
 
     def __init__(self, size: int):
         self.sums = torch.zeros(size, dtype=torch.float64)
@@ -103,13 +106,6 @@ class _SumMeter:
         if sums.shape != self.sums.shape:
             raise ValueError(f"meter state has shape {tuple(sums.shape)}, expected {tuple(self.sums.shape)}")
         self.sums = sums.clone()
-
-    def merge(self, other: "_SumMeter") -> "_SumMeter":
-        """Add another meter's sums into this one (same kind); returns self."""
-        if type(other) is not type(self):
-            raise TypeError(f"cannot merge {type(other).__name__} into {type(self).__name__}")
-        self.sums += other.sums
-        return self
 
     def reduce(self, backend: Any = None) -> "_SumMeter":
         """Sum the state over all processes in place; returns self.
@@ -172,19 +168,6 @@ class SaliencyMeter(_SumMeter):
             "max_fbeta_threshold": best / NUM_THRESHOLDS,
             "max_fbeta_per_image": float(self.sums[3] / n),
         }
-
-
-def box_iou(boxes_a: Any, boxes_b: Any) -> torch.Tensor:
-    """IoU of every pair: (N, 4) × (M, 4) → (N, M), boxes [x0, y0, x1, y1] with x1, y1 exclusive."""
-    a = _as_tensor(boxes_a).double().reshape(-1, 4)
-    b = _as_tensor(boxes_b).double().reshape(-1, 4)
-    lt = torch.maximum(a[:, None, :2], b[None, :, :2])
-    rb = torch.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = (rb - lt).clamp_min(0).prod(-1)  # (N, M)
-    area_a = (a[:, 2:] - a[:, :2]).clamp_min(0).prod(-1)
-    area_b = (b[:, 2:] - b[:, :2]).clamp_min(0).prod(-1)
-    union = area_a[:, None] + area_b[None, :] - inter
-    return torch.where(union > 0, inter / union.clamp_min(1e-12), 0.0)
 
 
 class CorLocMeter(_SumMeter):

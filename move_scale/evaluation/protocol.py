@@ -9,8 +9,9 @@ is that chain after the crop; MASK_PROTOCOLS names it "paper", next to "float" (
 mask resized with torch bilinear, no antialiasing: the project's former default).
 
 CorLoc (Table 3) follows LOST's code (valeoai/LOST `datasets.py`, `main_corloc_evaluation.py`),
-the reference the paper cites for the metric: VOC corners become [xmin − 1, ymin − 1, xmax, ymax];
-COCO boxes [x, y, x + w, y + h] with every corner rounded to an integer and crowd boxes dropped;
+the reference the paper cites for the metric: VOC corners become [xmin − 1, ymin − 1, xmax, ymax]
+and COCO boxes [x, y, x + w, y + h] with crowd boxes dropped (`data.ground_truth` reads both),
+then every corner is rounded to an integer (`lost_gt_boxes`);
 IoU in float32 with LOST's ε terms (`lost_box_iou`); a hit is IoU ≥ 0.5 with any ground-truth box.
 """
 from __future__ import annotations
@@ -25,14 +26,19 @@ MASK_PROTOCOLS = ("paper", "float")
 LOST_EPS = 1e-7
 
 
-def eight_bit_mask(mask: Any) -> np.ndarray:
-    """infer.py's saved PNG: `(m * 255).astype(uint8)` on the float32 mask (floor). (h, w) uint8."""
+def mask_2d(mask: Any) -> np.ndarray:
+    """A mask (H, W) or (1, H, W) as a float32 array (H, W); ValueError for any other shape."""
     values = np.asarray(mask, dtype=np.float32)
     if values.ndim == 3 and values.shape[0] == 1:
         values = values[0]
     if values.ndim != 2:
         raise ValueError(f"expected a mask of shape (H, W), got {values.shape}")
-    return (values * np.float32(255)).astype(np.uint8)
+    return values
+
+
+def eight_bit_mask(mask: Any) -> np.ndarray:
+    """infer.py's saved PNG: `(m * 255).astype(uint8)` on the float32 mask (floor). (h, w) uint8."""
+    return (mask_2d(mask) * np.float32(255)).astype(np.uint8)
 
 
 def paper_mask_at(mask: Any, size: tuple[int, int]) -> np.ndarray:
@@ -52,11 +58,6 @@ def check_mask_protocol(protocol: str) -> str:
 
 
 # ----------------------------------------------------------------------------- CorLoc (LOST)
-
-
-def voc_box(xmin: float, ymin: float, xmax: float, ymax: float) -> list[float]:
-    """VOC's 1-based inclusive corners in continuous pixel coordinates (LOST extract_gt_VOC)."""
-    return [xmin - 1, ymin - 1, xmax, ymax]
 
 
 def lost_gt_boxes(boxes: Any) -> np.ndarray:

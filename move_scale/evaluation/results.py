@@ -1,7 +1,6 @@
 """`evaluate`'s inputs checked before any work, and its results: the table, eval.json, MLflow."""
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 from pathlib import Path
@@ -11,17 +10,18 @@ from move_scale.paths import OutputError, check_input, check_output_file, save_o
 logger = logging.getLogger("move_scale.evaluate")
 
 
-def check_arguments(args: argparse.Namespace) -> None:
-    """The inputs exist and the outputs can be written, before any network is built."""
+def check_request(request) -> None:
+    """The inputs of an `EvalRequest` exist and its outputs can be written, before any network is
+    built; the messages name the command's options."""
     from move_scale.tracking import check_tracking
 
-    for option, value in (("--gt", args.gt), ("--subset", args.subset)):  # --checkpoint: load_predictor
+    for option, value in (("--gt", request.gt), ("--subset", request.subset)):  # --checkpoint: load_predictor
         if value:
             check_input(value, option)
-    if args.out:
-        check_output_file(args.out, "--out", example="eval.json")
-    if args.mlflow_run_id or args.tracking_uri:
-        check_tracking(uri=args.tracking_uri or "", run_id=args.mlflow_run_id, option="--tracking-uri")
+    if request.out:
+        check_output_file(request.out, "--out", example="eval.json")
+    if request.mlflow_run_id or request.tracking_uri:
+        check_tracking(uri=request.tracking_uri or "", run_id=request.mlflow_run_id, option="--tracking-uri")
 
 
 def features_description(meta: dict) -> dict:
