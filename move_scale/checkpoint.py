@@ -1,38 +1,36 @@
 """Training checkpoints (atomic, retained, resumable); the segmenter export is evaluation/segmenter_file.py.
 
 A training checkpoint is one torch file `run_dir/ckpt-{step:08d}.pt` holding state dicts and plain
-values only (never pickled code; it loads with `weights_only=True`). The trainer assembles it; the
-keys are fixed here so that save and resume agree:
+values only (never pickled code; it loads with `weights_only=True`). Its schema is one object,
+`TrainingCheckpoint`: the counters (`TrainState`), the state dicts of the trainable networks and
+their optimizers, each rank's RNG states, the resolved config and the MLflow run. `to_dict` /
+`from_dict` keep the file layout of format "move_scale.checkpoint/1", so every checkpoint written
+since that format resumes:
 
-    format           "move_scale.checkpoint/1" (added by `save_checkpoint`)
-    step             batches done (D and segmenter steps together; added by `save_checkpoint`)
-    disc_steps       D steps done
-    seg_steps        segmenter steps done (drives the λ_bin ramp, `losses.lambda_bin_at`)
-    segmenter        segmenter state_dict (LayerNorm + head), unwrapped from DDP
-    discriminator    discriminator state_dict (whole D; frozen random CCM/CSM included)
-    optim_seg        segmenter AdamW state_dict
-    optim_disc       discriminator AdamW state_dict
-    rng              list with one entry per rank, each `capture_rng_state(...)` of that rank
-    data             {"epoch": int, "batches_in_epoch": int, ...} — where the stream resumes
-    config           the resolved config as YAML text (`config.dump_config`)
-    mlflow_run_id    the MLflow run to resume into (str, or None without tracking)
+    format, step, disc_steps, seg_steps          the format tag and TrainState's step counters
+    segmenter, discriminator                     state_dicts, unwrapped from DDP (D whole: frozen
+                                                 random CCM/CSM included)
+    optim_seg, optim_disc                        AdamW state_dicts
+    rng                                          one `capture_rng_state(...)` per rank, in rank order
+    data                                         {"epoch", "batches_in_epoch", "world_size"}: where
+                                                 the stream resumes (world_size absent in early files)
+    config, mlflow_run_id                        `config.dump_config` YAML; the run to resume into
 
 Writing: temporary file in the same directory → flush + fsync → `os.replace` to the final name →
 fsync of the directory, so `ckpt-*.pt` only ever names a complete file. Reading:
-`find_latest_checkpoint` returns the newest checkpoint that loads, skipping truncated or corrupt
+`load_latest_checkpoint` returns the newest checkpoint that loads, skipping truncated or corrupt
 ones (and interrupted temporary files) with a WARNING that names them.
 """
 from __future__ import annotations
 
 import logging
 import os
-import random
 import re
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 
 from move_scale.errors import UserError
@@ -40,10 +38,6 @@ from move_scale.errors import UserError
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "move_scale.checkpoint/1"
-CHECKPOINT_KEYS = (
-    "disc_steps", "seg_steps", "segmenter", "discriminator", "optim_seg", "optim_disc",
-    "rng", "data", "config", "mlflow_run_id",
-)
 _NAME = re.compile(r"^ckpt-(\d{8,})\.pt$")
 _TEMP = re.compile(r"^\.ckpt-\d{8,}\.pt\.\d+\.tmp$")
 
@@ -54,6 +48,69 @@ class CheckpointError(UserError, RuntimeError):
 
 def checkpoint_path(run_dir: str | Path, step: int) -> Path:
     return Path(run_dir) / f"ckpt-{step:08d}.pt"
+
+
+# ----------------------------------------------------------------------------- the schema
+
+
+@dataclass
+class TrainState:
+    """The counters a checkpoint carries: batches done (D and segmenter steps together), steps of
+    each phase (`seg_steps` drives the λ_bin ramp, `losses.lambda_bin_at`), the data position."""
+
+    step: int = 0
+    disc_steps: int = 0
+    seg_steps: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0
+
+
+@dataclass
+class TrainingCheckpoint:
+    """Everything a run needs to continue bit-exactly (see the module docstring for the file)."""
+
+    state: TrainState
+    segmenter: dict
+    discriminator: dict
+    optim_seg: dict
+    optim_disc: dict
+    rng: list[dict]  # one capture_rng_state per rank
+    config: str  # config.dump_config
+    mlflow_run_id: str | None
+    world_size: int | None = field(default=None)  # None: written before the field existed
+
+    def to_dict(self) -> dict:
+        data = {"epoch": self.state.epoch, "batches_in_epoch": self.state.batches_in_epoch}
+        if self.world_size is not None:
+            data["world_size"] = self.world_size
+        return {"format": CHECKPOINT_FORMAT, "step": self.state.step,
+                "disc_steps": self.state.disc_steps, "seg_steps": self.state.seg_steps,
+                "segmenter": self.segmenter, "discriminator": self.discriminator,
+                "optim_seg": self.optim_seg, "optim_disc": self.optim_disc, "rng": self.rng,
+                "data": data, "config": self.config, "mlflow_run_id": self.mlflow_run_id}
+
+    @classmethod
+    def from_dict(cls, raw: Any, path: str | Path) -> TrainingCheckpoint:
+        """The checkpoint in `raw` (what torch.load gave for `path`); CheckpointError names the
+        file and what is wrong with it."""
+        if not isinstance(raw, dict) or raw.get("format") != CHECKPOINT_FORMAT:
+            found = raw.get("format") if isinstance(raw, dict) else type(raw).__name__
+            raise CheckpointError(f"{path} is not a move_scale training checkpoint "
+                                  f"(format {found!r}, expected {CHECKPOINT_FORMAT!r})")
+        data = raw["data"] if isinstance(raw.get("data"), dict) else {}
+        missing = [key for key in _FILE_KEYS if key not in raw]
+        missing += [f"data.{key}" for key in ("epoch", "batches_in_epoch")
+                    if "data" in raw and key not in data]
+        if missing:
+            raise CheckpointError(f"{path} lacks keys {missing}")
+        state = TrainState(int(raw["step"]), int(raw["disc_steps"]), int(raw["seg_steps"]),
+                           int(data["epoch"]), int(data["batches_in_epoch"]))
+        return cls(state, raw["segmenter"], raw["discriminator"], raw["optim_seg"], raw["optim_disc"],
+                   raw["rng"], raw["config"], raw["mlflow_run_id"], data.get("world_size"))
+
+
+_FILE_KEYS = ("step", "disc_steps", "seg_steps", "segmenter", "discriminator", "optim_seg",
+              "optim_disc", "rng", "data", "config", "mlflow_run_id")
 
 
 # ----------------------------------------------------------------------------- atomic write
@@ -85,21 +142,14 @@ def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     return path
 
 
-def save_checkpoint(run_dir: str | Path, step: int, state: dict, keep_last: int) -> Path:
-    """Write `state` atomically as `run_dir/ckpt-{step:08d}.pt`, then keep only the last `keep_last`.
-
-    `state` must hold every key of CHECKPOINT_KEYS (see the module docstring); `format` and `step`
-    are added here. `keep_last=0` keeps every checkpoint. Only the main process should call this.
-    """
-    missing = [key for key in CHECKPOINT_KEYS if key not in state]
-    if missing:
-        raise CheckpointError(f"checkpoint state for step {step} lacks keys {missing}; "
-                              f"expected {list(CHECKPOINT_KEYS)}")
+def save_checkpoint(run_dir: str | Path, checkpoint: TrainingCheckpoint, keep_last: int) -> Path:
+    """Write `checkpoint` atomically as `run_dir/ckpt-{step:08d}.pt`, then keep only the last
+    `keep_last` (0 keeps every checkpoint). Only the main process should call this."""
     if keep_last < 0:
         raise ValueError(f"keep_last must be >= 0 (0 keeps all), got {keep_last}")
-    path = checkpoint_path(run_dir, step)
+    path = checkpoint_path(run_dir, checkpoint.state.step)
     start = time.perf_counter()
-    atomic_torch_save({**state, "format": CHECKPOINT_FORMAT, "step": step}, path)
+    atomic_torch_save(checkpoint.to_dict(), path)
     log.info("saved checkpoint %s (%.1f MB, %.1fs)", path, path.stat().st_size / 2**20,
              time.perf_counter() - start)
     _apply_retention(Path(run_dir), keep_last, just_written=path)
@@ -135,33 +185,26 @@ def _apply_retention(run_dir: Path, keep_last: int, just_written: Path) -> None:
 # ----------------------------------------------------------------------------- read
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> TrainingCheckpoint:
     """Read a training checkpoint; CheckpointError says what is wrong with the file."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path} (train.resume takes 'auto', 'never' "
                               "or the path of a ckpt-*.pt file)")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        raw = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # truncated zip, bad pickle, wrong file type: all unusable
         if "Weights only load failed" in str(err):
             raise CheckpointError(f"{path} holds objects other than tensors and plain values, "
                                   f"which checkpoints must not (numpy arrays, classes): {err}") from err
         raise CheckpointError(f"{path} is truncated or not a torch checkpoint "
                               f"({type(err).__name__}: {err})") from err
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        found = state.get("format") if isinstance(state, dict) else type(state).__name__
-        raise CheckpointError(f"{path} is not a move_scale training checkpoint "
-                              f"(format {found!r}, expected {CHECKPOINT_FORMAT!r})")
-    missing = [key for key in ("step", *CHECKPOINT_KEYS) if key not in state]
-    if missing:
-        raise CheckpointError(f"{path} lacks keys {missing}")
-    return state
+    return TrainingCheckpoint.from_dict(raw, path)
 
 
 def load_latest_checkpoint(run_dir: str | Path, map_location: str | torch.device = "cpu"
-                           ) -> tuple[Path, dict] | None:
-    """(path, state) of the newest checkpoint in run_dir that loads, or None when there is none.
+                           ) -> tuple[Path, TrainingCheckpoint] | None:
+    """(path, checkpoint) of the newest checkpoint in run_dir that loads, or None when there is none.
 
     Truncated or corrupt checkpoints and interrupted temporary files are skipped with a WARNING
     that names them; when checkpoints exist but none loads, CheckpointError (starting over would
@@ -185,12 +228,6 @@ def load_latest_checkpoint(run_dir: str | Path, map_location: str | torch.device
     return None
 
 
-def find_latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """Path of the newest complete checkpoint in run_dir that loads (see load_latest_checkpoint)."""
-    found = load_latest_checkpoint(run_dir)
-    return found[0] if found else None
-
-
 def latest_mlflow_run_id(run_dir: str | Path) -> str | None:
     """The MLflow id of the run in run_dir, from its last checkpoint (None without a checkpoint, or
     when tracking went elsewhere than the store under run_dir)."""
@@ -198,7 +235,7 @@ def latest_mlflow_run_id(run_dir: str | Path) -> str | None:
     found = load_latest_checkpoint(run_dir)
     if found is None or not (run_dir / "mlruns" / "mlflow.db").exists():
         return None
-    return found[1].get("mlflow_run_id")
+    return found[1].mlflow_run_id
 
 
 # ----------------------------------------------------------------------------- policy
@@ -239,17 +276,20 @@ class CheckpointPolicy:
 
 
 # ----------------------------------------------------------------------------- RNG states
+# Training draws from torch only: the global generator (random initialisation of frozen networks,
+# the seed each DataLoader iterator draws for its workers, which torch turns into the workers'
+# torch, numpy and python seeds), the CUDA generators, and the named generators of the loop (shifts,
+# DiffAugment). The data pipeline draws from numpy Generators made from (seed, epoch, ...) (data/plan.py,
+# data/transforms.py), never from the global numpy or python RNG, so those are not captured: the
+# library never seeds them, and restoring them would replay nothing. Files written before this
+# carry them under "numpy" and "python"; restore_rng_state passes over them.
 
 
 def capture_rng_state(generators: dict[str, torch.Generator] | None = None) -> dict:
-    """This process's RNG states as tensors and plain values (loadable with weights_only=True)."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    """This process's torch RNG states as tensors (loadable with weights_only=True)."""
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
-                  "has_gauss": has_gauss, "cached_gaussian": cached},
-        "python": random.getstate(),
         "generators": {name: g.get_state() for name, g in (generators or {}).items()},
     }
 
@@ -259,11 +299,6 @@ def restore_rng_state(state: dict, generators: dict[str, torch.Generator] | None
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-    npy = state["numpy"]
-    np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"],
-                         npy["has_gauss"], npy["cached_gaussian"]))
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
     for name, generator in (generators or {}).items():
         if name not in state["generators"]:
             raise CheckpointError(f"checkpoint has no state for generator '{name}' "

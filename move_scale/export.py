@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from move_scale.checkpoint import CheckpointError, load_checkpoint, load_latest_checkpoint
+from move_scale.checkpoint import CheckpointError, TrainingCheckpoint, load_checkpoint, load_latest_checkpoint
 from move_scale.config import Config, ConfigError, config_from_dict
 from move_scale.errors import UserError, report
 from move_scale.evaluation.segmenter_file import EXPORT_FORMAT, export_segmenter, read_segmenter_export
@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _read_source(source: str) -> tuple[Path, dict]:
+def _read_source(source: str) -> tuple[Path, TrainingCheckpoint]:
     path = Path(source).expanduser()
     if path.is_dir():
         found = load_latest_checkpoint(path)
@@ -76,9 +76,9 @@ def _default_out(source: str, path: Path, step: int) -> Path:
     return path.parent / f"segmenter-{step:08d}.pt"
 
 
-def _run_config(path: Path, checkpoint: dict, weights_cache: str | None) -> Config:
+def _run_config(path: Path, checkpoint: TrainingCheckpoint, weights_cache: str | None) -> Config:
     try:
-        tree = yaml.safe_load(checkpoint["config"]) or {}
+        tree = yaml.safe_load(checkpoint.config) or {}
         if weights_cache is not None:
             tree.setdefault("model", {})["weights_cache"] = weights_cache
         return config_from_dict(tree)
@@ -103,14 +103,14 @@ def export_checkpoint(source: str, out: str | None = None, weights_cache: str | 
     from move_scale.models.build import build_segmenter
 
     path, checkpoint = _read_source(source)
-    target = check_output_file(out or _default_out(source, path, checkpoint["step"]), "--out",
+    target = check_output_file(out or _default_out(source, path, checkpoint.state.step), "--out",
                                example="segmenter.pt")
     cfg = _run_config(path, checkpoint, weights_cache)
     features_net = _features_network(cfg)
     in_dim = cfg.model.mae.embed_dim if cfg.model.features.kind == "mae" else cfg.model.features.embed_dim
     segmenter = build_segmenter(cfg.model, in_dim)
     try:
-        segmenter.load_state_dict(checkpoint["segmenter"], strict=True)
+        segmenter.load_state_dict(checkpoint.segmenter, strict=True)
     except RuntimeError as err:
         raise CheckpointError(f"{path}: its segmenter weights do not fit its config "
                               f"model.segmenter = {cfg.model.segmenter}") from err
@@ -119,7 +119,7 @@ def export_checkpoint(source: str, out: str | None = None, weights_cache: str | 
                                    cfg.data.image_size, mae_cfg=cfg.model.mae, features_net=features_net),
         target, "the segmenter export")
     read_segmenter_export(written)  # reads back as evaluate and predict will
-    log.info("exported the segmenter of %s (step %d) to %s", path, checkpoint["step"], written)
+    log.info("exported the segmenter of %s (step %d) to %s", path, checkpoint.state.step, written)
     return written
 
 

@@ -38,7 +38,7 @@ class RunPlan:
 
     @property
     def mlflow_run_id(self) -> str | None:
-        return self.point.checkpoint.get("mlflow_run_id") if self.point else None
+        return self.point.checkpoint.mlflow_run_id if self.point else None
 
 
 def check_weight_files(cfg: Config) -> None:
@@ -110,7 +110,7 @@ def ended_on_failure(tracker, stop: StopFlag) -> Iterator[None]:
 def start_tracking(cfg: Config, is_main: bool, point: ResumePoint | None):
     """The MLflow run (a NullTracker off the main process), resumed when the checkpoint names one;
     a resumed run gets the settings that changed (resume.report_changes)."""
-    run_id = point.checkpoint.get("mlflow_run_id") if point else None
+    run_id = point.checkpoint.mlflow_run_id if point else None
     tracker = start_tracker(is_main=is_main, run_dir=cfg.run_dir, uri=cfg.tracking.uri,
                             experiment=cfg.tracking.experiment,
                             run_name=cfg.tracking.run_name or cfg.name, run_id=run_id)

@@ -93,16 +93,6 @@ def check_output_dir(path: str | Path, what: str) -> Path:
     return path
 
 
-def make_output_dir(path: str | Path, what: str) -> Path:
-    """Create the folder (after `check_output_dir`); OutputError instead of a traceback."""
-    path = check_output_dir(path, what)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise OutputError(f"{what} {path}: cannot create the folder ({err.strerror or err})") from err
-    return path
-
-
 def fallback_path(path: str | Path) -> Path:
     """A path in the system's temporary folder for what could not be written to `path`."""
     path = Path(path)

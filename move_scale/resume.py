@@ -2,7 +2,7 @@
 
     point = find_resume_point(cfg)           # None: a fresh run; ResumeError: cannot resume as asked
     ...build networks and optimizers...
-    restore(point, cfg, objective, opt_seg, opt_disc, state, generator, rank, world)
+    restore(point, cfg, parts, state, rank, world)     # parts: train.TrainParts
 
 Settings a run may change mid-way are marked in the schema (`MID_RUN` on a section, `mid_run` on
 a field, config.py): steps and schedule, logging, checkpointing, precision, learning rates and the
@@ -19,13 +19,17 @@ import time
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import yaml
 
-from move_scale.checkpoint import CheckpointError, load_checkpoint, load_latest_checkpoint, restore_rng_state
+from move_scale.checkpoint import (CheckpointError, TrainingCheckpoint, TrainState, load_checkpoint,
+                                   load_latest_checkpoint, restore_rng_state)
 from move_scale.config import Config, ConfigError, config_from_dict, dump_config, flatten
+
+if TYPE_CHECKING:
+    from move_scale.train import TrainParts
 
 log = logging.getLogger(__name__)
 
@@ -47,13 +51,13 @@ class Change:
 @dataclass
 class ResumePoint:
     path: Path
-    checkpoint: dict
+    checkpoint: TrainingCheckpoint
     stored: Config
     changes: list[Change]  # mid-run settings that differ from the stored config (applied)
 
     @property
     def step(self) -> int:
-        return int(self.checkpoint["step"])
+        return self.checkpoint.state.step
 
 
 def changes_mid_run(key: str) -> bool:
@@ -85,9 +89,9 @@ def compare(stored: Config, requested: Config) -> tuple[list[Change], list[Chang
     return applied, refused
 
 
-def _stored_config(path: Path, checkpoint: dict) -> Config:
+def _stored_config(path: Path, checkpoint: TrainingCheckpoint) -> Config:
     try:
-        return config_from_dict(yaml.safe_load(checkpoint["config"]) or {})
+        return config_from_dict(yaml.safe_load(checkpoint.config) or {})
     except (ConfigError, yaml.YAMLError) as err:
         raise ResumeError(f"{path}: its stored config does not load in this version of move_scale "
                           f"({err}); resume is not possible: use a new run_dir or train.resume=never") from err
@@ -108,7 +112,7 @@ def find_resume_point(cfg: Config) -> ResumePoint | None:
     applied, refused = compare(stored, cfg)
     if refused:
         listed = "; ".join(str(c) for c in refused)
-        raise ResumeError(f"cannot resume {path} (step {checkpoint['step']}) with changed {listed}: "
+        raise ResumeError(f"cannot resume {path} (step {checkpoint.state.step}) with changed {listed}: "
                           f"network shapes, data and the objective cannot change mid-run; use a new "
                           f"run_dir or train.resume=never")
     return ResumePoint(path, checkpoint, stored, applied)
@@ -137,25 +141,26 @@ def apply_optimizer_settings(optimizer: torch.optim.Optimizer, adamw_cfg: Any) -
         group.update(lr=adamw_cfg.lr, betas=tuple(adamw_cfg.betas), weight_decay=adamw_cfg.weight_decay)
 
 
-def restore(point: ResumePoint, cfg: Config, objective, opt_seg, opt_disc, state,
-            generator: torch.Generator, rank: int, world: int) -> None:
-    """Load the checkpoint into unwrapped modules, optimizers, step counters and this rank's RNG;
-    then apply the mid-run settings of `cfg`. The data position is `data_position`'s."""
+def restore(point: ResumePoint, cfg: Config, parts: TrainParts, state: TrainState, rank: int,
+            world: int) -> None:
+    """Load the checkpoint into the unwrapped modules and optimizers of `parts`, the step counters
+    of `state` and this rank's RNG; then apply the mid-run settings of `cfg`. The data position is
+    `data_position`'s."""
     ckpt = point.checkpoint
-    objective.segmenter.load_state_dict(ckpt["segmenter"])
-    objective.discriminator.load_state_dict(ckpt["discriminator"])
-    opt_seg.load_state_dict(ckpt["optim_seg"])
-    opt_disc.load_state_dict(ckpt["optim_disc"])
-    apply_optimizer_settings(opt_seg, cfg.optim.seg)
-    apply_optimizer_settings(opt_disc, cfg.optim.disc)
-    state.step, state.disc_steps, state.seg_steps = ckpt["step"], ckpt["disc_steps"], ckpt["seg_steps"]
-    stored_world = ckpt["data"].get("world_size", world)
+    parts.objective.segmenter.load_state_dict(ckpt.segmenter)
+    parts.objective.discriminator.load_state_dict(ckpt.discriminator)
+    parts.opt_seg.load_state_dict(ckpt.optim_seg)
+    parts.opt_disc.load_state_dict(ckpt.optim_disc)
+    apply_optimizer_settings(parts.opt_seg, cfg.optim.seg)
+    apply_optimizer_settings(parts.opt_disc, cfg.optim.disc)
+    state.step, state.disc_steps, state.seg_steps = ckpt.state.step, ckpt.state.disc_steps, ckpt.state.seg_steps
+    stored_world = ckpt.world_size or world
     if stored_world == world:
-        restore_rng_state(ckpt["rng"][rank], {"train": generator})
+        restore_rng_state(ckpt.rng[rank], {"train": parts.generator})
     else:  # a different number of processes cannot replay exactly (see data_position)
         log.warning("checkpoint %s was written by %d processes, resuming with %d: the data position "
                     "is rescaled and random streams are re-seeded", point.path, stored_world, world)
-        generator.manual_seed(cfg.seed + 7919 * rank + state.step)
+        parts.generator.manual_seed(cfg.seed + 7919 * rank + state.step)
     log.info("resumed from %s at step %d (epoch %d, batch %d of the epoch)", point.path, state.step,
              state.epoch, state.batches_in_epoch)
     if point.changes:
@@ -168,8 +173,8 @@ def data_position(point: ResumePoint | None, world: int) -> tuple[int, int]:
     another number of processes the batch count is rescaled (the position is then approximate)."""
     if point is None:
         return 0, 0
-    data = point.checkpoint["data"]
-    return data["epoch"], data["batches_in_epoch"] * data.get("world_size", world) // world
+    stored = point.checkpoint.state
+    return stored.epoch, stored.batches_in_epoch * (point.checkpoint.world_size or world) // world
 
 
 def report_changes(tracker, point: ResumePoint, cfg: Config) -> None:

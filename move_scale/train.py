@@ -1,7 +1,7 @@
 """Train MOVE: config → Accelerator → networks, optimizers, stream → alternating steps → checkpoints.
 
     python -m move_scale.train --config configs/paper_duts.yaml data.train=shards/duts/manifest.json
-    accelerate launch --config_file launch/8gpu.yaml -m move_scale.train --config configs/imagenet100.yaml
+    accelerate launch --config_file launch/one_node_8gpu.yaml -m move_scale.train --config configs/imagenet100.yaml
 
 Everything is built here; `engine.py` does the steps. The trainable networks (segmenter head with
 its LayerNorm, discriminator heads) go through `accelerator.prepare` (DDP on several processes);
@@ -19,14 +19,15 @@ import argparse
 import dataclasses
 import logging
 import math
-from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object
 
-from move_scale.checkpoint import CheckpointError, CheckpointPolicy, capture_rng_state, save_checkpoint
+from move_scale.checkpoint import (CheckpointError, CheckpointPolicy, TrainingCheckpoint, TrainState,
+                                   capture_rng_state, save_checkpoint)
 from move_scale.config import Config, dump_config, load_config
 from move_scale.data.settings import train_loader_from_config
 from move_scale.data.watch import LoaderInterrupted
@@ -37,7 +38,7 @@ from move_scale.gallery import save_objective_gallery
 from move_scale.lifecycle import RunPlan, StopFlag, ended_on_failure, prepare_run, start_tracking, stop_on_signals
 from move_scale.objective import MoveObjective, build_objective
 from move_scale.processes import exit_process
-from move_scale.progress import ProgressMeter, format_duration
+from move_scale.progress import MetricWindow, ProgressMeter, format_duration, format_ms, peak_memory
 from move_scale.resume import data_position, restore, set_aside_checkpoints
 
 log = logging.getLogger("move_scale.train")
@@ -81,12 +82,33 @@ class TrainResult:
     discriminator: torch.nn.Module
 
 
-class TrainState:
-    """Counters that a checkpoint carries: batches done, steps of each phase, the data position."""
+@dataclasses.dataclass
+class TrainParts:
+    """What `_build` makes before `accelerator.prepare`: the objective with its networks, an AdamW
+    per phase, and this rank's generator of shifts and DiffAugment."""
 
-    def __init__(self) -> None:
-        self.step = self.disc_steps = self.seg_steps = 0
-        self.epoch = self.batches_in_epoch = 0
+    objective: MoveObjective
+    opt_seg: torch.optim.Optimizer
+    opt_disc: torch.optim.Optimizer
+    generator: torch.Generator
+
+
+@dataclasses.dataclass
+class TrainContext:
+    """One process's run once everything is built and prepared: what the loop's functions share."""
+
+    cfg: Config
+    accelerator: Accelerator
+    parts: TrainParts  # networks and optimizers as `accelerator.prepare` returned them
+    loader: Any  # the training stream; its ledger counts the samples lost against the manifest
+    tracker: Any
+    run_id: str | None  # the MLflow run, on every rank
+    total: int  # batches (steps) of the whole run
+    precision: str
+    policy: CheckpointPolicy
+    meter: ProgressMeter
+    window: MetricWindow = dataclasses.field(default_factory=MetricWindow)
+    last_metrics: dict[str, float] = dataclasses.field(default_factory=dict)  # of the last log
 
 
 def _rank_generator(seed: int, rank: int) -> torch.Generator:
@@ -94,31 +116,176 @@ def _rank_generator(seed: int, rank: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + 7919 * rank + 1)
 
 
-def _build(cfg: Config, accelerator: Accelerator):
+def _build(cfg: Config, accelerator: Accelerator) -> TrainParts:
     torch.manual_seed(cfg.seed)  # frozen networks with random weights are identical on every rank
     objective = build_objective(cfg).to(accelerator.device)
     opt_seg = make_adamw(objective.segmenter, lr=cfg.optim.seg.lr, betas=cfg.optim.seg.betas,
                          weight_decay=cfg.optim.seg.weight_decay)
     opt_disc = make_adamw(objective.discriminator, lr=cfg.optim.disc.lr, betas=cfg.optim.disc.betas,
                           weight_decay=cfg.optim.disc.weight_decay)
-    return objective, opt_seg, opt_disc
+    return TrainParts(objective, opt_seg, opt_disc, _rank_generator(cfg.seed, accelerator.process_index))
 
 
-def _save(cfg: Config, accelerator: Accelerator, objective: MoveObjective, opt_seg, opt_disc,
-          state: TrainState, generator: torch.Generator, run_id: str | None) -> None:
+def _build_loader(cfg: Config, state: TrainState, accelerator: Accelerator):
+    return train_loader_from_config(
+        cfg.data, seed=cfg.seed, rank=accelerator.process_index,
+        world_size=accelerator.num_processes, epoch=state.epoch,
+        skip_batches=state.batches_in_epoch,
+        extra_keys=("background",) if cfg.objective.true_background else (),
+        pin_memory=accelerator.device.type == "cuda")
+
+
+def _prepared(cfg: Config, accelerator: Accelerator, parts: TrainParts, loader, tracker,
+              state: TrainState) -> TrainContext:
+    """The trainable networks and their optimizers through `accelerator.prepare`; the context."""
+    run_id = broadcast_object_list([getattr(tracker, "run_id", None)])[0]
+    objective = parts.objective
+    objective.segmenter, objective.discriminator, parts.opt_seg, parts.opt_disc = accelerator.prepare(
+        objective.segmenter, objective.discriminator, parts.opt_seg, parts.opt_disc)
+    total = cfg.train.max_steps or cfg.train.epochs * len(loader)
+    policy = CheckpointPolicy(cfg.train.ckpt_every_steps, cfg.train.ckpt_every_minutes)
+    policy.mark_saved(state.step)
+    meter = ProgressMeter(cfg.data.batch_size * accelerator.num_processes, total, device=accelerator.device)
+    ctx = TrainContext(cfg, accelerator, parts, loader, tracker, run_id, total,
+                       effective_precision(accelerator.device, cfg.train.precision), policy, meter)
+    log.info("training %d steps (%d batches of %d per epoch per process, %d processes, %s, %s)",
+             total, len(loader), cfg.data.batch_size, accelerator.num_processes,
+             accelerator.device, ctx.precision)
+    return ctx
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def on_device(batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(images, true background or None) of a batch, on the training device."""
+    images = batch["image"].to(device, non_blocking=True)
+    background = batch.get("background")
+    return images, background.to(device, non_blocking=True) if background is not None else None
+
+
+def train_step(ctx: TrainContext, state: TrainState, images: torch.Tensor,
+               background: torch.Tensor | None) -> tuple[str, dict[str, float]]:
+    """Even batches train D, odd batches the segmenter, D first (the authors' code,
+    adambielski/move-seg `engine.py` `train_one_epoch`); then the counters. Returns the phase
+    ("disc" or "seg") and its metrics."""
+    parts = ctx.parts
+    common = dict(generator=parts.generator, step=state.step, accelerator=ctx.accelerator,
+                  precision=ctx.precision, background=background)
+    if state.step % 2 == 0:
+        metrics = disc_step(parts.objective, images, parts.opt_disc, **common)
+        state.disc_steps += 1
+        phase = "disc"
+    else:
+        metrics = seg_step(parts.objective, images, parts.opt_seg, segmenter_step=state.seg_steps, **common)
+        state.seg_steps += 1
+        phase = "seg"
+    state.step += 1
+    state.batches_in_epoch += 1
+    return phase, metrics
+
+
+def train_loop(ctx: TrainContext, state: TrainState, stop: StopFlag) -> None:
+    """Steps until `ctx.total` batches are done, or until a signal stops every rank after a
+    checkpoint; each step may log, draw the gallery and checkpoint, in that order."""
+    while state.step < ctx.total:
+        try:
+            for batch in ctx.loader:
+                ctx.meter.data_ready()
+                images, background = on_device(batch, ctx.accelerator.device)
+                phase, metrics = train_step(ctx, state, images, background)
+                ctx.meter.step_done(phase)
+                ctx.window.add(metrics)
+                last = state.step >= ctx.total
+                if state.step % ctx.cfg.train.log_every == 0 or last:
+                    log_window(ctx, state)
+                if gallery_due(ctx, state.step, last):
+                    save_gallery(ctx, state.step, images, background)
+                if checkpoint_if_due(ctx, state, last, stop) or last:
+                    return
+        except LoaderInterrupted:  # SIGTERM while waiting for data: the last step is whole
+            checkpoint_if_due(ctx, state, False, stop)
+            return
+        state.epoch += 1
+        state.batches_in_epoch = 0
+
+
+def log_window(ctx: TrainContext, state: TrainState) -> None:
+    """The means of the window's step metrics with learning rates, throughput, the cost of each
+    phase, peak memory and the samples the data lost: one log line (main process) and MLflow
+    metrics. Every rank computes them (one device synchronisation per window)."""
+    means = ctx.window.means()
+    phases, memory = ctx.meter.phases.read(), peak_memory(ctx.accelerator.device)
+    means.update({"lr/seg": ctx.parts.opt_seg.param_groups[0]["lr"],
+                  "lr/disc": ctx.parts.opt_disc.param_groups[0]["lr"],
+                  "perf/images_per_s": ctx.meter.images_per_second,
+                  "perf/data_wait_share": ctx.meter.data_wait_share, "epoch": state.epoch,
+                  **{f"perf/{phase}_step_ms": ms for phase, ms in phases.items() if phase != "data"},
+                  "perf/data_wait_ms": phases["data"],
+                  **{f"perf/{kind}_mem_peak_gb": gb for kind, gb in memory.items()}})
+    means.update(ctx.loader.ledger.metrics())  # samples lost against the manifest
+    if ctx.accelerator.is_main_process:
+        log.info(_log_line(state, ctx.total, ctx.meter, means))
+        ctx.tracker.log_metrics({k: v for k, v in means.items() if math.isfinite(v)}, step=state.step)
+    ctx.last_metrics = means
+
+
+def _log_line(state: TrainState, total: int, meter: ProgressMeter, means: dict[str, float]) -> str:
+    """step, throughput, ETA and losses, then the cost of each phase and peak memory."""
+    losses = " ".join(f"{k.split('/', 1)[1]}={means[k]:.4f}" for k in
+                      ("loss/disc/total", "loss/seg/adv", "loss/seg/total", "mask/area") if k in means)
+    cost = " ".join(f"{label} {format_ms(means.get(key, math.nan))}" for label, key in
+                    (("D", "perf/disc_step_ms"), ("S", "perf/seg_step_ms"), ("data", "perf/data_wait_ms")))
+    memory = ", ".join(f"{means[key]:.1f} GB {label}" for label, key in
+                       (("GPU", "perf/gpu_mem_peak_gb"), ("host", "perf/host_mem_peak_gb")) if key in means)
+    return (f"step {state.step}/{total} epoch {state.epoch} | {meter.images_per_second:.1f} img/s "
+            f"| data wait {100 * meter.data_wait_share:.0f}% | eta "
+            f"{format_duration(meter.eta_seconds(state.step))} | {losses} | {cost} | peak {memory}")
+
+
+def gallery_due(ctx: TrainContext, step: int, last: bool) -> bool:
+    every = ctx.cfg.train.gallery_every
+    return ctx.accelerator.is_main_process and bool(every) and (step % every == 0 or last)
+
+
+def save_gallery(ctx: TrainContext, step: int, images: torch.Tensor, background: torch.Tensor | None) -> None:
+    """The objective's view of this batch as a PNG in run_dir/gallery and in MLflow (main process)."""
+    objective, unwrap = ctx.parts.objective, ctx.accelerator.unwrap_model
+    path = save_objective_gallery(
+        Path(ctx.cfg.run_dir) / "gallery" / f"step-{step:08d}.png", objective,
+        unwrap(objective.segmenter), unwrap(objective.discriminator), images, background, step)
+    ctx.tracker.log_image(path)
+
+
+def checkpoint_if_due(ctx: TrainContext, state: TrainState, last: bool, stop: StopFlag) -> bool:
+    """The main process decides from its clock and its stop flag, and every rank follows, so
+    all ranks save and stop at the same step. Returns True when the run must stop."""
+    decision = None
+    if ctx.accelerator.is_main_process:
+        decision = (ctx.policy.should_save(state.step, last or stop.raised), stop.raised)
+    due, stopping = broadcast_object_list([decision])[0]
+    if due:
+        save(ctx, state)
+        ctx.policy.mark_saved(state.step)
+        ctx.meter.restart_clock()
+    return stopping
+
+
+def save(ctx: TrainContext, state: TrainState) -> None:
     """All ranks gather their RNG states; the main process writes the checkpoint."""
-    rng = gather_object([capture_rng_state({"train": generator})])
+    accelerator, parts = ctx.accelerator, ctx.parts
+    rng = gather_object([capture_rng_state({"train": parts.generator})])
     if accelerator.is_main_process:
-        save_checkpoint(cfg.run_dir, state.step, {
-            "disc_steps": state.disc_steps, "seg_steps": state.seg_steps,
-            "segmenter": accelerator.unwrap_model(objective.segmenter).state_dict(),
-            "discriminator": accelerator.unwrap_model(objective.discriminator).state_dict(),
-            "optim_seg": opt_seg.state_dict(), "optim_disc": opt_disc.state_dict(), "rng": rng,
-            "data": {"epoch": state.epoch, "batches_in_epoch": state.batches_in_epoch,
-                     "world_size": accelerator.num_processes},
-            "config": dump_config(cfg), "mlflow_run_id": run_id,
-        }, cfg.train.keep_last)
+        unwrap = accelerator.unwrap_model
+        checkpoint = TrainingCheckpoint(
+            dataclasses.replace(state), unwrap(parts.objective.segmenter).state_dict(),
+            unwrap(parts.objective.discriminator).state_dict(), parts.opt_seg.state_dict(),
+            parts.opt_disc.state_dict(), rng, dump_config(ctx.cfg), ctx.run_id, accelerator.num_processes)
+        save_checkpoint(ctx.cfg.run_dir, checkpoint, ctx.cfg.train.keep_last)
     accelerator.wait_for_everyone()
+
+
+# ----------------------------------------------------------------------------- around the loop
 
 
 def _sync_buffers(accelerator: Accelerator, *modules: torch.nn.Module) -> None:
@@ -134,140 +301,41 @@ def _sync_buffers(accelerator: Accelerator, *modules: torch.nn.Module) -> None:
             torch.distributed.broadcast(buffer.data, src=0)
 
 
-def _log_line(state: TrainState, total: int, meter: ProgressMeter, means: dict[str, float]) -> str:
-    losses = " ".join(f"{k.split('/', 1)[1]}={means[k]:.4f}" for k in
-                      ("loss/disc/total", "loss/seg/adv", "loss/seg/total", "mask/area") if k in means)
-    return (f"step {state.step}/{total} epoch {state.epoch} | {meter.images_per_second:.1f} img/s "
-            f"| data wait {100 * meter.data_wait_share:.0f}% | eta "
-            f"{format_duration(meter.eta_seconds(state.step))} | {losses}")
-
-
-def _build_loader(cfg: Config, state: TrainState, accelerator: Accelerator):
-    return train_loader_from_config(
-        cfg.data, seed=cfg.seed, rank=accelerator.process_index,
-        world_size=accelerator.num_processes, epoch=state.epoch,
-        skip_batches=state.batches_in_epoch,
-        extra_keys=("background",) if cfg.objective.true_background else (),
-        pin_memory=accelerator.device.type == "cuda")
-
-
-class _Run:
-    """One process's training run once everything is built: steps, logs, galleries, checkpoints."""
-
-    def __init__(self, cfg: Config, accelerator: Accelerator, objective: MoveObjective, opt_seg,
-                 opt_disc, state: TrainState, generator: torch.Generator, tracker, run_id, total: int):
-        self.cfg, self.accelerator, self.objective = cfg, accelerator, objective
-        self.opt_seg, self.opt_disc, self.state, self.generator = opt_seg, opt_disc, state, generator
-        self.tracker, self.run_id, self.total = tracker, run_id, total
-        self.precision = effective_precision(accelerator.device, cfg.train.precision)
-        self.policy = CheckpointPolicy(cfg.train.ckpt_every_steps, cfg.train.ckpt_every_minutes)
-        self.policy.mark_saved(state.step)
-        self.meter = ProgressMeter(cfg.data.batch_size * accelerator.num_processes, total)
-        self.sums: dict[str, float] = defaultdict(float)
-        self.counts: dict[str, int] = defaultdict(int)
-        self.means: dict[str, float] = {}
-        self.loader = None
-
-    def step(self, batch: dict, stop: StopFlag) -> bool:
-        """Even batches train D, odd batches the segmenter (REFERENCE §4); True: stop now."""
-        device, state = self.accelerator.device, self.state
-        images = batch["image"].to(device, non_blocking=True)
-        background = batch.get("background")
-        background = background.to(device, non_blocking=True) if background is not None else None
-        common = dict(generator=self.generator, step=state.step, accelerator=self.accelerator,
-                      precision=self.precision, background=background)
-        if state.step % 2 == 0:
-            metrics = disc_step(self.objective, images, self.opt_disc, **common)
-            state.disc_steps += 1
-        else:
-            metrics = seg_step(self.objective, images, self.opt_seg,
-                               segmenter_step=state.seg_steps, **common)
-            state.seg_steps += 1
-        state.step += 1
-        state.batches_in_epoch += 1
-        self.meter.step_done()
-        for key, value in metrics.items():
-            self.sums[key] += value
-            self.counts[key] += 1
-        return self._after_step(images, background, stop)
-
-    def _after_step(self, images: torch.Tensor, background: torch.Tensor | None,
-                    stop: StopFlag) -> bool:
-        """Logs, gallery, checkpoint; True when every rank must stop (preemption)."""
-        cfg, step, main = self.cfg, self.state.step, self.accelerator.is_main_process
-        last = step >= self.total
-        if step % cfg.train.log_every == 0 or last:
-            self._log_window()
-        if main and cfg.train.gallery_every and (step % cfg.train.gallery_every == 0 or last):
-            unwrap = self.accelerator.unwrap_model
-            path = save_objective_gallery(
-                Path(cfg.run_dir) / "gallery" / f"step-{step:08d}.png", self.objective,
-                unwrap(self.objective.segmenter), unwrap(self.objective.discriminator), images, background, step)
-            self.tracker.log_image(path)
-        return self.checkpoint_if_due(last, stop)
-
-    def _log_window(self) -> None:
-        means = {k: self.sums[k] / self.counts[k] for k in self.sums}
-        means.update({"lr/seg": self.opt_seg.param_groups[0]["lr"],
-                      "lr/disc": self.opt_disc.param_groups[0]["lr"],
-                      "perf/images_per_s": self.meter.images_per_second,
-                      "perf/data_wait_share": self.meter.data_wait_share, "epoch": self.state.epoch})
-        if self.loader is not None:
-            means.update(self.loader.ledger.metrics())  # samples lost against the manifest
-        if self.accelerator.is_main_process:
-            log.info(_log_line(self.state, self.total, self.meter, means))
-            self.tracker.log_metrics({k: v for k, v in means.items() if math.isfinite(v)},
-                                     step=self.state.step)
-        self.means = means
-        self.sums.clear()
-        self.counts.clear()
-
-    def checkpoint_if_due(self, last: bool, stop: StopFlag) -> bool:
-        """The main process decides from its clock and its stop flag, and every rank follows, so
-        all ranks save and stop at the same step. Returns True when the run must stop."""
-        decision = None
-        if self.accelerator.is_main_process:
-            decision = (self.policy.should_save(self.state.step, last or stop.raised), stop.raised)
-        due, stopping = broadcast_object_list([decision])[0]
-        if due:
-            _save(self.cfg, self.accelerator, self.objective, self.opt_seg, self.opt_disc,
-                  self.state, self.generator, self.run_id)
-            self.policy.mark_saved(self.state.step)
-            self.meter.restart_clock()
-        return stopping
-
-    def loop(self, loader, stop: StopFlag) -> None:
-        state = self.state
-        self.loader = loader
-        while state.step < self.total:
-            try:
-                for batch in loader:
-                    self.meter.data_ready()
-                    if self.step(batch, stop):
-                        return
-                    if state.step >= self.total:
-                        return
-            except LoaderInterrupted:  # SIGTERM while waiting for data: the last step is whole
-                self.checkpoint_if_due(False, stop)
-                return
-            state.epoch += 1
-            state.batches_in_epoch = 0
-
-
-def _export(cfg: Config, accelerator: Accelerator, objective: MoveObjective, tracker, step: int) -> None:
+def export(ctx: TrainContext, step: int) -> None:
     """run_dir/segmenter.pt at the end; when it cannot be written, the last checkpoint holds the
     same weights and the error says how to export it."""
+    cfg, objective = ctx.cfg, ctx.parts.objective
     try:
-        export = export_segmenter(Path(cfg.run_dir) / "segmenter.pt",
-                                  accelerator.unwrap_model(objective.segmenter), cfg.model.features,
-                                  cfg.model.segmenter, cfg.data.image_size, mae_cfg=cfg.model.mae,
-                                  features_net=objective.features or objective.mae)
+        written = export_segmenter(Path(cfg.run_dir) / "segmenter.pt",
+                                   ctx.accelerator.unwrap_model(objective.segmenter), cfg.model.features,
+                                   cfg.model.segmenter, cfg.data.image_size, mae_cfg=cfg.model.mae,
+                                   features_net=objective.features or objective.mae)
     except OSError as err:
         raise CheckpointError(f"could not write {cfg.run_dir}/segmenter.pt ({err}); the final "
                               f"checkpoint holds the weights: python -m move_scale.export "
                               f"{cfg.run_dir} --out OTHER_PATH") from err
-    tracker.log_artifact(export)
-    log.info("done: %d steps; segmenter exported to %s", step, export)
+    ctx.tracker.log_artifact(written)
+    log.info("done: %d steps; segmenter exported to %s", step, written)
+
+
+def _run_to_the_end(ctx: TrainContext, state: TrainState, stop: StopFlag) -> bool:
+    """The loop, then the end of the run: identical buffers on every rank, the export (when
+    every step is done) and the MLflow run's status. True when every step is done."""
+    try:
+        train_loop(ctx, state, stop)
+    except NonFiniteLossError as err:
+        log.error("%s", err)
+        raise
+    except Exception:
+        ctx.tracker.log_metrics(ctx.loader.ledger.metrics(), step=state.step)  # what the data lost
+        raise
+    completed = state.step >= ctx.total
+    objective = ctx.parts.objective
+    _sync_buffers(ctx.accelerator, objective.segmenter, objective.discriminator)
+    if ctx.accelerator.is_main_process and completed:
+        export(ctx, state.step)
+    ctx.tracker.end("FINISHED" if completed else "KILLED")
+    return completed
 
 
 def train(cfg: Config, accelerator: Accelerator, plan: RunPlan | None = None) -> TrainResult:
@@ -280,41 +348,21 @@ def train(cfg: Config, accelerator: Accelerator, plan: RunPlan | None = None) ->
         if cfg.train.resume == "never":
             set_aside_checkpoints(cfg.run_dir)
     accelerator.wait_for_everyone()
-    state, generator = TrainState(), _rank_generator(cfg.seed, accelerator.process_index)
+    state = TrainState()
     state.epoch, state.batches_in_epoch = data_position(plan.point, accelerator.num_processes)
     loader = _build_loader(cfg, state, accelerator)  # bad data fails here, before networks and MLflow
-    objective, opt_seg, opt_disc = _build(cfg, accelerator)
+    parts = _build(cfg, accelerator)
     if plan.point is not None:
-        restore(plan.point, cfg, objective, opt_seg, opt_disc, state, generator,
-                accelerator.process_index, accelerator.num_processes)
+        restore(plan.point, cfg, parts, state, accelerator.process_index, accelerator.num_processes)
     with stop_on_signals(interrupt=loader.watch.interrupt) as stop:  # a wait for data is cut short
         tracker = start_tracking(cfg, main, plan.point)
         with ended_on_failure(tracker, stop):
-            run_id = broadcast_object_list([getattr(tracker, "run_id", None)])[0]
-            objective.segmenter, objective.discriminator, opt_seg, opt_disc = accelerator.prepare(
-                objective.segmenter, objective.discriminator, opt_seg, opt_disc)
-            total = cfg.train.max_steps or cfg.train.epochs * len(loader)
-            run = _Run(cfg, accelerator, objective, opt_seg, opt_disc, state, generator, tracker, run_id, total)
-            log.info("training %d steps (%d batches of %d per epoch per process, %d processes, %s, %s)",
-                     total, len(loader), cfg.data.batch_size, accelerator.num_processes,
-                     accelerator.device, run.precision)
-            try:
-                run.loop(loader, stop)
-            except NonFiniteLossError as err:
-                log.error("%s", err)
-                raise
-            except Exception:
-                tracker.log_metrics(loader.ledger.metrics(), step=state.step)  # what the data lost
-                raise
-            completed = state.step >= total
-            _sync_buffers(accelerator, objective.segmenter, objective.discriminator)
-            if main and completed:
-                _export(cfg, accelerator, objective, tracker, state.step)
-            tracker.end("FINISHED" if completed else "KILLED")
+            ctx = _prepared(cfg, accelerator, parts, loader, tracker, state)
+            completed = _run_to_the_end(ctx, state, stop)
     accelerator.wait_for_everyone()
-    return TrainResult(state.step, completed, run.means,
-                       accelerator.unwrap_model(objective.segmenter),
-                       accelerator.unwrap_model(objective.discriminator))
+    return TrainResult(state.step, completed, ctx.last_metrics,
+                       accelerator.unwrap_model(parts.objective.segmenter),
+                       accelerator.unwrap_model(parts.objective.discriminator))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -68,7 +68,7 @@ def _train_overrides(train: str, run_dir: Path, *extra: str) -> list[str]:
 
 def build_world(root: Path) -> World:
     """Real shards, images, an export and a checkpoint, made with whichever code is importable."""
-    from move_scale.checkpoint import capture_rng_state, save_checkpoint
+    from move_scale.checkpoint import TrainingCheckpoint, TrainState, capture_rng_state, save_checkpoint
     from move_scale.evaluation.segmenter_file import export_segmenter
     from move_scale.config import dump_config, load_config
     from move_scale.data.synthetic import write_synthetic
@@ -98,13 +98,11 @@ def build_world(root: Path) -> World:
                               features_net=objective.features)
     optimizers = [torch.optim.AdamW(net.parameters(), lr=1e-4)
                   for net in (objective.segmenter, objective.discriminator)]
-    checkpoint = save_checkpoint(run_dir, 2, {
-        "disc_steps": 1, "seg_steps": 1, "segmenter": objective.segmenter.state_dict(),
-        "discriminator": objective.discriminator.state_dict(), "optim_seg": optimizers[0].state_dict(),
-        "optim_disc": optimizers[1].state_dict(),
-        "rng": [capture_rng_state({"train": torch.Generator().manual_seed(1)})],
-        "data": {"epoch": 0, "batches_in_epoch": 2, "world_size": 1}, "config": dump_config(cfg),
-        "mlflow_run_id": None}, keep_last=0)
+    checkpoint = save_checkpoint(run_dir, TrainingCheckpoint(
+        TrainState(step=2, disc_steps=1, seg_steps=1, batches_in_epoch=2), objective.segmenter.state_dict(),
+        objective.discriminator.state_dict(), optimizers[0].state_dict(), optimizers[1].state_dict(),
+        [capture_rng_state({"train": torch.Generator().manual_seed(1)})], dump_config(cfg),
+        mlflow_run_id=None, world_size=1), keep_last=0)
     corrupt_run = root / "corrupt_run"
     corrupt_run.mkdir()
     (corrupt_run / checkpoint.name).write_bytes(checkpoint.read_bytes()[:3000])

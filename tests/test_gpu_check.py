@@ -84,8 +84,10 @@ def test_what_it_reads_from_pytest_trainer_and_data_rate_output(steps):
     assert counts == {"failed": 1, "passed": 1, "skipped": 2} and failed == ["tests/test_kernels.py::test_b[bf16]"]
     counts, failed = steps.parse_pytest("tests/t.py::test_a PASSED [ 50%]\ntests/t.py::test_b ERROR [ 60%]\n")
     assert counts == {"passed": 1, "error": 1} and failed == ["tests/t.py::test_b"]  # cut off before its summary
-    log = ("INFO move_scale.train: step 40/100 epoch 3 | 101.5 img/s | data wait 3% | eta 0:00:30 | x\n"
-           "INFO move_scale.train: step 50/100 epoch 4 | 120.2 img/s | data wait 1% | eta 0:00:25 | x\n")
+    log = ("INFO move_scale.train: step 40/100 epoch 3 | 101.5 img/s | data wait 3% | eta 0:00:30 | x "
+           "| D 412 ms S 655 ms data 3.1 ms | peak 14.2 GB GPU, 5.1 GB host\n"
+           "INFO move_scale.train: step 50/100 epoch 4 | 120.2 img/s | data wait 1% | eta 0:00:25 | x "
+           "| D - S 655 ms data 12 ms | peak 14.2 GB GPU, 5.1 GB host\n")
     assert steps.parse_rate(log) == "120.2 images/s (data wait 1%)"
     assert [int(m.group(1)) for m in steps.STEP_LINE.finditer(log)] == [40, 50]
     launcher = "subprocess.CalledProcessError: Command '[...]' returned non-zero exit status 143.\n"

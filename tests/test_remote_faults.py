@@ -143,7 +143,7 @@ def test_an_outage_past_the_window_stops_in_one_line_and_the_run_resumes(
         from move_scale.checkpoint import load_latest_checkpoint
 
         path, ckpt = load_latest_checkpoint(run_dir)  # intact: loads and checks out
-        assert 2 <= ckpt["step"] < STEPS
+        assert 2 <= ckpt.state.step < STEPS
         if fault == "pause":
             server.resume()
         else:

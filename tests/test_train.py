@@ -1,6 +1,7 @@
 """The trainer end to end: real 2-process DDP on gloo, MLflow on a local store, SIGKILL + resume."""
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -69,8 +70,10 @@ def test_two_process_ddp_keeps_ranks_identical_and_logs_to_mlflow(shards, tmp_pa
     assert run.data.params["optim.seg.lr"] == "0.0002"
     assert run.data.params["data.batch_size"] == "4"
     for name in ("loss/disc/total", "loss/seg/adv", "loss/seg/min_full", "lambda_bin", "mask/area",
-                 "lr/seg", "perf/images_per_s", "perf/data_wait_share"):
+                 "lr/seg", "perf/images_per_s", "perf/data_wait_share", "perf/disc_step_ms",
+                 "perf/seg_step_ms", "perf/data_wait_ms", "perf/host_mem_peak_gb"):
         assert name in run.data.metrics, name
+    assert "perf/gpu_mem_peak_gb" not in run.data.metrics  # CUDA only
     history = client.get_metric_history(run.info.run_id, "loss/disc/total")
     assert [m.step for m in history] == [2, 4, 6]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
@@ -139,6 +142,12 @@ def test_resume_skips_a_checkpoint_cut_off_mid_write(shards, tmp_path, caplog):
                                                       "train.ckpt_every_steps=2",
                                                       "train.gallery_every=0")]) == 0
     assert "skipping checkpoint" in caplog.text and str(newest) in caplog.text
+    # each log line ends with the cost of each phase in its window and peak memory (no GPU here)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+    assert len(lines) == 4  # steps 2 and 4, then 4 and 6 after resuming at step 2 (log_every=2)
+    for line in lines:
+        assert re.search(r"\| [\d.]+ img/s \| data wait \d+% \| eta .* \| D [\d.]+ ms S [\d.]+ ms "
+                         r"data [\d.]+ ms \| peak [\d.]+ GB host$", line), line
     assert f"resumed from {run_dir / 'ckpt-00000002.pt'}" in caplog.text
     resumed = torch.load(run_dir / "ckpt-00000006.pt", weights_only=True)
     assert (resumed["step"], resumed["seg_steps"]) == (6, 3)

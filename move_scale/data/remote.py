@@ -13,8 +13,9 @@ must decide. A read that fails with a timeout, a refused or dropped connection, 
 5xx/throttling answer (`is_transient`) is retried with backoff, reopening the file at the byte
 where it broke off, until the store has been silent for `retry_window_s`; then `DataError` names
 the endpoint and the file. A stall inside the window therefore leaves the bytes read, and
-everything made from them, identical to an undisturbed read; a read gives up at most about
-`ReadPolicy.give_up_s` (the window plus one attempt: two requests) after the store went silent.
+everything made from them, identical to an undisturbed read; a read gives up at most about the
+window plus one attempt (two requests, each with its connect and read timeouts) after the store
+went silent.
 Missing files, denied access and other answers that a retry cannot change are raised at once.
 """
 from __future__ import annotations
@@ -54,11 +55,6 @@ class ReadPolicy:
         for name in ("connect_timeout_s", "read_timeout_s", "retry_window_s"):
             if not getattr(self, name) > 0:
                 raise DataError(f"data.{name} must be > 0 seconds, got {getattr(self, name)}")
-
-    @property
-    def give_up_s(self) -> float:
-        """About the longest a failing read takes before DataError (see the module docstring)."""
-        return self.retry_window_s + 2 * (self.connect_timeout_s + self.read_timeout_s) + 1.0
 
 
 def add_policy_arguments(parser) -> None:

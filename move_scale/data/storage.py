@@ -158,7 +158,3 @@ class OutputDir:
             self._remote("deleting", name, lambda: self.fs.rm(self.path(name)))
         except FileNotFoundError:
             pass
-
-    def invalidate(self) -> None:
-        """Forget cached listings (object stores cache `ls`)."""
-        self.fs.invalidate_cache()
