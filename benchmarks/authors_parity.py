@@ -74,7 +74,7 @@ def bn_statistics() -> None:
     from move_scale.config import load_config
     from move_scale.models.build import build_discriminator
 
-    cfg = load_config(ROOT / "configs" / "debug.yaml", ["model.disc.resolution=224"]).model
+    cfg = load_config("configs/debug.yaml", ["model.disc.resolution=224"]).model
     torch.manual_seed(0)
     built = build_discriminator(cfg, seed=0).eval()
     torch.manual_seed(0)
@@ -99,7 +99,7 @@ def mae_tokens_norm() -> None:
         mae.norm.weight.uniform_(0.5, 1.5)
         mae.norm.bias.normal_(0, 0.3)
         tokens = mae.encode(torch.randn(2, 3, 224, 224))[:, 1:]
-    cfg = load_config(ROOT / "configs" / "debug.yaml", ["model.features.kind=mae",
+    cfg = load_config("configs/debug.yaml", ["model.features.kind=mae",
                                                         "model.segmenter.widths=[16,16,16,16,16]"]).model
     torch.manual_seed(1)
     head = build_segmenter(cfg, 64).eval()

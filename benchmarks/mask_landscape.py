@@ -25,14 +25,12 @@ import dataclasses
 import logging
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
 CANDIDATES = ("true", "eroded 2px", "dilated 2px", "dilated 4px", "boxes", "all ones", "haze θ_min",
               "ellipse")
 
@@ -185,7 +183,7 @@ def format_table(val: dict, scored: dict[str, torch.Tensor], results: dict[str, 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default=str(ROOT / "configs" / "synthetic.yaml"))
+    parser.add_argument("--config", default="configs/synthetic.yaml")
     parser.add_argument("--mae", required=True, help="MAE weights (e.g. from benchmarks/synthetic.py or pretrain_mae)")
     parser.add_argument("--steps", type=int, default=3000, help="D steps per inpainter")
     parser.add_argument("--train", type=int, default=2000, help="training scenes")

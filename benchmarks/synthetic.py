@@ -16,11 +16,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
 PHASES = {"data": "data", "mae": "mae pretrain", "move": "move train", "eval": "evaluate"}  # table names
 
 
@@ -66,7 +64,7 @@ def format_table(result, config: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default=str(ROOT / "configs" / "synthetic.yaml"))
+    parser.add_argument("--config", default="configs/synthetic.yaml")
     parser.add_argument("--out", default="runs/benchmark-synthetic", help="shards, MAE, runs and results go here")
     parser.add_argument("--train", type=int, default=2000, help="training scenes")
     parser.add_argument("--val", type=int, default=200, help="validation scenes")

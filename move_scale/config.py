@@ -2,6 +2,10 @@
 
     cfg = load_config("configs/paper_duts.yaml", ["optim.seg.lr=1e-4", "data.batch_size=16"])
 
+The experiment configs ship inside the package (move_scale/configs/), so an installed package
+finds them from any folder: `paper_duts`, `paper_duts.yaml` and `configs/paper_duts.yaml` name the
+bundled file unless a file of that name exists, which then wins (`resolve_config_path`).
+
 Every value is checked as it loads (config_tree.py): an unknown key is an error that names it and
 suggests the nearest valid key; a value of the wrong type names the key, the value and the type;
 each field declares its rule beside its default (`one_of`, `at_least`, ... from config_rules.py)
@@ -302,9 +306,32 @@ def config_from_dict(data: dict, overrides: typing.Sequence[str] = ()) -> Config
     return build_tree(Config, tree)
 
 
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+def bundled_configs() -> list[str]:
+    """Names of the configs shipped with the package: "debug", ..., "ablations/mse_mae"."""
+    return sorted(p.relative_to(CONFIG_DIR).with_suffix("").as_posix() for p in CONFIG_DIR.rglob("*.yaml"))
+
+
+def resolve_config_path(spec: str | Path) -> Path:
+    """The YAML file `spec` names: an existing file, else a bundled config by name, with or without
+    ".yaml" and a leading "configs/" (so the documented `--config configs/x.yaml` works anywhere)."""
+    path = Path(spec)
+    if path.is_file():
+        return path
+    name = path.as_posix().removesuffix(".yaml").removeprefix("./").removeprefix("configs/")
+    bundled = CONFIG_DIR / f"{name}.yaml"
+    if not path.is_absolute() and bundled.is_file():
+        return bundled
+    raise ConfigError(f"config file not found: {spec}; give a YAML path or a bundled config: "
+                      + ", ".join(bundled_configs()))
+
+
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
-    """Read a YAML file (or start from the defaults when `path` is None) and apply overrides."""
-    data = read_yaml(Path(path)) if path is not None else {}
+    """Read a YAML file or bundled config (`resolve_config_path`), or start from the defaults when
+    `path` is None, and apply overrides."""
+    data = read_yaml(resolve_config_path(path)) if path is not None else {}
     return config_from_dict(data, overrides)
 
 

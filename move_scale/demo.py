@@ -32,7 +32,7 @@ from move_scale.paths import check_output_dir, check_output_file
 from move_scale.pretrain_mae import PretrainRecipe, pretrain
 
 log = logging.getLogger("move_scale.demo")
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+DEFAULT_CONFIG = "demo"  # the bundled move_scale/configs/demo.yaml
 
 
 @dataclass(frozen=True)
@@ -157,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
                "override the MOVE config, e.g. train.max_steps=400.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="MOVE config (configs/demo.yaml)")
+    parser.add_argument("--config", default=DEFAULT_CONFIG,
+                        help="MOVE config: a YAML path or a bundled config name (default: demo)")
     parser.add_argument("--train", type=int, default=600, help="training scenes (default 600)")
     parser.add_argument("--val", type=int, default=100, help="held-out scenes (default 100)")
     parser.add_argument("--mae-steps", type=int, default=200, help="MAE pretraining steps (200)")

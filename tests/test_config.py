@@ -5,18 +5,21 @@ from pathlib import Path
 import pytest
 
 from move_scale.config import (
+    CONFIG_DIR,
     DISC_KINDS,
     FEATURE_KINDS,
     Config,
     ConfigError,
+    bundled_configs,
     config_from_dict,
     dump_config,
     flatten,
     load_config,
+    resolve_config_path,
 )
 from move_scale.models.build import DISCRIMINATOR_BUILDERS, FEATURE_BUILDERS
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = CONFIG_DIR
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.rglob("*.yaml")), ids=lambda p: p.name)
@@ -25,6 +28,25 @@ def test_every_shipped_config_loads_and_round_trips(path, tmp_path):
     out = tmp_path / "resolved.yaml"
     dump_config(cfg, out)
     assert load_config(out) == cfg
+
+
+def test_bundled_configs_resolve_by_name_or_documented_path_from_any_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    bundled = CONFIG_DIR / "paper_duts.yaml"
+    for spec in ("paper_duts", "paper_duts.yaml", "configs/paper_duts.yaml", bundled):
+        assert resolve_config_path(spec) == bundled
+    assert resolve_config_path("ablations/mse_mae") == CONFIG_DIR / "ablations" / "mse_mae.yaml"
+    assert load_config("configs/paper_duts.yaml") == load_config(bundled)
+    assert {"debug", "demo", "paper_duts", "imagenet100", "synthetic", "ablations/mse_mae"} <= set(bundled_configs())
+    own = tmp_path / "configs" / "paper_duts.yaml"  # a file of that name wins over the bundled one
+    own.parent.mkdir()
+    own.write_text("seed: 7\n")
+    assert resolve_config_path("configs/paper_duts.yaml") == Path("configs/paper_duts.yaml")
+    assert load_config("configs/paper_duts.yaml").seed == 7
+    with pytest.raises(ConfigError, match=r"config file not found: papr_duts; .*bundled config: .*paper_duts"):
+        load_config("papr_duts")
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "absent" / "debug.yaml")  # an absolute path never falls back
 
 
 def test_paper_config_holds_the_paper_values():

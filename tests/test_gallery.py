@@ -74,14 +74,12 @@ def test_shape_errors(tmp_path):
 
 
 def test_objective_gallery_leaves_training_state_untouched(tmp_path):
-    from pathlib import Path
-
     from move_scale.config import load_config
     from move_scale.gallery import save_objective_gallery
     from move_scale.objective import build_objective
 
     torch.manual_seed(0)
-    objective = build_objective(load_config(Path(__file__).resolve().parents[1] / "configs" / "debug.yaml"))
+    objective = build_objective(load_config("configs/debug.yaml"))
     objective.train_modes()
     segmenter = objective.segmenter
     stats = {k: v.clone() for k, v in segmenter.state_dict().items()}

@@ -34,7 +34,7 @@ def test_candidates_are_built_from_the_truth(landscape):
 
 
 def test_a_short_landscape_scores_every_candidate_and_ranks_them(landscape):
-    cfg = load_config(ROOT / "configs" / "synthetic.yaml",
+    cfg = load_config("configs/synthetic.yaml",
                       ["model.mae.weights=random", "data.image_size=32", "data.batch_size=4"])
     train = landscape.scenes(16, 32, seed=0, split="train")
     val = landscape.scenes(8, 32, seed=0, split="val")

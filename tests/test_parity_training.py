@@ -15,7 +15,7 @@ from move_scale.config import ConfigError, DiscConfig, ModelConfig, load_config
 from move_scale.models.build import build_discriminator, build_segmenter
 from move_scale.models.discriminator import ProjectedDiscriminator, diff_augment_color
 from move_scale.models.segmenter import Segmenter
-from test_objective import SIZE, images, make_objective
+from test_objective import images, make_objective
 
 
 # ----------------------------------------------------------------------------- 1. D call order

@@ -24,7 +24,7 @@ def test_readme_two_process_example_leaves_out_under_ten_percent(tmp_path):
     run_dir = tmp_path / "run"
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                str(ROOT / "launch" / "cpu_2proc.yaml"), "--main_process_port", str(free_port()),
-               "-m", "move_scale.train", "--config", str(ROOT / "configs" / "debug.yaml"),
+               "-m", "move_scale.train", "--config", "configs/debug.yaml",
                f"data.train={manifest}", f"run_dir={run_dir}", "train.max_steps=2",
                "train.gallery_every=0"]
     done = subprocess.run(command, env=s3_env(ACCELERATE_USE_CPU="true"), capture_output=True,

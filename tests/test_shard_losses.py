@@ -16,7 +16,7 @@ from move_scale.data.storage import DataError
 from move_scale.data.stream import build_eval_loader, build_train_loader
 from shardutil import make_shards, write_tar
 
-DEBUG = str(Path(__file__).resolve().parents[1] / "configs" / "debug.yaml")
+DEBUG = "configs/debug.yaml"
 COUNTS = [8, 8, 8, 8]
 
 

@@ -30,7 +30,7 @@ def test_the_benchmark_maps_its_arguments_to_its_own_pipeline(benchmark):
     assert (settings.train, settings.val, settings.run_name) == (24, 6, "move-diagnostic")
     assert (settings.recipe.steps, settings.recipe.batch_size, settings.recipe.lr) == (5, 4, 1e-3)
     assert not (settings.keep_mae or settings.keep_move or settings.log_eval) and settings.val_in_training
-    assert settings.config == str(ROOT / "configs" / "synthetic.yaml")
+    assert settings.config == "configs/synthetic.yaml"
     manifests = {"train": "o/shards/train/manifest.json", "val": "o/shards/val/manifest.json"}
     assert move_overrides(settings, manifests, Path("o/mae.pth"), Path("o/move-diagnostic")) == [
         "data.train=o/shards/train/manifest.json", "data.val=o/shards/val/manifest.json", "data.image_size=48",

@@ -121,7 +121,7 @@ def test_a_real_training_run_on_shardwriter_shards_after_index(tmp_path):
     assert indexed.returncode == 0, indexed.stderr
     run_dir = tmp_path / "run"
     done = subprocess.run(
-        [sys.executable, "-m", "move_scale.train", "--config", str(ROOT / "configs" / "debug.yaml"),
+        [sys.executable, "-m", "move_scale.train", "--config", "configs/debug.yaml",
          f"data.train={folder}", f"run_dir={run_dir}", "data.workers=0", "train.max_steps=4",
          "train.log_every=2", "train.ckpt_every_steps=4", "train.gallery_every=0"],
         env=_env(), capture_output=True, text=True, timeout=600)
