@@ -23,7 +23,8 @@ import yaml
 from move_scale.checkpoint import CheckpointError, TrainingCheckpoint, load_checkpoint, load_latest_checkpoint
 from move_scale.config import Config, ConfigError, config_from_dict
 from move_scale.errors import UserError, report
-from move_scale.evaluation.segmenter_file import EXPORT_FORMAT, export_segmenter, read_segmenter_export
+from move_scale.evaluation.segmenter_file import (EXPORT_FORMAT, export_segmenter, read_segmenter_export,
+                                                  segmenter_with_weights)
 from move_scale.paths import check_output_file, save_or_keep
 
 log = logging.getLogger("move_scale.export")
@@ -100,20 +101,12 @@ def _features_network(cfg: Config) -> torch.nn.Module:
 
 def export_checkpoint(source: str, out: str | None = None, weights_cache: str | None = None) -> Path:
     """Write the segmenter export of `source` (run_dir or checkpoint); returns its path."""
-    from move_scale.models.build import build_segmenter
-
     path, checkpoint = _read_source(source)
     target = check_output_file(out or _default_out(source, path, checkpoint.state.step), "--out",
                                example="segmenter.pt")
     cfg = _run_config(path, checkpoint, weights_cache)
     features_net = _features_network(cfg)
-    in_dim = cfg.model.mae.embed_dim if cfg.model.features.kind == "mae" else cfg.model.features.embed_dim
-    segmenter = build_segmenter(cfg.model, in_dim)
-    try:
-        segmenter.load_state_dict(checkpoint.segmenter, strict=True)
-    except RuntimeError as err:
-        raise CheckpointError(f"{path}: its segmenter weights do not fit its config "
-                              f"model.segmenter = {cfg.model.segmenter}") from err
+    segmenter = segmenter_with_weights(cfg.model, checkpoint.segmenter, str(path))
     written = save_or_keep(
         lambda p: export_segmenter(p, segmenter, cfg.model.features, cfg.model.segmenter,
                                    cfg.data.image_size, mae_cfg=cfg.model.mae, features_net=features_net),

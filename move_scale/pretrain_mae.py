@@ -178,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="\n\n".join(__doc__.split("\n\n")[1:]),
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True,
-                        help="YAML config: the model.mae architecture, data.train, data.image_size")
+                        help="YAML config, a path or a bundled name: the model.mae architecture, data.train, data.image_size")
     parser.add_argument("--out", required=True,
                         help="where to write the MAE weights ({'model': state_dict}), e.g. runs/mae.pth")
     for f in dataclasses.fields(PretrainRecipe):

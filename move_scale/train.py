@@ -28,7 +28,7 @@ from accelerate.utils import broadcast_object_list, gather_object
 
 from move_scale.checkpoint import (CheckpointError, CheckpointPolicy, TrainingCheckpoint, TrainState,
                                    capture_rng_state, save_checkpoint)
-from move_scale.config import Config, dump_config, load_config
+from move_scale.config import Config, bundled_configs, dump_config, load_config
 from move_scale.data.settings import train_loader_from_config
 from move_scale.data.watch import LoaderInterrupted
 from move_scale.engine import NonFiniteLossError, disc_step, effective_precision, make_adamw, seg_step
@@ -62,7 +62,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     "one process or under `accelerate launch` on many GPUs and nodes.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--config", required=True, help="experiment YAML (configs/*.yaml)")
+    parser.add_argument("--config", required=True,
+                        help="experiment YAML: a path or a bundled config (" + ", ".join(bundled_configs()) + ")")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch CPU threads per process (default 0: torch's own choice, which "
                              "can crawl when other jobs share the cores; try 1-4 there)")

@@ -34,8 +34,7 @@ from PIL import Image
 
 from motoproc import free_port
 
-ROOT = Path(__file__).resolve().parents[1]
-DEBUG = str(ROOT / "configs" / "debug.yaml")
+DEBUG = "configs/debug.yaml"
 COMPLETE_LOOKING = ("segmenter.pt", "segmenter-*.pt", "ckpt-*.pt", "mae.pth", "eval.json",
                     "boxes.json", "manifest.json", "*.tar")
 MODULES = {"train": "move_scale.train", "evaluate": "move_scale.evaluate", "predict": "move_scale.predict",

@@ -28,6 +28,7 @@ def demo_run(tmp_path_factory):
     return out, done
 
 
+@pytest.mark.slow
 def test_the_demo_runs_every_step_and_leaves_a_complete_mlflow_run(demo_run):
     from mlflow.tracking import MlflowClient
 

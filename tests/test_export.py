@@ -17,8 +17,7 @@ from move_scale.evaluation.segmenter_file import export_segmenter, load_segmente
 from move_scale.export import main
 from move_scale.objective import build_objective
 
-ROOT = Path(__file__).resolve().parents[1]
-DEBUG = str(ROOT / "configs" / "debug.yaml")
+DEBUG = "configs/debug.yaml"
 
 
 def _checkpoint(run_dir: Path, step: int, *overrides: str, stored: tuple[str, ...] = ()) -> tuple[Path, object]:

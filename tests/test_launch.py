@@ -18,7 +18,7 @@ from motoproc import free_port
 from move_scale.data.synthetic import write_synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
-DEBUG = str(ROOT / "configs" / "debug.yaml")
+DEBUG = "configs/debug.yaml"
 STEPS = 8
 pytestmark = pytest.mark.slow  # several processes per test, a minute or two each on 2 cores
 

@@ -89,6 +89,7 @@ def test_predict_empty_mask_gives_no_boxes_list_input(tmp_path):
     assert json.loads((out / "coco_largest.json").read_text())["annotations"] == []
 
 
+@pytest.mark.slow
 def test_predict_single_file_and_shards_as_subprocess(tmp_path):
     from move_scale.data.synthetic import write_synthetic
 

@@ -20,7 +20,7 @@ from motoproc import MotoServer, free_port, s3_env
 from move_scale.data.synthetic import write_synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
-DEBUG = str(ROOT / "configs" / "debug.yaml")
+DEBUG = "configs/debug.yaml"
 STEPS = 8
 FAST = ["data.connect_timeout_s=1", "data.read_timeout_s=1"]  # one attempt: about 2 x 2 s
 

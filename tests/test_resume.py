@@ -15,8 +15,7 @@ from move_scale.data.synthetic import write_synthetic
 from move_scale.resume import changes_mid_run, compare
 from move_scale.train import main as train_main
 
-ROOT = Path(__file__).resolve().parents[1]
-DEBUG = str(ROOT / "configs" / "debug.yaml")
+DEBUG = "configs/debug.yaml"
 
 
 def _args(shards: str, run_dir: Path, *extra: str) -> list[str]:

@@ -165,6 +165,7 @@ def test_bad_input_in_a_real_process_and_help(tmp_path):
         assert text in shown, text
 
 
+@pytest.mark.slow
 def test_index_on_s3_beside_the_shards_and_from_a_local_manifest(tmp_path, s3_endpoint, s3_bucket):
     write_foreign_shards(tmp_path / "foreign")
     options = {"client_kwargs": {"endpoint_url": s3_endpoint}}

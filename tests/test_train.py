@@ -16,7 +16,7 @@ from move_scale.data.synthetic import write_synthetic
 from move_scale.train import main as train_main
 
 ROOT = Path(__file__).resolve().parents[1]
-DEBUG = str(ROOT / "configs" / "debug.yaml")
+DEBUG = "configs/debug.yaml"
 
 
 @pytest.fixture(scope="module")

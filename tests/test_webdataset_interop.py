@@ -22,7 +22,6 @@ from move_scale.data.images import IMAGENET_MEAN, IMAGENET_STD
 from move_scale.data.write import write_shards
 from wdsutil import write_foreign_shards
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _members(sample: dict) -> dict:

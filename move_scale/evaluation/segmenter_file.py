@@ -87,6 +87,23 @@ def read_segmenter_export(path: str | Path) -> dict:
     return export
 
 
+def features_dim(model_cfg: Any) -> int:
+    """Channels of the features the segmenter reads: the MAE encoder's or the ViT's."""
+    return model_cfg.mae.embed_dim if model_cfg.features.kind == "mae" else model_cfg.features.embed_dim
+
+
+def segmenter_with_weights(model_cfg: Any, state: dict, where: str) -> torch.nn.Module:
+    """The Segmenter of `model_cfg` holding `state` (loaded strictly); a mismatch is a
+    CheckpointError that starts with `where` (the file) and names the segmenter config."""
+    segmenter = build_segmenter(model_cfg, features_dim(model_cfg))
+    try:
+        segmenter.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(f"{where}: segmenter weights do not fit model.segmenter = "
+                              f"{model_cfg.segmenter}: {err}") from err
+    return segmenter
+
+
 def load_segmenter(path: str | Path, device: str | torch.device = "cpu",
                    weights_cache: str | None = None) -> tuple[torch.nn.Module, torch.nn.Module, dict]:
     """(features network, Segmenter, meta) from an export, on `device`, in eval mode.
@@ -113,20 +130,13 @@ def load_segmenter(path: str | Path, device: str | torch.device = "cpu",
     image_size = export["image_size"]
     if model_cfg.features.kind == "mae":
         features_net = build_mae(model_cfg, image_size)
-        in_dim = model_cfg.mae.embed_dim
     else:
         features_net = build_features(model_cfg, image_size)
-        in_dim = model_cfg.features.embed_dim
     if "features_state" in export:  # random frozen weights travel with the export
         try:
             features_net.load_state_dict(export["features_state"], strict=True)
         except RuntimeError as err:
             raise CheckpointError(f"{path}: embedded features weights do not fit: {err}") from err
-    segmenter = build_segmenter(model_cfg, in_dim)
-    try:
-        segmenter.load_state_dict(export["segmenter"], strict=True)
-    except RuntimeError as err:
-        raise CheckpointError(f"{path}: segmenter weights do not fit segmenter_cfg "
-                              f"{export['segmenter_cfg']}: {err}") from err
+    segmenter = segmenter_with_weights(model_cfg, export["segmenter"], str(path))
     meta = {k: v for k, v in export.items() if k != "segmenter"}
     return features_net.to(device).eval(), segmenter.to(device).eval(), meta
