@@ -66,6 +66,7 @@ CHILD = textwrap.dedent("""
 """).replace("torch_zeros", "__import__('torch').zeros(4_000_000)")
 
 
+@pytest.mark.slow
 def test_sigkill_during_save_leaves_previous_checkpoint(tmp_path, caplog):
     run_dir, ready = tmp_path / "run", tmp_path / "ready"
     script = CHILD.format(tests=str(Path(__file__).parent), ready=str(ready), run_dir=str(run_dir))
@@ -105,6 +106,7 @@ BIG_CHILD = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_sigkill_while_bytes_are_written(tmp_path, caplog):
     """Kill as soon as the temporary file of a 256 MB checkpoint has bytes in it."""
     run_dir = tmp_path / "run"

@@ -57,6 +57,7 @@ def test_bad_arguments_exit_2_with_what_to_do(gpu_check, capsys, argv, message):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_command_past_its_limit_is_stopped_with_its_children_and_keeps_its_output(tools, tmp_path):
     runner = tools.Runner(tmp_path / "log", dict(os.environ), time.monotonic() + 60, tmp_path)
     script = ("import subprocess, sys, time; child = subprocess.Popen([sys.executable, '-c', "

@@ -7,6 +7,7 @@ import sys
 import tarfile
 
 import fsspec
+import pytest
 from PIL import Image
 
 from move_scale.data.cli import main
@@ -18,6 +19,7 @@ def _cli(*args) -> subprocess.CompletedProcess:
                           text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_make_writes_shards_to_s3_and_they_read_back(make_images, s3_endpoint, s3_bucket, capsys):
     images = make_images(n=9, masks=True)
     out = f"{s3_bucket}/sets/demo"
@@ -57,6 +59,7 @@ def test_make_writes_shards_to_s3_and_they_read_back(make_images, s3_endpoint, s
     assert "demo-000001.tar" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_s3_report_lists_bad_files_and_resume_of_a_finished_set_is_a_no_op(tricky_images, s3_endpoint,
                                                                           s3_bucket, caplog):
     out = f"{s3_bucket}/tricky"
