@@ -130,6 +130,25 @@ def test_clear_errors(tmp_path, capsys):
     assert "coco_multi.json" in capsys.readouterr().out
 
 
+def test_a_mask_that_cannot_be_written_keeps_the_boxes_done(tmp_path, capsys):
+    (tmp_path / "in").mkdir()
+    for name, size in (("first.png", (20, 30)), ("second.png", (24, 16))):  # sorted: first, then second
+        Image.fromarray(np.full((*size, 3), 90, np.uint8)).save(tmp_path / "in" / name)
+    out = tmp_path / "out"
+    (out / "masks" / "second.png").mkdir(parents=True)  # a folder where the second mask goes
+    rc = main(["--checkpoint", str(make_export(tmp_path, bias=20.0)), str(tmp_path / "in"), str(out),
+               "--batch-size", "1", "--short-side", "16", "--no-progress", "--device", "cpu"])
+    assert rc == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and errors[0].startswith("error: could not write ")
+    assert str(out / "masks" / "second.png") in errors[0] and "1 image done" in errors[0]
+    assert str(out / "boxes.json") in errors[0] and "choose another OUTPUT" in errors[0]
+    assert Image.open(out / "masks" / "first.png").size == (30, 20)
+    records = json.loads((out / "boxes.json").read_text())["images"]
+    assert [r["key"] for r in records] == ["first"]
+    assert records[0]["largest"] == [0, 0, 30, 20]  # the whole image: sigmoid(20) everywhere
+
+
 def test_duplicate_stems_keep_their_suffix(tmp_path):
     for name in ("a.png", "a.jpg"):
         Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / name)

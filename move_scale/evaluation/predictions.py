@@ -19,7 +19,7 @@ from move_scale.data.remote import ReadPolicy
 from move_scale.evaluation.boxes import Box, boxes_record, coco_detections, mask_to_boxes
 from move_scale.evaluation.inference import SHORT_SIDE, InferenceError, load_predictor, read_image
 from move_scale.evaluation.sources import looks_like_shards
-from move_scale.paths import check_output_dir, save_or_keep
+from move_scale.paths import OutputError, check_output_dir, save_or_keep
 
 logger = logging.getLogger("move_scale.predict")
 LIST_SUFFIXES = (".txt", ".lst", ".list")
@@ -129,18 +129,19 @@ class OutputWriter:
         self.min_area_fraction = min_area_fraction
         self.records: list[dict] = []
         self.detections: list[tuple[str, int, int, list[Box]]] = []
+        self.writing: Path | None = None  # the file `add` writes now (named when that fails)
 
     def add(self, item: InputImage, image: np.ndarray, mask: np.ndarray) -> None:
         """mask: float (H, W) in [0, 1] at the image's size."""
         height, width = mask.shape
         boxes = mask_to_boxes(mask, self.threshold, self.min_area_fraction)
-        target = self.out_dir / "masks" / f"{item.key}.png"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.round(mask * 255).astype(np.uint8), "L").save(target)
+        self.writing = self.out_dir / "masks" / f"{item.key}.png"
+        self.writing.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.round(mask * 255).astype(np.uint8), "L").save(self.writing)
         if self.overlay:
-            target = self.out_dir / "overlays" / f"{item.key}.jpg"
-            target.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(draw_overlay(image, mask, boxes), "RGB").save(target, quality=90)
+            self.writing = self.out_dir / "overlays" / f"{item.key}.jpg"
+            self.writing.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(draw_overlay(image, mask, boxes), "RGB").save(self.writing, quality=90)
         self.records.append(boxes_record(item.key, width, height, boxes))
         self.detections.append((item.file_name, width, height, boxes))
 
@@ -162,6 +163,22 @@ class OutputWriter:
 
         save_or_keep(write, self.out_dir, "the box files")  # elsewhere, and said, if OUTPUT fails now
 
+    def failed(self, err: OSError) -> OutputError:
+        """After `add` failed with `err`: the box files of the images done are saved (elsewhere if
+        OUTPUT fails for them too); the error says what failed, where the boxes are and what to do."""
+        done = f"{len(self.records)} image{'s' if len(self.records) != 1 else ''}"
+        what = f"could not write {self.writing} ({err})"
+        todo = "free space or choose another OUTPUT, and run again"
+        if not self.records:
+            return OutputError(f"{what}; no image was done, so no box file was written; {todo}")
+        try:
+            self.finish()
+            kept = f"the boxes of the {done} done are in {self.out_dir}/boxes.json"
+        except OutputError as saved:
+            kept = (f"the boxes of the {done} done are at {saved.saved_at}/boxes.json"
+                    if saved.saved_at else f"the boxes of the {done} done were lost too: {saved}")
+        return OutputError(f"{what}; {kept}; {todo}")
+
 
 def predict_images(request: PredictRequest) -> dict:
     """Predict for every input image; returns {"images": written, "skipped": [paths]}."""
@@ -179,7 +196,10 @@ def predict_images(request: PredictRequest) -> dict:
     prepared = (predictor.prepare(item.key, image, payload=(item, image)) for item, image in images)
     with tqdm(total=total, desc="predict", unit="img", disable=not request.progress) as bar:
         for prepared_image, mask in predictor.predict_stream(prepared, request.batch_size):
-            writer.add(*prepared_image.payload, mask)  # makes OUTPUT's folders with the first mask
+            try:
+                writer.add(*prepared_image.payload, mask)  # makes OUTPUT's folders with the first mask
+            except OSError as err:  # disk full, a folder in a mask's place: keep the boxes done
+                raise writer.failed(err) from err
             bar.update(1)
     if not writer.records:
         why = f": {reasons[0]}" if reasons else ""
