@@ -190,6 +190,29 @@ def test_index_on_s3_beside_the_shards_and_from_a_local_manifest(tmp_path, s3_en
     assert _reader_counts([s.url for s in shards], options) == [s.count for s in shards] == [5, 4, 4]
 
 
+def test_verify_a_local_manifest_of_s3_shards_reads_them_at_the_endpoint(tmp_path, s3_endpoint, s3_bucket,
+                                                                        capsys):
+    """`index --out local/` of s3:// shards: verify reaches them through --endpoint-url (the
+    shards' store's options, not the manifest's), and still finds a changed shard."""
+    write_foreign_shards(tmp_path / "foreign")
+    fs = fsspec.filesystem("s3", client_kwargs={"endpoint_url": s3_endpoint})
+    for path in sorted((tmp_path / "foreign").glob("*.tar")):
+        fs.put_file(str(path), f"{s3_bucket}/foreign/{path.name}")
+    local = str(tmp_path / "idx")
+    manifest, _ = index_module.index_shards([f"{s3_bucket}/foreign/"], local, endpoint_url=s3_endpoint)
+    assert all(s.name.startswith(f"{s3_bucket}/foreign/") for s in manifest.shards)
+
+    bounded = ["--endpoint-url", s3_endpoint, "--read-timeout", "5", "--retry-window", "10"]
+    assert main(["verify", local, *bounded]) == 0
+    assert f"verified {len(manifest.shards)} shards: 0 problem(s)" in capsys.readouterr().out
+
+    changed = manifest.shards[1].name
+    fs.pipe_file(changed, fs.cat_file(changed)[:-512] + b"\1" * 512)  # same size, other bytes
+    assert main(["verify", local, *bounded]) == 1
+    out = capsys.readouterr().out
+    assert f"MISMATCH {changed}: sha256" in out and "1 problem(s)" in out, out
+
+
 def test_shard_urls_resolve_relative_and_absolute_names():
     from move_scale.data.manifest import Manifest, ShardRecord
 

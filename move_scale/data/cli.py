@@ -29,6 +29,7 @@ from move_scale.data.index import DEFAULT_WORKERS as DEFAULT_INDEX_WORKERS
 from move_scale.data.index import index_shards
 from move_scale.data.manifest import format_table, human_bytes, load_manifest, verify_manifest
 from move_scale.data.remote import add_policy_arguments, policy_from_args
+from move_scale.data.shardlist import shard_options
 from move_scale.data.storage import DataError, storage_options_for
 from move_scale.data.write import DEFAULT_MAX_COUNT, DEFAULT_MAX_SIZE, EXIF_CHOICES, write_shards
 from move_scale.errors import UserError, report
@@ -260,8 +261,11 @@ def _options(url: str, args) -> dict:
 
 
 def _verify(args) -> int:
-    manifest, problems = verify_manifest(args.manifest, _options(args.manifest, args),
-                                         progress=sys.stderr.isatty(), policy=policy_from_args(args))
+    # the options of the shards' store: a local manifest may list s3:// shards (`index --out`)
+    policy = policy_from_args(args)
+    options = shard_options(args.manifest, args.endpoint_url, policy)
+    manifest, problems = verify_manifest(args.manifest, options, progress=sys.stderr.isatty(),
+                                         policy=policy)
     for problem in problems:
         print(f"MISMATCH {problem.shard}: {problem.kind}: {problem.detail}")
     print(f"verified {len(manifest.shards)} shards: {len(problems)} problem(s)")
