@@ -38,14 +38,11 @@ def settings_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace):
-    from move_scale.demo import StepFailed, run_pipeline
+    from move_scale.demo import run_pipeline
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    try:
-        return run_pipeline(settings_from_args(args))
-    except StepFailed as failed:
-        raise SystemExit(f"move_scale.train failed with exit code {failed.code}") from None
+    return run_pipeline(settings_from_args(args))
 
 
 def format_table(result, config: str) -> str:
@@ -82,9 +79,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from move_scale.demo import StepFailed
+    from move_scale.errors import UserError, report
+
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    print(format_table(run(args), args.config))
+    try:
+        result = run(args)
+    except UserError as err:
+        return report(err)
+    except StepFailed as failed:  # the step printed its own error
+        return failed.code
+    print(format_table(result, args.config))
     return 0
 
 

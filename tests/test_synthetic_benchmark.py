@@ -53,3 +53,11 @@ def test_the_demo_maps_its_arguments_to_its_own_pipeline():
     fresh = settings_from_args(build_parser().parse_args(["--fresh"]))
     assert not fresh.keep_move and fresh.keep_mae and fresh.recipe.batch_size == 64
     assert move_overrides(fresh, manifests, Path("d/mae.pth"), Path("d/move"))[-1] == "train.resume=never"
+
+
+def test_the_benchmark_reports_a_bad_argument_in_one_line(benchmark, tmp_path, capsys):
+    rc = benchmark.main(["--out", str(tmp_path / "o"), "--train", "1", "--val", "2", "--mae-steps", "1"])
+    assert rc == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --train 1,") and "data.batch_size=" in err[0]
+    assert not (tmp_path / "o" / "shards").exists()  # failed before any work
