@@ -152,6 +152,20 @@ def test_bad_input_is_one_line_and_exit_2(case, tmp_path, capsys):
         assert not (folder / "manifest.json").exists()
 
 
+@pytest.mark.parametrize("command, option, value, rule", [
+    ("index", "--workers", "0", "use a value ≥ 1"), ("index", "--read-timeout", "0", "use a value > 0"),
+    ("verify", "--retry-window", "-1", "use a value > 0"), ("info", "--read-timeout", "nan", "use a value > 0"),
+    ("verify", "--retry-window", "soon", "'soon' is not a number")])
+def test_a_bad_option_value_is_an_argparse_error_naming_the_option(command, option, value, rule, tmp_path,
+                                                                   capsys):
+    """Caught while parsing, as the option the user typed, not later as a data.* config key."""
+    with pytest.raises(SystemExit) as stop:
+        main([command, str(tmp_path), option, value])
+    assert stop.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"error: argument {option}: " in error and rule in error and "data." not in error, error
+
+
 @pytest.mark.slow  # two processes, about 6 s; the in-process cases above run by default
 def test_bad_input_in_a_real_process_and_help(tmp_path):
     done = _cli("index", str(tmp_path / "x-{0..3}.tar"))

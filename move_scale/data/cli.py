@@ -24,6 +24,8 @@ import sys
 
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from move_scale.cli_args import number
+from move_scale.config_rules import Range
 from move_scale.data.images import DEFAULT_MAX_PIXELS, IMAGE_FORMATS
 from move_scale.data.index import DEFAULT_WORKERS as DEFAULT_INDEX_WORKERS
 from move_scale.data.index import index_shards
@@ -167,7 +169,7 @@ def _add_index(commands, common) -> None:
     add("--out", help="folder or FILE.json for the manifest (default: the shards' common folder), "
                       "e.g. --out manifests/cc3m")
     add("--name", help="dataset name in the manifest (default: last component of its folder)")
-    add("--workers", type=_positive_int, default=DEFAULT_INDEX_WORKERS,
+    add("--workers", type=number(int, Range(1)), default=DEFAULT_INDEX_WORKERS,
         help=f"shards read at once, in threads (default {DEFAULT_INDEX_WORKERS}); the manifest "
              "does not depend on it, e.g. --workers 32")
     add("--overwrite", action="store_true", help="replace a manifest.json / report already there")

@@ -29,6 +29,8 @@ from typing import Callable, TypeVar
 
 import fsspec
 
+from move_scale.cli_args import number
+from move_scale.config_rules import Range
 from move_scale.data.storage import DataError
 
 log = logging.getLogger(__name__)
@@ -59,11 +61,11 @@ class ReadPolicy:
 
 def add_policy_arguments(parser) -> None:
     """--read-timeout / --retry-window on a command line (move-shard, evaluate)."""
-    defaults = ReadPolicy()
-    parser.add_argument("--read-timeout", type=float, default=defaults.read_timeout_s,
+    defaults, seconds = ReadPolicy(), number(float, Range(0.0, low_open=True))
+    parser.add_argument("--read-timeout", type=seconds, default=defaults.read_timeout_s,
                         metavar="SECONDS", help="abandon and retry a remote request that gets no "
                         f"answer for this long (default {defaults.read_timeout_s:g})")
-    parser.add_argument("--retry-window", type=float, default=defaults.retry_window_s,
+    parser.add_argument("--retry-window", type=seconds, default=defaults.retry_window_s,
                         metavar="SECONDS", help="retry a silent store this long, then stop with "
                         f"one line naming it (default {defaults.retry_window_s:g})")
 
