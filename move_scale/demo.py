@@ -67,12 +67,16 @@ class PipelineResult:
     config: Config  # the resolved MOVE config
 
 
+def _size_override(settings: PipelineSettings) -> list[str]:
+    """data.image_size when the settings set the scene side, else nothing (the config's)."""
+    return [f"data.image_size={settings.image_size}"] if settings.image_size is not None else []
+
+
 def move_overrides(settings: PipelineSettings, manifests: dict, mae_path: Path, run_dir: Path) -> list[str]:
     """The config overrides of MOVE training (and of the MAE pretraining, which reads data.*)."""
     return [f"data.train={manifests['train']}",
             *([f"data.val={manifests['val']}"] if settings.val_in_training else []),
-            *([f"data.image_size={settings.image_size}"] if settings.image_size is not None else []),
-            f"model.mae.weights={mae_path}", f"run_dir={run_dir}",
+            *_size_override(settings), f"model.mae.weights={mae_path}", f"run_dir={run_dir}",
             "train.resume=auto" if settings.keep_move else "train.resume=never",
             *settings.overrides]
 
@@ -93,8 +97,7 @@ class StepFailed(Exception):
 def _checked(settings: PipelineSettings) -> tuple[Path, Config]:
     """OUT, and the config with the user's overrides: bad values fail here, before any work."""
     out = check_output_dir(settings.out, "--out")
-    size = [f"data.image_size={settings.image_size}"] if settings.image_size is not None else []
-    cfg = load_config(settings.config, [*size, *settings.overrides])
+    cfg = load_config(settings.config, [*_size_override(settings), *settings.overrides])
     if settings.val < 1 or settings.train < cfg.data.batch_size or settings.recipe.steps < 1:
         raise ConfigError(f"--train {settings.train}, --val {settings.val}, --mae-steps {settings.recipe.steps}: "
                           f"the demo needs at least one held-out scene and step, and a batch of training "
@@ -107,7 +110,7 @@ def run_pipeline(settings: PipelineSettings) -> PipelineResult:
     """The four steps; each of MAE and MOVE is skipped when its output is there and may be kept."""
     out, cfg = _checked(settings)
     seconds = {}
-    size = cfg.data.image_size if settings.image_size is None else settings.image_size
+    size = cfg.data.image_size  # the side MOVE trains at (settings.image_size, unless an override sets it)
     start = _step(f"1/4 synthetic scenes: {settings.train} train, {settings.val} val, {size} px")
     manifests = write_synthetic(out / settings.data_dir, train=settings.train, val=settings.val, size=size,
                                 seed=cfg.seed if settings.scene_seed is None else settings.scene_seed,
