@@ -102,9 +102,9 @@ def main(argv: list[str] | None = None) -> int:
         _say(f"the workers exited {code} ({'a user error, said above' if code == 2 else 'stopped by a signal'})")
         return code
     except subprocess.CalledProcessError as err:  # one process, accelerate's simple launcher
-        if err.returncode not in EXPECTED_CODES and err.returncode >= 0:
+        code = {-2: 130, -15: 143}.get(err.returncode, err.returncode)  # killed by SIGINT/SIGTERM itself
+        if code not in EXPECTED_CODES:  # a crash (SIGSEGV, abort, SIGKILL by the OOM killer): not a stop
             raise
-        code = err.returncode if err.returncode >= 0 else 128 - err.returncode
         if code != 2:
             _say(f"the worker was stopped by {_signal_name(code - 128)}: run the same command "
                  "again to resume from its last checkpoint")

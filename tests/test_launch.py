@@ -194,3 +194,16 @@ def test_a_user_error_under_the_launcher_exits_2_in_one_line_per_worker(setup, t
     errors = [line for line in output.splitlines() if line.startswith("error:")]
     assert errors and set(errors) == {"error: train.precision = 'fp64': use one of 'bf16', 'fp32'; "
                                       "did you mean 'fp32'?"}
+
+
+def test_a_crashed_single_worker_is_not_reported_as_a_stop(tmp_path):
+    """A worker killed by SIGSEGV (or abort, or the OOM killer) wrote no checkpoint on the way: the
+    launcher must not say "stopped ... run the same command again to resume" nor exit 128+n."""
+    script = tmp_path / "crash.py"
+    script.write_text("import os, signal\nos.kill(os.getpid(), signal.SIGSEGV)\n")
+    done = subprocess.run([sys.executable, "-m", "move_scale.launch", "--config_file",
+                           str(ROOT / "launch" / "one_gpu.yaml"), "--main_process_port", str(free_port()),
+                           str(script)], env=_env(), capture_output=True, text=True, timeout=300, cwd=ROOT)
+    output = done.stdout + done.stderr
+    assert done.returncode == 1, output[-3000:]
+    assert "resume" not in output and "stopped by" not in output
