@@ -355,7 +355,11 @@ def train(cfg: Config, accelerator: Accelerator, plan: RunPlan | None = None) ->
     parts = _build(cfg, accelerator)
     if plan.point is not None:
         restore(plan.point, cfg, parts, state, accelerator.process_index, accelerator.num_processes)
-    with stop_on_signals(interrupt=loader.watch.interrupt) as stop:  # a wait for data is cut short
+    # One process: a signal cuts a wait for data short. Several: every rank must meet the others in
+    # the same collective, so each finishes its step (a wait is bounded by data.retry_window_s and
+    # data.stall_timeout_s) and all stop together at the checkpoint check after it.
+    interrupt = loader.watch.interrupt if accelerator.num_processes == 1 else None
+    with stop_on_signals(interrupt=interrupt) as stop:
         tracker = start_tracking(cfg, main, plan.point)
         with ended_on_failure(tracker, stop):
             ctx = _prepared(cfg, accelerator, parts, loader, tracker, state)
