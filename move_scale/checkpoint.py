@@ -232,10 +232,32 @@ def latest_mlflow_run_id(run_dir: str | Path) -> str | None:
     """The MLflow id of the run in run_dir, from its last checkpoint (None without a checkpoint, or
     when tracking went elsewhere than the store under run_dir)."""
     run_dir = Path(run_dir)
-    found = load_latest_checkpoint(run_dir)
-    if found is None or not (run_dir / "mlruns" / "mlflow.db").exists():
+    if not (run_dir / "mlruns" / "mlflow.db").exists():
         return None
-    return found[1].mlflow_run_id
+    found = load_latest_checkpoint(run_dir)
+    return found[1].mlflow_run_id if found is not None else None
+
+
+def stored_config(path: Path, checkpoint: TrainingCheckpoint, weights_cache: str | None = None):
+    """The `config.Config` `checkpoint` (read from `path`) was written with, as this version reads
+    it, `weights_cache` replacing the stored one when given. A key added since then takes the value
+    that run used: `model.segmenter.input_norm` did not exist while every head had a LayerNorm, which
+    "auto" now leaves out on MAE features. CheckpointError when it does not load."""
+    import yaml
+
+    from move_scale.config import ConfigError, config_from_dict
+
+    try:
+        tree = yaml.safe_load(checkpoint.config) or {}
+        model = tree.setdefault("model", {})
+        if (model.get("features") or {}).get("kind") == "mae":
+            model.setdefault("segmenter", {}).setdefault("input_norm", "layernorm")
+        if weights_cache is not None:
+            model["weights_cache"] = weights_cache
+        return config_from_dict(tree)
+    except (ConfigError, yaml.YAMLError) as err:
+        raise CheckpointError(f"{path}: its stored config does not load in this version of "
+                              f"move_scale ({' '.join(str(err).split())})") from err
 
 
 # ----------------------------------------------------------------------------- policy

@@ -18,10 +18,10 @@ import sys
 from pathlib import Path
 
 import torch
-import yaml
 
-from move_scale.checkpoint import CheckpointError, TrainingCheckpoint, load_checkpoint, load_latest_checkpoint
-from move_scale.config import Config, ConfigError, config_from_dict
+from move_scale.checkpoint import (CheckpointError, TrainingCheckpoint, load_checkpoint, load_latest_checkpoint,
+                                  stored_config)
+from move_scale.config import Config
 from move_scale.errors import UserError, report
 from move_scale.evaluation.segmenter_file import (EXPORT_FORMAT, export_segmenter, read_segmenter_export,
                                                   segmenter_with_weights)
@@ -77,17 +77,6 @@ def _default_out(source: str, path: Path, step: int) -> Path:
     return path.parent / f"segmenter-{step:08d}.pt"
 
 
-def _run_config(path: Path, checkpoint: TrainingCheckpoint, weights_cache: str | None) -> Config:
-    try:
-        tree = yaml.safe_load(checkpoint.config) or {}
-        if weights_cache is not None:
-            tree.setdefault("model", {})["weights_cache"] = weights_cache
-        return config_from_dict(tree)
-    except (ConfigError, yaml.YAMLError) as err:
-        raise CheckpointError(f"{path}: its stored config does not load in this version of "
-                              f"move_scale ({' '.join(str(err).split())})") from err
-
-
 def _features_network(cfg: Config) -> torch.nn.Module:
     """The features network as training built it: the same seed and the same first builds as
     `objective.build_objective` (features, then the MAE), so random frozen weights come out
@@ -104,7 +93,7 @@ def export_checkpoint(source: str, out: str | None = None, weights_cache: str | 
     path, checkpoint = _read_source(source)
     target = check_output_file(out or _default_out(source, path, checkpoint.state.step), "--out",
                                example="segmenter.pt")
-    cfg = _run_config(path, checkpoint, weights_cache)
+    cfg = stored_config(path, checkpoint, weights_cache)
     features_net = _features_network(cfg)
     segmenter = segmenter_with_weights(cfg.model, checkpoint.segmenter, str(path))
     written = save_or_keep(

@@ -22,11 +22,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-import yaml
 
 from move_scale.checkpoint import (CheckpointError, TrainingCheckpoint, TrainState, load_checkpoint,
-                                   load_latest_checkpoint, restore_rng_state)
-from move_scale.config import Config, ConfigError, config_from_dict, dump_config, flatten
+                                   load_latest_checkpoint, restore_rng_state, stored_config)
+from move_scale.config import Config, dump_config, flatten
 
 if TYPE_CHECKING:
     from move_scale.train import TrainParts
@@ -51,8 +50,7 @@ class Change:
 @dataclass
 class ResumePoint:
     path: Path
-    checkpoint: TrainingCheckpoint
-    stored: Config
+    checkpoint: TrainingCheckpoint  # after `restore`, without its tensors (they are in the networks)
     changes: list[Change]  # mid-run settings that differ from the stored config (applied)
 
     @property
@@ -89,14 +87,6 @@ def compare(stored: Config, requested: Config) -> tuple[list[Change], list[Chang
     return applied, refused
 
 
-def _stored_config(path: Path, checkpoint: TrainingCheckpoint) -> Config:
-    try:
-        return config_from_dict(yaml.safe_load(checkpoint.config) or {})
-    except (ConfigError, yaml.YAMLError) as err:
-        raise ResumeError(f"{path}: its stored config does not load in this version of move_scale "
-                          f"({err}); resume is not possible: use a new run_dir or train.resume=never") from err
-
-
 def find_resume_point(cfg: Config) -> ResumePoint | None:
     """The checkpoint `train.resume` names, checked against `cfg`; None for a fresh run."""
     if cfg.train.resume == "never":
@@ -108,14 +98,17 @@ def find_resume_point(cfg: Config) -> ResumePoint | None:
         path, checkpoint = found
     else:
         path, checkpoint = Path(cfg.train.resume), load_checkpoint(cfg.train.resume)
-    stored = _stored_config(path, checkpoint)
+    try:
+        stored = stored_config(path, checkpoint)
+    except CheckpointError as err:
+        raise ResumeError(f"{err}; resume is not possible: use a new run_dir or train.resume=never") from err
     applied, refused = compare(stored, cfg)
     if refused:
         listed = "; ".join(str(c) for c in refused)
         raise ResumeError(f"cannot resume {path} (step {checkpoint.state.step}) with changed {listed}: "
                           f"network shapes, data and the objective cannot change mid-run; use a new "
                           f"run_dir or train.resume=never")
-    return ResumePoint(path, checkpoint, stored, applied)
+    return ResumePoint(path, checkpoint, applied)
 
 
 def set_aside_checkpoints(run_dir: str | Path) -> Path | None:
@@ -145,7 +138,8 @@ def restore(point: ResumePoint, cfg: Config, parts: TrainParts, state: TrainStat
             world: int) -> None:
     """Load the checkpoint into the unwrapped modules and optimizers of `parts`, the step counters
     of `state` and this rank's RNG; then apply the mid-run settings of `cfg`. The data position is
-    `data_position`'s."""
+    `data_position`'s. The point then lets go of the loaded tensors, so a resumed run does not
+    hold a second copy of the weights and optimizer states for its whole length."""
     ckpt = point.checkpoint
     parts.objective.segmenter.load_state_dict(ckpt.segmenter)
     parts.objective.discriminator.load_state_dict(ckpt.discriminator)
@@ -166,6 +160,8 @@ def restore(point: ResumePoint, cfg: Config, parts: TrainParts, state: TrainStat
     if point.changes:
         log.info("settings changed since the checkpoint, applied from step %d: %s", state.step,
                  "; ".join(str(c) for c in point.changes))
+    point.checkpoint = dataclasses.replace(ckpt, segmenter={}, discriminator={}, optim_seg={},
+                                           optim_disc={}, rng=[])
 
 
 def data_position(point: ResumePoint | None, world: int) -> tuple[int, int]:

@@ -157,3 +157,25 @@ def test_resume_never_sets_the_earlier_run_aside(finished, tmp_path, monkeypatch
     assert sorted(p.name for p in aside[0].iterdir()) == ["ckpt-00000002.pt", "ckpt-00000004.pt", "segmenter.pt"]
     assert sorted(p.name for p in run_dir.glob("ckpt-*.pt")) == ["ckpt-00000002.pt"]
     assert sorted(_statuses(run_dir)) == ["FINISHED", "FINISHED"]  # a second MLflow run
+
+
+def test_a_config_stored_before_input_norm_reads_as_the_layernorm_that_run_had(tmp_path):
+    """Before model.segmenter.input_norm existed every head had a LayerNorm; "auto" now gives MAE
+    features none, so an old MAE-feature run reads as layernorm (and resumes with that override)."""
+    from move_scale.checkpoint import TrainingCheckpoint, TrainState, stored_config
+    from move_scale.config import dump_config
+
+    mae = ["model.features.kind=mae", "model.segmenter.widths=[16,16,16,16,16]"]
+
+    def stored(overrides: list[str]):
+        text = "\n".join(line for line in dump_config(load_config(DEBUG, overrides)).splitlines()
+                         if "input_norm:" not in line)  # as written before the key existed
+        checkpoint = TrainingCheckpoint(TrainState(), {}, {}, {}, {}, [], text, None)
+        return stored_config(tmp_path / "ckpt-00000004.pt", checkpoint)
+
+    old_mae = stored(mae)
+    assert old_mae.model.segmenter.input_norm == "layernorm"
+    assert stored([]).model.segmenter.input_norm == "auto"  # DINO features: "auto" is a LayerNorm
+    _, refused = compare(old_mae, load_config(DEBUG, mae))
+    assert [c.key for c in refused] == ["model.segmenter.input_norm"]
+    assert compare(old_mae, load_config(DEBUG, [*mae, "model.segmenter.input_norm=layernorm"]))[1] == []
