@@ -20,7 +20,6 @@ import argparse
 import dataclasses
 import logging
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from move_scale.checkpoint import atomic_torch_save
 from move_scale.config import Config, ConfigError, load_config
 from move_scale.config_rules import above, at_least, between, problem_of
 from move_scale.data.storage import DataError
@@ -151,13 +151,8 @@ def pretrain(cfg: Config, recipe: PretrainRecipe, out: str | Path) -> dict[str, 
 
 
 def save_mae(mae: torch.nn.Module, out: str | Path) -> Path:
-    """Write `{"model": state_dict}` atomically (temporary name, then rename)."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    torch.save({"model": {k: v.detach().cpu() for k, v in mae.state_dict().items()}}, tmp)
-    os.replace(tmp, out)
-    return out
+    """Write `{"model": state_dict}` atomically (checkpoint.atomic_torch_save)."""
+    return atomic_torch_save({"model": {k: v.detach().cpu() for k, v in mae.state_dict().items()}}, out)
 
 
 HELP = {
