@@ -84,7 +84,7 @@ def composites_reference(kinds: Sequence[str], mask: Tensor, mask_shifted: Tenso
     takes its tensors as arguments)."""
     parts = dict(mask=mask, mask_shifted=mask_shifted, autoencoded=autoencoded,
                  autoencoded_shifted=autoencoded_shifted, inpainted_background=background)
-    return tuple(compose.composite(*(parts[p] for p in compose.DISCRIMINATOR_INPUTS[kind])) for kind in kinds)
+    return tuple(compose.discriminator_input(kind, parts) for kind in kinds)
 
 
 def _composites_body(kinds, mask, mask_shifted, autoencoded, autoencoded_shifted, background):

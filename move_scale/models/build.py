@@ -8,7 +8,6 @@ config has checked every choice as it loaded, so nothing here checks one again.
 from __future__ import annotations
 
 import logging
-import math
 
 import torch
 
@@ -18,7 +17,7 @@ from .backbone import FrozenViT
 from .conv_discriminator import ConvDiscriminator
 from .discriminator import ProjectedDiscriminator
 from .mae import MAE, sincos_pos_embed_2d
-from .positions import interpolate_positions
+from .positions import interpolate_positions, table_side
 from .segmenter import Segmenter
 
 log = logging.getLogger(__name__)
@@ -62,10 +61,12 @@ FEATURE_BUILDERS = {"dino": _dino_features, "mae": lambda model_cfg, image_size:
 
 def _square_grid(pos_embed: torch.Tensor | None, default: int) -> int:
     """Token grid side of a (1, 1+side², C) positional table; `default` when it is not one."""
-    if pos_embed is None or pos_embed.ndim != 3:
+    if pos_embed is None:
         return default
-    side = math.isqrt(pos_embed.shape[1] - 1)
-    return side if side * side == pos_embed.shape[1] - 1 and side > 0 else default
+    try:
+        return table_side(pos_embed)
+    except ValueError:
+        return default
 
 
 def segmenter_input_norm(model_cfg: ModelConfig) -> bool:
