@@ -218,7 +218,7 @@ class DataConfig:
     crop_scale: tuple[float, float] = each((0.9, 1.0), Range(0.0, 1.0, low_open=True), ordered=True)
     crop_ratio: tuple[float, float] = each((0.75, 4.0 / 3.0), Range(0.0, low_open=True), ordered=True)
     hflip: bool = True
-    endpoint_url: str = ruled("", UrlRef(("http", "https"), "AWS's own endpoint"), mid_run=True)
+    endpoint_url: str = ruled("", UrlRef(("http", "https"), "AWS's own endpoint", "http://127.0.0.1:9000"), mid_run=True)
     # Faults (move_scale/data/remote.py, tario.py, watch.py). Remote requests time out after these;
     # a read that fails on a timeout or a lost connection is retried, resuming where it broke off
     # (same samples as without the fault), until the store has been silent for retry_window_s;
@@ -260,7 +260,8 @@ class TrainConfig:
 class TrackingConfig:
     MID_RUN: ClassVar[bool] = True
 
-    uri: str = ruled("", UrlRef(TRACKING_SCHEMES, "$MLFLOW_TRACKING_URI or a store under run_dir"))
+    uri: str = ruled("", UrlRef(TRACKING_SCHEMES, "$MLFLOW_TRACKING_URI or a store under run_dir",
+                                  "sqlite:////abs/path/mlflow.db for a local store"))
     experiment: str = ruled("move", NonEmpty(), mid_run=False)  # a resumed run stays in its experiment
     run_name: str = ""
 

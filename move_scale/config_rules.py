@@ -130,10 +130,11 @@ TRACKING_SCHEMES = ("http", "https", "file", "sqlite", "postgresql", "mysql", "m
 
 @dataclass(frozen=True)
 class UrlRef:
-    """'' or a URL whose scheme is one of `schemes`."""
+    """'' or a URL whose scheme is one of `schemes`; `example` is shown when the scheme is missing."""
 
     schemes: tuple[str, ...]
     empty_means: str
+    example: str
 
     def __call__(self, value: str) -> str | None:
         if not value:
@@ -142,7 +143,7 @@ class UrlRef:
         if sep and scheme in self.schemes and rest.strip("/"):
             return None
         if not sep:
-            return (f"not a URL; give {' or '.join(f'{s}://...' for s in self.schemes[:2])}, "
+            return (f"not a URL; give one with a scheme of {_listing(self.schemes)} (e.g. {self.example}), "
                     f"or leave it empty ({self.empty_means})")
         return (f"unknown scheme {scheme!r}; use one of {_listing(self.schemes)}"
                 f"{nearest(scheme, self.schemes)}")
