@@ -158,11 +158,15 @@ def test_evaluate_never_scores_a_subset_in_silence(tmp_path, capsys, caplog):
     shard = tmp_path / "shards" / "s-000001.tar"
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # 2 of its 4 samples
     assert _evaluate(tmp_path, manifest) == 2
-    err = capsys.readouterr().err
+    captured = capsys.readouterr()
+    err = captured.err
     line = [x for x in err.splitlines() if x.startswith("error: ")]
     assert len(line) == 1 and "of the 8 images its manifest lists" in line[0]
     assert damage_reason in line[0] and "--allow-missing" in line[0]
     assert "ground-truth" not in line[0] and not (tmp_path / "out.json").exists()
+    # the scores of the 6 read are shown, marked partial, not lost and not kept as the result
+    assert "the table above scores only the 6 images read" in line[0]
+    assert "(partial)" in captured.out and " 6 " in captured.out
     assert _evaluate(tmp_path, manifest, "--allow-missing") == 0
     results = json.loads((tmp_path / "out.json").read_text())
     assert results["images_expected"] == 8 and results["metrics"]["images"] == 6

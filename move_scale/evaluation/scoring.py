@@ -16,6 +16,7 @@ from tqdm import tqdm
 from move_scale.data.eval_stream import check_delivered
 from move_scale.data.ground_truth import GroundTruthError
 from move_scale.data.remote import ReadPolicy
+from move_scale.data.storage import DataError
 from move_scale.evaluation.boxes import largest_box, mask_to_boxes
 from move_scale.evaluation.inference import SHORT_SIDE, load_predictor, resize_mask
 from move_scale.evaluation.metrics import CorLocMeter, SaliencyMeter
@@ -119,17 +120,27 @@ def evaluate_segmenter(request: EvalRequest) -> dict | None:
                            total=source.count, mask_protocol=request.mask_protocol)
     meter.reduce(torch.distributed)  # sums over processes; nothing to do in a single process
     skipped_total = _sum_over_processes(skipped, device)
-    if source.expected is not None:  # shards: images read vs the manifest, before any GT verdict
-        check_delivered(source.loader, source.expected, meter.count + skipped_total, request.data,
-                        request.allow_missing)
+    short = None  # shards: images read vs the manifest, judged before any ground-truth verdict
+    if source.expected is not None:
+        try:
+            check_delivered(source.loader, source.expected, meter.count + skipped_total, request.data,
+                            request.allow_missing)
+        except DataError as err:
+            short = err
     if meter.count == 0:
         needed = "masks" if request.task == "saliency" else "boxes"
-        raise GroundTruthError(f"no image of {request.data} has ground-truth {needed} for --task "
-                               f"{request.task} ({skipped_total} images without them)")
+        raise short or GroundTruthError(f"no image of {request.data} has ground-truth {needed} for "
+                                        f"--task {request.task} ({skipped_total} images without them)")
     if rank != 0:
+        if short is not None:
+            raise short
         return None
     metrics = meter.compute()
     name = request.name or source.name
+    if short is not None:  # the scores of what was read are shown, not kept as the result
+        print(format_table(f"{name} (partial)", metrics))
+        raise DataError(f"{short}; the table above scores only the {meter.count} images read and "
+                        f"was not written")
     results = {
         "task": request.task, "dataset": name, "data": request.data, "gt": request.gt,
         "checkpoint": str(request.checkpoint), "short_side": request.short_side,
