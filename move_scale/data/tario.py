@@ -141,7 +141,17 @@ def _members(stream, url: str, skip_samples: int) -> Iterator[dict]:
     without their data being read."""
     tar = tarfile.open(fileobj=stream, mode="r|*")
     key, exts, samples_before = None, set(), 0
-    for member in tar:
+    members = iter(tar)
+    while True:
+        try:
+            member = next(members)
+        except StopIteration:
+            return
+        except (OSError, tarfile.TarError, EOFError):
+            # cut after a member's data (in its padding, or a bad header next): that data was read
+            # whole, so the sample is given as complete, as tarfile's quiet end at a cut header does
+            yield {}
+            raise
         tar.members = []  # a stream of any length in constant memory
         parsed = member_key(member.name) if member.isreg() else None
         if parsed is None:
