@@ -111,10 +111,11 @@ def evaluate_segmenter(request: EvalRequest) -> dict | None:
     check_request(request)
     rank, world_size, default_device = _distributed()
     device = torch.device(request.device) if request.device else default_device
-    predictor, meta = load_predictor(request.checkpoint, device, request.short_side, request.weights_cache)
+    # the data first: a wrong --data, missing ground truth or shards fail before any network is built
     source = open_eval_source(request.data, request.gt, rank=rank, world_size=world_size,
                               endpoint_url=request.endpoint_url, subset=request.subset,
                               policy=request.policy)
+    predictor, meta = load_predictor(request.checkpoint, device, request.short_side, request.weights_cache)
     meter, skipped = score(predictor, source.samples, request.task, batch_size=request.batch_size,
                            bilateral=request.bilateral, progress=rank == 0 and request.progress,
                            total=source.count, mask_protocol=request.mask_protocol)
