@@ -67,6 +67,9 @@ def test_training_counts_the_loss_and_continues_under_the_limit(tmp_path, caplog
     assert loader.ledger.metrics()[f"data/lost/{reason.replace(' ', '_')}"] == lost
     assert f"{lost} of its 32 samples lost" in caplog.text  # the running totals, at WARNING
     assert all(r.levelname == "WARNING" for r in caplog.records if "lost" in r.getMessage())
+    told = [r.getMessage() for r in caplog.records if "s-000001.tar" in r.getMessage()
+            and "samples lost" in r.getMessage()]  # once, by the ledger, with the detail
+    assert len(told) == 1 and f"{reason}: " in told[0] and f"({lost} samples lost)" in told[0], told
 
 
 @pytest.mark.parametrize("how", ["truncated", "short", "unreadable"])

@@ -3,8 +3,9 @@
 Workers send each piece of samples with a `Report`: the samples lost since the last report, by
 reason (see `tario.py`), the details of shards lost, and an error that must stop the run (an
 outage past the retry window). `LossLedger` adds the reports up per epoch and over the run, logs
-the running totals at WARNING, and raises `DataError` when the share of an epoch's samples lost on
-this rank passes `max_share` (`data.max_lost_share`; 0: the first loss stops the run).
+each lost shard (the one place it is logged) and the running totals at WARNING, and raises
+`DataError` when the share of an epoch's samples lost on this rank passes `max_share`
+(`data.max_lost_share`; 0: the first loss stops the run).
 """
 from __future__ import annotations
 
@@ -61,7 +62,10 @@ class LossLedger:
             if report.notes:
                 self.last_note = report.notes[-1]
             now = time.monotonic()
-            if report.notes or now - self._last_log >= self.interval_s:
+            if report.notes:  # a lost shard: logged here only (the worker's tally just notes it)
+                self._last_log = now
+                log.warning("%s: %s; %s", self.where, "; ".join(report.notes), self.summary())
+            elif now - self._last_log >= self.interval_s:
                 self._last_log = now
                 log.warning("%s: %s", self.where, self.summary())
             self.check()

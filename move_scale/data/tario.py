@@ -51,9 +51,10 @@ SHARD_LOSSES = ("missing shard", "unreadable shard", "truncated shard", "short s
 class SkipTally:
     """Counts samples lost by reason (a skipped sample is 1, a lost shard its missing samples).
 
-    A lost shard is always logged at WARNING with the running totals; skipped samples warn on the
-    first, then at most once per `interval_s`. `take()` hands over the counts since the last call
-    (for the loader's main process), `take_notes()` the details of the shards lost since then.
+    A lost shard is not logged here but noted: `take_notes()` hands its detail to the loader's main
+    process, whose `LossLedger` logs it once at WARNING with the running totals. Skipped samples
+    warn on the first, then at most once per `interval_s`. `take()` hands over the counts since
+    the last call.
     `muted` stops counting and logging (a padding pass re-reads what was already counted).
     """
 
@@ -73,9 +74,7 @@ class SkipTally:
         self._unreported[reason] += samples
         now = time.monotonic()
         if reason in SHARD_LOSSES:
-            self._notes.append(f"{reason}: {detail}")
-            log.warning("%s: %s (%d samples lost); lost so far: %s", self.where, detail, samples,
-                        dict(self.total))
+            self._notes.append(f"{reason}: {detail} ({samples} samples lost)")
         elif now - self._last_warning >= self.interval_s:
             self._last_warning = now
             log.warning("%s: skipped a sample (%s: %s); lost so far: %s",
