@@ -155,7 +155,7 @@ def test_bad_input_is_one_line_and_exit_2(case, tmp_path, capsys):
 @pytest.mark.parametrize("command, option, value, rule", [
     ("index", "--workers", "0", "use a value ≥ 1"), ("index", "--read-timeout", "0", "use a value > 0"),
     ("verify", "--retry-window", "-1", "use a value > 0"), ("info", "--read-timeout", "nan", "use a value > 0"),
-    ("verify", "--retry-window", "soon", "'soon' is not a number")])
+    ("verify", "--retry-window", "soon", "'soon' is not a number"), ("synth", "--size", "8", "use a value ≥ 16")])
 def test_a_bad_option_value_is_an_argparse_error_naming_the_option(command, option, value, rule, tmp_path,
                                                                    capsys):
     """Caught while parsing, as the option the user typed, not later as a data.* config key."""

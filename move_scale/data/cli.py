@@ -33,6 +33,7 @@ from move_scale.data.manifest import format_table, human_bytes, load_manifest, v
 from move_scale.data.remote import add_policy_arguments, policy_from_args
 from move_scale.data.shardlist import shard_options
 from move_scale.data.storage import DataError, storage_options_for
+from move_scale.data.synthetic import MIN_SIDE
 from move_scale.data.write import DEFAULT_MAX_COUNT, DEFAULT_MAX_SIZE, EXIF_CHOICES, write_shards
 from move_scale.errors import UserError, report
 
@@ -196,7 +197,8 @@ def _add_synth(commands, common) -> None:
     synth.add_argument("out", metavar="OUT", help="folder; OUT/train and OUT/val get shards + manifest")
     synth.add_argument("--train", type=int, default=2000, help="training scenes (default 2000)")
     synth.add_argument("--val", type=int, default=200, help="validation scenes (default 200)")
-    synth.add_argument("--size", type=_positive_int, default=64, help="image side in pixels (default 64)")
+    synth.add_argument("--size", type=number(int, Range(MIN_SIDE)), default=64,
+                       help=f"image side in pixels, at least {MIN_SIDE} (default 64)")
     synth.add_argument("--seed", type=int, default=0, help="scenes are a function of the seed (default 0)")
     synth.add_argument("--samples-per-shard", type=_positive_int, default=1000, help="default 1000")
     synth.add_argument("--overwrite", action="store_true", help="replace shards made with other options")

@@ -190,12 +190,15 @@ def make_scene(rng: np.random.Generator, size: int) -> Scene:
     return Scene(image=to_uint8(image), background=to_uint8(background), mask=mask, boxes=boxes)
 
 
+MIN_SIDE = 16  # the smallest scene side generate() draws objects in
+
+
 def generate(count: int, size: int, seed: int, split: str = "train") -> Iterator[Scene]:
     """`count` scenes of `split`; scene i depends only on (seed, split, i)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
-    if size < 16:
-        raise ValueError(f"image side must be at least 16 pixels, got {size}")
+    if size < MIN_SIDE:
+        raise ValueError(f"image side must be at least {MIN_SIDE} pixels, got {size}")
     for index in range(count):
         yield make_scene(np.random.default_rng([seed, SPLITS[split], index]), size)
 
