@@ -27,12 +27,12 @@ sys.path.insert(0, str(ROOT / "tests"))  # the plain reimplementations the parit
 from authors_chain import (chain_metrics, largest_box, lost_hit, read_back,  # noqa: E402
                            saved_prediction, torchvision_resized_hw, voc_gt)
 
-from move_scale import compose  # noqa: E402
+from move_scale.stages.move import compose  # noqa: E402
 from move_scale.models.backbone import FrozenViT  # noqa: E402
-from move_scale.models.discriminator import ProjectedDiscriminator, diff_augment_color  # noqa: E402
+from move_scale.stages.move.discriminator import ProjectedDiscriminator, diff_augment_color  # noqa: E402
 from move_scale.models.mae import MAE, sincos_pos_embed_2d  # noqa: E402
-from move_scale.models.segmenter import Segmenter  # noqa: E402
-from move_scale.objective import MoveObjective  # noqa: E402
+from move_scale.stages.move.segmenter import Segmenter  # noqa: E402
+from move_scale.stages.move.objective import MoveObjective  # noqa: E402
 
 ROWS: list[tuple[str, str, str]] = []
 
@@ -71,8 +71,8 @@ def d_order() -> None:
 
 
 def bn_statistics() -> None:
-    from move_scale.config import load_config
-    from move_scale.models.build import build_discriminator
+    from move_scale.stages.move.config import load_config
+    from move_scale.stages.move.build import build_discriminator
 
     cfg = load_config("configs/debug.yaml", ["model.disc.resolution=224"]).model
     torch.manual_seed(0)
@@ -90,8 +90,8 @@ def bn_statistics() -> None:
 
 
 def mae_tokens_norm() -> None:
-    from move_scale.config import load_config
-    from move_scale.models.build import build_segmenter
+    from move_scale.stages.move.config import load_config
+    from move_scale.stages.move.build import build_segmenter
 
     torch.manual_seed(0)
     mae = MAE(224, 16, 64, 2, 2, 32, 1, 2)
@@ -177,7 +177,7 @@ def resize_rule() -> None:
 
 
 def evaluate_saliency(tmp: Path) -> None:
-    from move_scale.evaluation.segmenter_file import load_segmenter
+    from move_scale.stages.move.segmenter_file import load_segmenter
     from move_scale.evaluate import main as evaluate_main
     from test_parity_e2e import SCENES, SHORT_SIDE, random_export, write_scenes
 
@@ -201,8 +201,8 @@ def evaluate_saliency(tmp: Path) -> None:
 def corloc_paths(tmp: Path) -> None:
     from PIL import Image
 
-    from move_scale.evaluation.segmenter_file import load_segmenter
-    from move_scale.data.write import write_shards
+    from move_scale.stages.move.segmenter_file import load_segmenter
+    from move_scale.data.write.write import write_shards
     from move_scale.evaluate import main as evaluate_main
     from test_evaluate import make_export
     from test_parity_corloc import SHORT, VOC, write_voc

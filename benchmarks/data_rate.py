@@ -4,7 +4,7 @@
 
 Generates `--images` JPEGs (500x375, photo-like: smooth colour fields plus grain, quality 90)
 in a temporary folder laid out for ImageFolder, writes them as shards with the writer's Python API
-(`move_scale.data.write.write_shards`, as `move-shard make` does), then times one epoch of
+(`move_scale.data.write.write.write_shards`, as `move-shard make` does), then times one epoch of
 decode + RandomResizedCrop(224, (0.9, 1), (3/4, 4/3), bicubic) + flip + normalise + batching:
   - `build_train_loader` over the local shards (batching in the workers),
   - torchvision `ImageFolder` + `DataLoader(batch_size, shuffle=True, drop_last=True)` with the
@@ -94,7 +94,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def stream_epoch(manifest: str, batch_size: int, workers: int) -> int:
-    from move_scale.data.stream import build_train_loader
+    from move_scale.data.read.stream import build_train_loader
 
     return count_images(build_train_loader(
         manifest, batch_size=batch_size, image_size=224, crop_scale=(0.9, 1.0),
@@ -161,7 +161,7 @@ def main(argv=None) -> None:
                           "cpu": cpu_seconds() - cpu}))
         return
 
-    from move_scale.data.write import write_shards
+    from move_scale.data.write.write import write_shards
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

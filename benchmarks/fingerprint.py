@@ -193,9 +193,9 @@ def eval_cases(work: Path, val_shards: str) -> dict[str, list[str]]:
 
 def evaluate(run, work: Path, val_shards: str) -> dict:
     folders, seg = work / "folders", str(work / "runs" / "default" / "segmenter.pt")
-    run("-m", "move_scale.data.cli", "make", str(folders / "images"), str(work / "shards" / "folder"),
+    run("-m", "move_scale.shard", "make", str(folders / "images"), str(work / "shards" / "folder"),
         "--masks", str(folders / "masks"), "--workers", "0", "--no-progress")
-    run("-m", "move_scale.data.cli", "make", str(folders / "voc" / "JPEGImages"), str(work / "shards" / "voc"),
+    run("-m", "move_scale.shard", "make", str(folders / "voc" / "JPEGImages"), str(work / "shards" / "voc"),
         "--boxes", str(folders / "voc" / "Annotations"), "--workers", "0", "--no-progress")
     out = {}
     for name, args in eval_cases(work, val_shards).items():
@@ -247,7 +247,7 @@ def pipelines(run, work: Path) -> dict:
 
 def fingerprint(tree: Path, work: Path, with_pipelines: bool) -> tuple[dict, dict]:
     run = Runner(tree)
-    run("-m", "move_scale.data.cli", "synth", str(work / "shards" / "synthetic"), "--train", "48",
+    run("-m", "move_scale.shard", "synth", str(work / "shards" / "synthetic"), "--train", "48",
         "--val", "12", "--size", "64", "--seed", "3", "--samples-per-shard", "12")
     train_shards = str(work / "shards" / "synthetic" / "train" / "manifest.json")
     val_shards = str(work / "shards" / "synthetic" / "val" / "manifest.json")

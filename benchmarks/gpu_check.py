@@ -14,7 +14,7 @@ costs only itself; together they stay inside --budget seconds):
               eager_fp32, eager_bf16, fused_bf16, fused_bf16_cl (ms/step, images/s, MFU, peak
               memory, where the time goes), against the targets: peak memory of the default
               (fused bf16) ≤ 16 GB, fused bf16 ≥ 3× eager fp32 images/s, MFU (goal ≥ 40 %).
- 3. job       the real job: `move-shard synth` (python -m move_scale.data.cli synth) writes 384
+ 3. job       the real job: `move-shard synth` (python -m move_scale.shard synth) writes 384
               training and 64 held-out 224-px scenes; `accelerate launch --config_file
               launch/one_gpu.yaml -m move_scale.train` on the paper config with random weights for
               100 steps, SIGTERM to the trainer at step 50 (it checkpoints and exits 143), the same

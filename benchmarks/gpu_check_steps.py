@@ -350,7 +350,7 @@ def step_job(ctx: Context, limit: float):
         return max(1.0, min(cap, end - time.monotonic()))
 
     synth = ctx.runner.run("synth", [
-        PY, "-m", "move_scale.data.cli", "synth", str(data), "--train", str(p.synth_train),
+        PY, "-m", "move_scale.shard", "synth", str(data), "--train", str(p.synth_train),
         "--val", str(p.synth_val), "--size", str(p.image_size), "--samples-per-shard", str(p.per_shard)], left(90))
     rows = [["job", "move-shard synth", f"exit {synth.rc}, {p.synth_train} + {p.synth_val} scenes of "
              f"{p.image_size} px, {synth.seconds:.0f} s", "exit 0", verdict(synth.rc == 0)]]

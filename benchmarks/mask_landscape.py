@@ -51,8 +51,8 @@ class CandidateMasks(nn.Module):
 def scenes(count: int, size: int, seed: int, split: str) -> dict[str, torch.Tensor]:
     """Synthetic scenes as a batch: image/background ImageNet-normalised (N,3,S,S), mask and the
     objects' filled boxes (N,1,S,S) in {0, 1}."""
-    from move_scale.data.synthetic import generate
-    from move_scale.data.transforms import collate_normalise
+    from move_scale.data.write.synthetic import generate
+    from move_scale.data.read.transforms import collate_normalise
 
     items = list(generate(count, size, seed, split))
     batch = collate_normalise([{"image": s.image, "background": s.background, "mask": s.mask.astype(np.uint8)}
@@ -124,10 +124,10 @@ def landscape(cfg, train: dict, val: dict, scored: dict[str, torch.Tensor], step
               seed: int) -> dict[str, tuple[float, float]]:
     """Train the config's D against a mix of candidates; return (mean D(x̂_δ), segmenter loss) for
     each of the `scored` masks of `val`, and D(x) of the real images under "(real x)"."""
-    from move_scale.engine import disc_step, make_adamw
-    from move_scale.losses import mask_losses, segmenter_adversarial_loss, segmenter_total_loss
-    from move_scale.models.build import build_discriminator, build_mae
-    from move_scale.objective import MoveObjective
+    from move_scale.stages.move.engine import disc_step, make_adamw
+    from move_scale.stages.move.losses import mask_losses, segmenter_adversarial_loss, segmenter_total_loss
+    from move_scale.stages.move.build import build_discriminator, build_mae
+    from move_scale.stages.move.objective import MoveObjective
 
     torch.manual_seed(seed)
     masks = CandidateMasks()
@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. optim.disc.lr=2e-4")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    from move_scale.config import load_config
+    from move_scale.stages.move.config import load_config
 
     if args.threads:
         torch.set_num_threads(args.threads)

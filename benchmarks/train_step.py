@@ -41,11 +41,11 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from move_scale.config import load_config
-from move_scale.engine import autocast_context, disc_step, effective_precision, make_adamw, seg_step
-from move_scale.kernels import compile_on
+from move_scale.stages.move.config import load_config
+from move_scale.stages.move.engine import autocast_context, disc_step, effective_precision, make_adamw, seg_step
+from move_scale.stages.move.compose_ops import compile_on
 from move_scale.kernels.layout import use_channels_last
-from move_scale.objective import build_objective
+from move_scale.stages.move.objective import build_objective
 
 # dense bf16 tensor-core peak, TFLOP/s (vendor data sheets; 3090: fp16/bf16 with fp16 accumulate)
 PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "A100": 312.0, "3090": 71.0}

@@ -23,12 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from move_scale import train
-from move_scale.checkpoint import latest_mlflow_run_id
-from move_scale.config import Config, ConfigError, load_config
-from move_scale.data.synthetic import write_synthetic
-from move_scale.errors import UserError, report
+from move_scale.harness.checkpoint import latest_mlflow_run_id
+from move_scale.stages.move.config import Config, load_config
+from move_scale.config.tree import ConfigError
+from move_scale.data.write.synthetic import write_synthetic
+from move_scale.core.errors import UserError, report
 from move_scale.evaluation.scoring import EvalRequest, evaluate_segmenter
-from move_scale.paths import check_output_dir, check_output_file
+from move_scale.core.paths import check_output_dir, check_output_file
 from move_scale.pretrain_mae import PretrainRecipe, pretrain
 
 log = logging.getLogger("move_scale.demo")

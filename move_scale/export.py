@@ -19,13 +19,13 @@ from pathlib import Path
 
 import torch
 
-from move_scale.checkpoint import (CheckpointError, TrainingCheckpoint, load_checkpoint, load_latest_checkpoint,
+from move_scale.harness.checkpoint import (CheckpointError, TrainingCheckpoint, load_checkpoint, load_latest_checkpoint,
                                   stored_config)
-from move_scale.config import Config
-from move_scale.errors import UserError, report
-from move_scale.evaluation.segmenter_file import (EXPORT_FORMAT, export_segmenter, read_segmenter_export,
+from move_scale.stages.move.config import Config
+from move_scale.core.errors import UserError, report
+from move_scale.stages.move.segmenter_file import (EXPORT_FORMAT, export_segmenter, read_segmenter_export,
                                                   segmenter_with_weights)
-from move_scale.paths import check_output_file, save_or_keep
+from move_scale.core.paths import check_output_file, save_or_keep
 
 log = logging.getLogger("move_scale.export")
 
@@ -81,7 +81,7 @@ def _features_network(cfg: Config) -> torch.nn.Module:
     """The features network as training built it: the same seed and the same first builds as
     `objective.build_objective` (features, then the MAE), so random frozen weights come out
     identical; named weights are resolved and loaded strictly."""
-    from move_scale.models.build import build_features, build_mae
+    from move_scale.stages.move.build import build_features, build_mae
 
     torch.manual_seed(cfg.seed)
     features = build_features(cfg.model, cfg.data.image_size)

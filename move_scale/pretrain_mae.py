@@ -27,13 +27,14 @@ from pathlib import Path
 
 import torch
 
-from move_scale.checkpoint import atomic_torch_save
-from move_scale.config import Config, ConfigError, load_config
-from move_scale.config_rules import above, at_least, between, problem_of
-from move_scale.data.storage import DataError
-from move_scale.errors import UserError, report
-from move_scale.paths import check_output_file, save_or_keep
-from move_scale.progress import ProgressMeter, format_duration
+from move_scale.harness.checkpoint import atomic_torch_save
+from move_scale.stages.move.config import Config, load_config
+from move_scale.config.tree import ConfigError
+from move_scale.config.rules import above, at_least, between, problem_of
+from move_scale.data.errors import DataError
+from move_scale.core.errors import UserError, report
+from move_scale.core.paths import check_output_file, save_or_keep
+from move_scale.harness.progress import ProgressMeter, format_duration
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ def build_pretrain_mae(cfg: Config) -> torch.nn.Module:
 
 
 def _loader(cfg: Config, batch_size: int):
-    from move_scale.data.settings import train_loader_from_config
+    from move_scale.data.read.settings import train_loader_from_config
 
     if not cfg.data.train:
         raise ConfigError("data.train is empty: pass the training shards, e.g. data.train=shards/synthetic/train/manifest.json")

@@ -26,20 +26,21 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object
 
-from move_scale.checkpoint import (CheckpointError, CheckpointPolicy, TrainingCheckpoint, TrainState,
+from move_scale.harness.checkpoint import (CheckpointError, CheckpointPolicy, TrainingCheckpoint, TrainState,
                                    capture_rng_state, save_checkpoint)
-from move_scale.config import Config, bundled_configs, dump_config, load_config
-from move_scale.data.settings import train_loader_from_config
-from move_scale.data.watch import LoaderInterrupted
-from move_scale.engine import NonFiniteLossError, disc_step, effective_precision, make_adamw, seg_step
-from move_scale.errors import UserError, report
-from move_scale.evaluation.segmenter_file import export_segmenter
-from move_scale.gallery import save_objective_gallery
-from move_scale.lifecycle import RunPlan, StopFlag, ended_on_failure, prepare_run, start_tracking, stop_on_signals
-from move_scale.objective import MoveObjective, build_objective
-from move_scale.processes import exit_process
-from move_scale.progress import MetricWindow, ProgressMeter, format_duration, format_ms, peak_memory
-from move_scale.resume import data_position, restore, set_aside_checkpoints
+from move_scale.stages.move.config import Config, load_config
+from move_scale.config.files import bundled_configs, dump_config
+from move_scale.data.read.settings import train_loader_from_config
+from move_scale.data.read.watch import LoaderInterrupted
+from move_scale.stages.move.engine import NonFiniteLossError, disc_step, effective_precision, make_adamw, seg_step
+from move_scale.core.errors import UserError, report
+from move_scale.stages.move.segmenter_file import export_segmenter
+from move_scale.stages.move.gallery import save_objective_gallery
+from move_scale.harness.lifecycle import RunPlan, StopFlag, ended_on_failure, prepare_run, start_tracking, stop_on_signals
+from move_scale.stages.move.objective import MoveObjective, build_objective
+from move_scale.core.processes import exit_process
+from move_scale.harness.progress import MetricWindow, ProgressMeter, format_duration, format_ms, peak_memory
+from move_scale.harness.resume import data_position, restore, set_aside_checkpoints
 
 log = logging.getLogger("move_scale.train")
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from move_scale.config import load_config
-from move_scale.processes import exit_process
+from move_scale.stages.move.config import load_config
+from move_scale.core.processes import exit_process
 from move_scale.train import parse_args, train
 
 

@@ -39,7 +39,7 @@ COMPLETE_LOOKING = ("segmenter.pt", "segmenter-*.pt", "ckpt-*.pt", "mae.pth", "e
                     "boxes.json", "manifest.json", "*.tar")
 MODULES = {"train": "move_scale.train", "evaluate": "move_scale.evaluate", "predict": "move_scale.predict",
            "pretrain_mae": "move_scale.pretrain_mae", "demo": "move_scale.demo",
-           "move-shard": "move_scale.data.cli", "export": "move_scale.export"}
+           "move-shard": "move_scale.shard", "export": "move_scale.export"}
 
 
 @dataclass
@@ -67,11 +67,12 @@ def _train_overrides(train: str, run_dir: Path, *extra: str) -> list[str]:
 
 def build_world(root: Path) -> World:
     """Real shards, images, an export and a checkpoint, made with whichever code is importable."""
-    from move_scale.checkpoint import TrainingCheckpoint, TrainState, capture_rng_state, save_checkpoint
-    from move_scale.evaluation.segmenter_file import export_segmenter
-    from move_scale.config import dump_config, load_config
-    from move_scale.data.synthetic import write_synthetic
-    from move_scale.objective import build_objective
+    from move_scale.harness.checkpoint import TrainingCheckpoint, TrainState, capture_rng_state, save_checkpoint
+    from move_scale.stages.move.segmenter_file import export_segmenter
+    from move_scale.config.files import dump_config
+    from move_scale.stages.move.config import load_config
+    from move_scale.data.write.synthetic import write_synthetic
+    from move_scale.stages.move.objective import build_objective
 
     manifests = write_synthetic(root / "shards", train=16, val=4, size=64, seed=5, samples_per_shard=8)
     images, masks = root / "images", root / "masks"

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from motoproc import free_port
-from move_scale.checkpoint import (
+from move_scale.harness.checkpoint import (
     CheckpointError, CheckpointPolicy, TrainingCheckpoint, TrainState, capture_rng_state,
     checkpoint_path, load_checkpoint, load_latest_checkpoint, restore_rng_state, save_checkpoint,
 )
@@ -49,7 +49,7 @@ CHILD = textwrap.dedent("""
     from pathlib import Path
     sys.path.insert(0, {tests!r})
     from test_checkpoint import make_checkpoint
-    from move_scale.checkpoint import save_checkpoint
+    from move_scale.harness.checkpoint import save_checkpoint
 
     class SlowToPickle:
         # pickled inside torch.save, i.e. while the temporary file is open and incomplete
@@ -83,7 +83,7 @@ def test_sigkill_during_save_leaves_previous_checkpoint(tmp_path, caplog):
     assert ckpt_files(run_dir) == ["ckpt-00000010.pt"]  # no final name for the unfinished save
     temps = [p.name for p in run_dir.iterdir() if p.name.endswith(".tmp")]
     assert temps == [f".ckpt-00000020.pt.{child.pid}.tmp"]
-    with caplog.at_level(logging.WARNING, logger="move_scale.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="move_scale.harness.checkpoint"):
         path, checkpoint = load_latest_checkpoint(run_dir)
     assert path == checkpoint_path(run_dir, 10) and checkpoint.state.step == 10
     assert any(temps[0] in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
@@ -97,7 +97,7 @@ BIG_CHILD = textwrap.dedent("""
     import sys, torch
     sys.path.insert(0, {tests!r})
     from test_checkpoint import make_checkpoint
-    from move_scale.checkpoint import save_checkpoint
+    from move_scale.harness.checkpoint import save_checkpoint
 
     save_checkpoint({run_dir!r}, make_checkpoint(10), keep_last=1)
     checkpoint = make_checkpoint(20)
@@ -121,7 +121,7 @@ def test_sigkill_while_bytes_are_written(tmp_path, caplog):
     os.kill(child.pid, signal.SIGKILL)
     child.wait(timeout=30)
     assert 0 < temp.stat().st_size and ckpt_files(run_dir) == ["ckpt-00000010.pt"]
-    with caplog.at_level(logging.WARNING, logger="move_scale.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="move_scale.harness.checkpoint"):
         assert load_latest_checkpoint(run_dir)[0] == checkpoint_path(run_dir, 10)
     assert temp.name in caplog.text
 
@@ -134,7 +134,7 @@ def test_truncated_and_corrupt_checkpoints_are_skipped(tmp_path, caplog):
     checkpoint_path(tmp_path, 40).write_bytes(os.urandom(4096))  # garbage
     torch.save({"format": "something else"}, checkpoint_path(tmp_path, 50))  # not ours
     (tmp_path / ".ckpt-00000060.pt.999.tmp").write_bytes(data[:100])  # stray temp
-    with caplog.at_level(logging.WARNING, logger="move_scale.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="move_scale.harness.checkpoint"):
         latest, checkpoint = load_latest_checkpoint(tmp_path)
     assert latest == good and checkpoint.state.step == 20
     warned = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
@@ -193,7 +193,7 @@ def test_the_file_layout_of_format_1_and_its_round_trip(tmp_path):
     raw = torch.load(path, weights_only=True)
     assert set(raw) == {"format", "step", "disc_steps", "seg_steps", "segmenter", "discriminator",
                         "optim_seg", "optim_disc", "rng", "data", "config", "mlflow_run_id"}
-    assert raw["format"] == "move_scale.checkpoint/1" and (raw["step"], raw["disc_steps"], raw["seg_steps"]) == (7, 3, 4)
+    assert raw["format"] == "move_scale.harness.checkpoint/1" and (raw["step"], raw["disc_steps"], raw["seg_steps"]) == (7, 3, 4)
     assert raw["data"] == {"epoch": 0, "batches_in_epoch": 7, "world_size": 1}
     loaded = load_checkpoint(path)
     assert loaded.state == checkpoint.state and loaded.world_size == 1
@@ -276,7 +276,7 @@ RANK_SCRIPT = textwrap.dedent("""
     from accelerate.utils import gather_object
     sys.path.insert(0, {tests!r})
     from test_checkpoint import make_checkpoint
-    from move_scale.checkpoint import capture_rng_state, save_checkpoint
+    from move_scale.harness.checkpoint import capture_rng_state, save_checkpoint
 
     accelerator = Accelerator()
     torch.manual_seed(100 + accelerator.process_index)

@@ -57,7 +57,7 @@ def test_move_shard_draws_no_bar_into_a_log(tmp_path):
     for index in range(3):
         Image.fromarray(np.full((16, 16, 3), 40 * index, np.uint8)).save(images / f"{index}.png")
     with open(tmp_path / "log.txt", "w") as log:  # stderr is a file, as under a scheduler
-        done = subprocess.run([sys.executable, "-m", "move_scale.data.cli", "make", str(images),
+        done = subprocess.run([sys.executable, "-m", "move_scale.shard", "make", str(images),
                                str(tmp_path / "out"), "--workers", "0"], stderr=log, stdout=subprocess.PIPE,
                               text=True, timeout=120)
     assert done.returncode == 0
@@ -66,10 +66,10 @@ def test_move_shard_draws_no_bar_into_a_log(tmp_path):
 
 
 def test_eval_json_names_the_mae_when_it_makes_the_features(tmp_path):
-    from move_scale.evaluation.segmenter_file import export_segmenter
-    from move_scale.config import load_config
+    from move_scale.stages.move.segmenter_file import export_segmenter
+    from move_scale.stages.move.config import load_config
     from move_scale.evaluate import main
-    from move_scale.objective import build_objective
+    from move_scale.stages.move.objective import build_objective
 
     cfg = load_config(DEBUG, ["model.features.kind=mae", "model.segmenter.widths=[16,16,16,16,16]"])
     torch.manual_seed(0)

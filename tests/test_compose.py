@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from move_scale import compose
+from move_scale.stages.move import compose
 
 
 def one_pixel(height=6, width=7, row=2, col=3):

@@ -4,20 +4,10 @@ from pathlib import Path
 
 import pytest
 
-from move_scale.config import (
-    CONFIG_DIR,
-    DISC_KINDS,
-    FEATURE_KINDS,
-    Config,
-    ConfigError,
-    bundled_configs,
-    config_from_dict,
-    dump_config,
-    flatten,
-    load_config,
-    resolve_config_path,
-)
-from move_scale.models.build import DISCRIMINATOR_BUILDERS, FEATURE_BUILDERS
+from move_scale.config.files import CONFIG_DIR, bundled_configs, dump_config, resolve_config_path
+from move_scale.stages.move.config import DISC_KINDS, FEATURE_KINDS, Config, config_from_dict, load_config
+from move_scale.config.tree import ConfigError, flatten
+from move_scale.stages.move.build import DISCRIMINATOR_BUILDERS, FEATURE_BUILDERS
 
 CONFIGS = CONFIG_DIR
 

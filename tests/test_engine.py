@@ -4,8 +4,8 @@ import dataclasses
 import pytest
 import torch
 
-from move_scale.config import load_config
-from move_scale.engine import (
+from move_scale.stages.move.config import load_config
+from move_scale.stages.move.engine import (
     NonFiniteLossError,
     autocast_context,
     disc_step,
@@ -13,7 +13,7 @@ from move_scale.engine import (
     make_adamw,
     seg_step,
 )
-from move_scale.objective import build_objective
+from move_scale.stages.move.objective import build_objective
 
 
 @pytest.fixture(scope="module")

@@ -12,14 +12,14 @@ import pytest
 import torch
 from PIL import Image
 
-from move_scale.config import FeaturesConfig, SegmenterConfig
+from move_scale.stages.move.config import FeaturesConfig, SegmenterConfig
 from move_scale.data.ground_truth import parse_voc
 from move_scale.evaluate import main
 from move_scale.evaluation.bilateral import fill_holes, refine_mask
 from move_scale.evaluation.inference import MaskPredictor, bucketed, prepare_image
-from move_scale.evaluation.segmenter_file import export_segmenter
+from move_scale.stages.move.segmenter_file import export_segmenter
 from move_scale.models.backbone import FrozenViT
-from move_scale.models.segmenter import Segmenter
+from move_scale.stages.move.segmenter import Segmenter
 
 
 def make_export(folder: Path, bias: float | None = None, name: str = "seg.pt") -> Path:
@@ -147,7 +147,7 @@ def test_corloc_voc_root_and_coco_json(tmp_path):
 def test_shards_and_mlflow(tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from move_scale.data.synthetic import generate, write_synthetic
+    from move_scale.data.write.synthetic import generate, write_synthetic
 
     manifest = write_synthetic(tmp_path / "synth", train=0, val=3, size=64, seed=5)["val"]
     fractions = [scene.mask.mean() for scene in generate(3, 64, 5, "val")]

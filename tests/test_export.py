@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from move_scale.checkpoint import CheckpointError, TrainingCheckpoint, TrainState, capture_rng_state, save_checkpoint
-from move_scale.config import dump_config, load_config
-from move_scale.evaluation.segmenter_file import export_segmenter, load_segmenter, read_segmenter_export
+from move_scale.harness.checkpoint import CheckpointError, TrainingCheckpoint, TrainState, capture_rng_state, save_checkpoint
+from move_scale.config.files import dump_config
+from move_scale.stages.move.config import load_config
+from move_scale.stages.move.segmenter_file import export_segmenter, load_segmenter, read_segmenter_export
 from move_scale.export import main
-from move_scale.objective import build_objective
+from move_scale.stages.move.objective import build_objective
 
 DEBUG = "configs/debug.yaml"
 
@@ -87,7 +88,7 @@ def test_missing_weights_stop_before_anything_is_written(tmp_path, capsys):
 def test_the_command_gives_what_training_exported_at_its_end(tmp_path):
     """Train 2 steps (which exports run_dir/segmenter.pt), then export the final checkpoint with the
     console command: the same segmenter, the same embedded random features."""
-    from move_scale.data.synthetic import write_synthetic
+    from move_scale.data.write.synthetic import write_synthetic
 
     shards = write_synthetic(tmp_path / "shards", train=16, val=0, size=64, seed=1, samples_per_shard=8)["train"]
     run_dir = tmp_path / "run"
@@ -145,7 +146,7 @@ def _masks(features_net, segmenter, images, kind: str) -> torch.Tensor:
 
 @pytest.mark.parametrize("kind", ["dino", "mae"])
 def test_export_round_trip_gives_identical_masks(tmp_path, kind):
-    from move_scale.models.build import build_features, build_mae, build_segmenter
+    from move_scale.stages.move.build import build_features, build_mae, build_segmenter
 
     model_cfg = _tiny_model_cfg(tmp_path, kind)
     features_net = build_mae(model_cfg, 64) if kind == "mae" else build_features(model_cfg, 64)
@@ -167,7 +168,7 @@ def test_export_round_trip_gives_identical_masks(tmp_path, kind):
 
 
 def test_load_segmenter_rejects_other_files(tmp_path):
-    from move_scale.config import FeaturesConfig, SegmenterConfig
+    from move_scale.stages.move.config import FeaturesConfig, SegmenterConfig
 
     ckpt = save_checkpoint(tmp_path, TrainingCheckpoint(TrainState(step=1), {}, {}, {}, {}, [], "", None),
                            keep_last=1)
@@ -193,7 +194,7 @@ def test_load_segmenter_rejects_other_files(tmp_path):
 
 
 def test_export_embeds_random_features_so_inference_sees_the_trained_network(tmp_path):
-    from move_scale.models.build import build_features, build_segmenter
+    from move_scale.stages.move.build import build_features, build_segmenter
 
     cfg = load_config(DEBUG)
     torch.manual_seed(5)

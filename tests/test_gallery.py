@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from move_scale.gallery import COLUMNS, GAP, LABEL_HEIGHT, MIN_TILE, save_mask_gallery, tile_scale
+from move_scale.stages.move.gallery import COLUMNS, GAP, LABEL_HEIGHT, MIN_TILE, save_mask_gallery, tile_scale
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
@@ -74,9 +74,9 @@ def test_shape_errors(tmp_path):
 
 
 def test_objective_gallery_leaves_training_state_untouched(tmp_path):
-    from move_scale.config import load_config
-    from move_scale.gallery import save_objective_gallery
-    from move_scale.objective import build_objective
+    from move_scale.stages.move.config import load_config
+    from move_scale.stages.move.gallery import save_objective_gallery
+    from move_scale.stages.move.objective import build_objective
 
     torch.manual_seed(0)
     objective = build_objective(load_config("configs/debug.yaml"))

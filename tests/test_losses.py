@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from move_scale import losses
+from move_scale.stages.move import losses
 
 
 def test_discriminator_hinge_loss_by_hand():

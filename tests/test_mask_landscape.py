@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from move_scale.config import load_config
+from move_scale.stages.move.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 
 from authors_chain import coco_gt, largest_box, lost_hit, read_back, saved_prediction, voc_gt
-from move_scale.data.write import write_shards
+from move_scale.data.write.write import write_shards
 from move_scale.evaluate import main
-from move_scale.evaluation.segmenter_file import load_segmenter
+from move_scale.stages.move.segmenter_file import load_segmenter
 from move_scale.evaluation.sources import open_eval_source
 from test_evaluate import make_export
 from test_parity_e2e import random_export

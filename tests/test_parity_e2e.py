@@ -10,11 +10,11 @@ import torch
 from PIL import Image
 
 from authors_chain import chain_metrics
-from move_scale.config import FeaturesConfig, SegmenterConfig
+from move_scale.stages.move.config import FeaturesConfig, SegmenterConfig
 from move_scale.evaluate import main
-from move_scale.evaluation.segmenter_file import export_segmenter, load_segmenter
+from move_scale.stages.move.segmenter_file import export_segmenter, load_segmenter
 from move_scale.models.backbone import FrozenViT
-from move_scale.models.segmenter import Segmenter
+from move_scale.stages.move.segmenter import Segmenter
 
 SHORT_SIDE = 48
 # stem: stored (H, W), object rectangle (rows, cols) or None for an empty mask, EXIF orientation

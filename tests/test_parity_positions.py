@@ -11,9 +11,9 @@ from timm.layers import resample_abs_pos_embed
 
 from move_scale.evaluation.inference import MaskPredictor
 from move_scale.models.backbone import FrozenViT
-from move_scale.models.build import build_mae
+from move_scale.stages.move.build import build_mae
 from move_scale.models.mae import MAE
-from move_scale.models.segmenter import Segmenter
+from move_scale.stages.move.segmenter import Segmenter
 from test_mae import tiny_cfg
 
 

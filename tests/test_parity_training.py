@@ -11,10 +11,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from move_scale.config import ConfigError, DiscConfig, ModelConfig, load_config
-from move_scale.models.build import build_discriminator, build_segmenter
-from move_scale.models.discriminator import ProjectedDiscriminator, diff_augment_color
-from move_scale.models.segmenter import Segmenter
+from move_scale.config.tree import ConfigError
+from move_scale.stages.move.config import DiscConfig, ModelConfig, load_config
+from move_scale.stages.move.build import build_discriminator, build_segmenter
+from move_scale.stages.move.discriminator import ProjectedDiscriminator, diff_augment_color
+from move_scale.stages.move.segmenter import Segmenter
 from test_objective import images, make_objective
 
 
@@ -157,12 +158,13 @@ def test_mae_encoder_tokens_go_straight_to_the_head():
 
 
 def test_an_export_made_before_input_norm_existed_still_loads(tmp_path):
-    from move_scale.evaluation.segmenter_file import export_segmenter, load_segmenter
-    from move_scale.config import FeaturesConfig, MAEConfig, SegmenterConfig
+    from move_scale.stages.move.segmenter_file import export_segmenter, load_segmenter
+    from move_scale.stages.move.config import FeaturesConfig, SegmenterConfig
+    from move_scale.models.sections import MAEConfig
 
     mae_cfg = MAEConfig(weights="random", embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=32,
                         decoder_depth=1, decoder_num_heads=2)
-    from move_scale.models.build import build_mae
+    from move_scale.stages.move.build import build_mae
 
     mae = build_mae(ModelConfig(mae=mae_cfg), 64)
     old_head = Segmenter(32, (16, 16, 16, 16, 16))  # a LayerNorm, as every head had before
@@ -173,7 +175,7 @@ def test_an_export_made_before_input_norm_existed_still_loads(tmp_path):
     torch.save(export, path)
     _, loaded, _ = load_segmenter(path)
     assert isinstance(loaded.norm, torch.nn.LayerNorm)
-    from move_scale.checkpoint import CheckpointError
+    from move_scale.harness.checkpoint import CheckpointError
 
     with pytest.raises(CheckpointError, match="model.segmenter.input_norm=layernorm"):  # resuming such a run
         Segmenter(32, (16, 16, 16, 16, 16), input_norm=False).load_state_dict(old_head.state_dict())
@@ -203,7 +205,7 @@ def test_diffaugment_runs_before_the_resize_to_the_d_resolution():
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> str:
-    from move_scale.data.synthetic import write_synthetic
+    from move_scale.data.write.synthetic import write_synthetic
 
     out = tmp_path_factory.mktemp("shards")
     return str(write_synthetic(out, train=16, val=0, size=64, seed=3, samples_per_shard=8)["train"])
@@ -213,7 +215,7 @@ def shards(tmp_path_factory) -> str:
 def test_resume_keeps_the_once_moved_statistics_and_continues_the_bin_ramp(shards, tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
-    from move_scale.objective import build_objective
+    from move_scale.stages.move.objective import build_objective
     from move_scale.train import main as train_main
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

@@ -9,10 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from move_scale.config import FeaturesConfig, SegmenterConfig
-from move_scale.evaluation.segmenter_file import export_segmenter
+from move_scale.stages.move.config import FeaturesConfig, SegmenterConfig
+from move_scale.stages.move.segmenter_file import export_segmenter
 from move_scale.models.backbone import FrozenViT
-from move_scale.models.segmenter import Segmenter
+from move_scale.stages.move.segmenter import Segmenter
 from move_scale.evaluation.predictions import draw_overlay, list_inputs
 from move_scale.predict import main
 
@@ -91,7 +91,7 @@ def test_predict_empty_mask_gives_no_boxes_list_input(tmp_path):
 
 @pytest.mark.slow
 def test_predict_single_file_and_shards_as_subprocess(tmp_path):
-    from move_scale.data.synthetic import write_synthetic
+    from move_scale.data.write.synthetic import write_synthetic
 
     manifest = write_synthetic(tmp_path / "synth", train=0, val=3, size=64, seed=1)["val"]
     export = make_export(tmp_path)

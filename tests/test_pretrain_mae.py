@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from move_scale import pretrain_mae
-from move_scale.config import load_config
-from move_scale.data.synthetic import write_synthetic
-from move_scale.models.build import build_mae
+from move_scale.stages.move.config import load_config
+from move_scale.data.write.synthetic import write_synthetic
+from move_scale.stages.move.build import build_mae
 
 TINY = """
 seed: 0

@@ -7,11 +7,11 @@ import textwrap
 
 import pytest
 
-from move_scale.processes import exit_process
+from move_scale.core.processes import exit_process
 
 SCRIPT = textwrap.dedent("""
     import sys, torch.distributed as dist
-    from move_scale.processes import exit_process
+    from move_scale.core.processes import exit_process
     dist.init_process_group("gloo")
     sys.stdout = open(f"{sys.argv[2]}/rank{dist.get_rank()}.txt", "w", buffering=1 << 16)  # kept in the buffer
     print(f"rank {dist.get_rank()} of {dist.get_world_size()} done")

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from motoproc import MotoServer, free_port, s3_env
-from move_scale.data.synthetic import write_synthetic
+from move_scale.data.write.synthetic import write_synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
 DEBUG = "configs/debug.yaml"
@@ -140,7 +140,7 @@ def test_an_outage_past_the_window_stops_in_one_line_and_the_run_resumes(
         assert code == 2
         assert f"S3 endpoint {server.endpoint} did not answer" in line and "retry_window_s" in line
         assert window <= took < window + 4 + 60  # the window, one attempt, exit; CPU slack
-        from move_scale.checkpoint import load_latest_checkpoint
+        from move_scale.harness.checkpoint import load_latest_checkpoint
 
         path, ckpt = load_latest_checkpoint(run_dir)  # intact: loads and checks out
         assert 2 <= ckpt.state.step < STEPS
@@ -226,11 +226,11 @@ def test_an_unreachable_endpoint_is_one_line_and_exit_2_in_every_command(data, m
         "evaluate": ["-m", "move_scale.evaluate", "--checkpoint", str(make_export(tmp_path)),
                      "--data", source, "--task", "saliency", "--device", "cpu", "--endpoint-url",
                      dead, "--retry-window", "1", "--read-timeout", "1", "--no-progress"],
-        "move-shard info": ["-m", "move_scale.data.cli", "info", source, *shard],
-        "move-shard verify": ["-m", "move_scale.data.cli", "verify", source, *shard],
-        "move-shard index": ["-m", "move_scale.data.cli", "index", "s3://faults/train/",
+        "move-shard info": ["-m", "move_scale.shard", "info", source, *shard],
+        "move-shard verify": ["-m", "move_scale.shard", "verify", source, *shard],
+        "move-shard index": ["-m", "move_scale.shard", "index", "s3://faults/train/",
                              "--out", str(tmp_path / "idx"), *shard],
-        "move-shard make": ["-m", "move_scale.data.cli", "make", str(make_images(n=2).root),
+        "move-shard make": ["-m", "move_scale.shard", "make", str(make_images(n=2).root),
                             "s3://faults/out",
                             "--workers", "0", "--no-progress", *shard],
     }

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from move_scale.config import load_config
-from move_scale.data.synthetic import write_synthetic
-from move_scale.resume import changes_mid_run, compare
+from move_scale.stages.move.config import load_config
+from move_scale.data.write.synthetic import write_synthetic
+from move_scale.harness.resume import changes_mid_run, compare
 from move_scale.train import main as train_main
 
 DEBUG = "configs/debug.yaml"
@@ -162,8 +162,8 @@ def test_resume_never_sets_the_earlier_run_aside(finished, tmp_path, monkeypatch
 def test_a_config_stored_before_input_norm_reads_as_the_layernorm_that_run_had(tmp_path):
     """Before model.segmenter.input_norm existed every head had a LayerNorm; "auto" now gives MAE
     features none, so an old MAE-feature run reads as layernorm (and resumes with that override)."""
-    from move_scale.checkpoint import TrainingCheckpoint, TrainState, stored_config
-    from move_scale.config import dump_config
+    from move_scale.harness.checkpoint import TrainingCheckpoint, TrainState, stored_config
+    from move_scale.config.files import dump_config
 
     mae = ["model.features.kind=mae", "model.segmenter.widths=[16,16,16,16,16]"]
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from move_scale.data.storage import DataError
-from move_scale.data.stream import build_eval_loader, build_train_loader
+from move_scale.data.errors import DataError
+from move_scale.data.read.stream import build_eval_loader, build_train_loader
 from shardutil import make_shards, write_tar
 
 DEBUG = "configs/debug.yaml"
@@ -98,7 +98,7 @@ def test_missing_shards_are_found_before_training(tmp_path, caplog):
 def test_a_truncated_shard_stops_train_with_one_line_and_logs_the_counts(tmp_path, capsys):
     from mlflow.tracking import MlflowClient
 
-    from move_scale.data.synthetic import write_synthetic
+    from move_scale.data.write.synthetic import write_synthetic
     from move_scale.train import main as train_main
 
     manifest = write_synthetic(tmp_path / "synth", train=24, val=0, size=64, seed=3,

@@ -10,12 +10,12 @@ import fsspec
 import pytest
 from PIL import Image
 
-from move_scale.data.cli import main
+from move_scale.shard import main
 from move_scale.data.manifest import load_manifest
 
 
 def _cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "move_scale.data.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "move_scale.shard", *args], capture_output=True,
                           text=True, timeout=120)
 
 

@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from move_scale.data.cli import main
+from move_scale.shard import main
 from move_scale.data.manifest import load_manifest
-from move_scale.data.prepare import Sample
-from move_scale.data.storage import DataError
-from move_scale.data.write import write_samples, write_shards
+from move_scale.data.write.prepare import Sample
+from move_scale.data.errors import DataError
+from move_scale.data.write.write import write_samples, write_shards
 
 
 def read_dataset(folder: Path) -> tuple[dict, list]:
@@ -165,7 +165,7 @@ def _feed(fifo: Path, data: bytes) -> threading.Thread:
 
 
 def _make_cli(*args) -> list[str]:
-    return [sys.executable, "-m", "move_scale.data.cli", "make", *args, "--max-count", "3",
+    return [sys.executable, "-m", "move_scale.shard", "make", *args, "--max-count", "3",
             "--workers", "0", "--no-progress", "--name", "ds"]
 
 
@@ -276,7 +276,7 @@ def test_write_samples_round_trip_and_resume(tmp_path):
 
 
 def _run_cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "move_scale.data.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "move_scale.shard", *args], capture_output=True,
                           text=True, timeout=60)
 
 
@@ -350,7 +350,7 @@ def test_all_inputs_bad_is_an_error_with_the_report_written(tricky_images, tmp_p
 def test_synth_subcommand_writes_train_and_val_shards_with_ground_truth(tmp_path):
     import tarfile
 
-    from move_scale.data.cli import main as shard_main
+    from move_scale.shard import main as shard_main
 
     assert shard_main(["synth", str(tmp_path / "syn"), "--train", "6", "--val", "3", "--size", "32",
                        "--samples-per-shard", "4"]) == 0

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from move_scale.data import plan
-from move_scale.data.shardlist import Shard
-from move_scale.data.storage import DataError
-from move_scale.data.tario import SkipTally
-from move_scale.data.stream import build_eval_loader, build_train_loader
+from move_scale.data.read import plan
+from move_scale.data.read.shardlist import Shard
+from move_scale.data.errors import DataError
+from move_scale.data.read.tario import SkipTally
+from move_scale.data.read.stream import build_eval_loader, build_train_loader
 from shardutil import make_shards
 
 
@@ -256,7 +256,7 @@ def test_eval_yields_each_sample_once_across_ranks_with_masks_and_boxes(tmp_path
 
 def test_streams_from_s3_shards_written_by_the_writer(make_images, s3_bucket, s3_endpoint):
     """conftest's real moto_server; the shards are written there by `write_shards` (move-shard)."""
-    from move_scale.data.write import write_shards
+    from move_scale.data.write.write import write_shards
 
     images = make_images(n=16, masks=True)
     options = {"client_kwargs": {"endpoint_url": s3_endpoint}}
@@ -300,7 +300,7 @@ class _Slow(torch.utils.data.IterableDataset):
 def test_waits_in_slices_lose_nothing_and_a_silent_loader_is_a_stall(tmp_path):
     """The DataLoader raises "timed out" at every slice of a wait and keeps its place: asked
     again, it delivers the same items in the same order."""
-    from move_scale.data.watch import InFlight, LoaderWatch, next_item
+    from move_scale.data.read.watch import InFlight, LoaderWatch, next_item
 
     def drain(delay, stall_timeout_s):
         board = InFlight(2)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from move_scale.data import synthetic
+from move_scale.data.write import synthetic
 
 
 def _scenes(count=24, size=48, seed=3, split="train"):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from move_scale.data.remote import ReadPolicy
-from move_scale.data.tario import SkipTally, iter_shard
+from move_scale.data.read.tario import SkipTally, iter_shard
 from shardutil import encode, random_image, write_tar
 
 

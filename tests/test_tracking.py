@@ -9,9 +9,11 @@ import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from move_scale.config import dump_config, flatten, load_config
-from move_scale.gallery import save_mask_gallery
-from move_scale.tracking import (
+from move_scale.config.files import dump_config
+from move_scale.config.tree import flatten
+from move_scale.stages.move.config import load_config
+from move_scale.stages.move.gallery import save_mask_gallery
+from move_scale.harness.tracking import (
     PARAM_VALUE_LIMIT, NullTracker, Tracker, TrackingError, param_value, resolve_tracking_uri,
     start_tracker,
 )
@@ -67,7 +69,7 @@ def test_run_round_trip_and_resume(tmp_path, shared_run_dir, caplog):
 
     changed = load_config(None, ["name=roundtrip", "train.max_steps=99",
                                  "data.train=" + "x" * (PARAM_VALUE_LIMIT + 50)])
-    with caplog.at_level(logging.WARNING, logger="move_scale.tracking"):
+    with caplog.at_level(logging.WARNING, logger="move_scale.harness.tracking"):
         resumed = start_tracker(is_main=True, run_dir=run_dir, run_id=tracker.run_id, environ={})
         assert resumed.run_id == tracker.run_id
         assert client.get_run(tracker.run_id).info.status == "RUNNING"
@@ -128,7 +130,7 @@ def test_hiccup_mid_run_is_counted_not_raised(shared_run_dir, caplog):
     tracker = start_tracker(is_main=True, run_dir=shared_run_dir, experiment="hiccup", environ={})
     real = tracker._client
     tracker._client = FlakyClient(real, fail=2)
-    with caplog.at_level(logging.WARNING, logger="move_scale.tracking"):
+    with caplog.at_level(logging.WARNING, logger="move_scale.harness.tracking"):
         tracker.log_metrics({"loss": 1.0}, step=1)
         tracker.log_text("x: 1\n", "config.yaml")
         tracker.log_metrics({"loss": 3.0, "nan": float("nan")}, step=3)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from motoproc import free_port
-from move_scale.data.synthetic import write_synthetic
+from move_scale.data.write.synthetic import write_synthetic
 from move_scale.train import main as train_main
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from move_scale.data.transforms import (
+from move_scale.data.read.transforms import (
     SampleError, TrainTransform, collate_normalise, crop_box, decode_eval_sample, sample_rng,
 )
 from shardutil import encode, random_image

@@ -14,12 +14,12 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from move_scale.data.index import index_shards
-from move_scale.data.stream import build_eval_loader, build_train_loader
+from move_scale.data.write.index import index_shards
+from move_scale.data.read.stream import build_eval_loader, build_train_loader
 from move_scale.data.remote import ReadPolicy
-from move_scale.data.tario import SkipTally, iter_shard
+from move_scale.data.read.tario import SkipTally, iter_shard
 from move_scale.data.images import IMAGENET_MEAN, IMAGENET_STD
-from move_scale.data.write import write_shards
+from move_scale.data.write.write import write_shards
 from wdsutil import write_foreign_shards
 
 
@@ -115,7 +115,7 @@ def _env() -> dict:
 def test_a_real_training_run_on_shardwriter_shards_after_index(tmp_path):
     folder = tmp_path / "foreign"
     write_foreign_shards(folder, n=26, maxcount=7)  # 25 samples in 4 shards, 1 sidecar-only group
-    indexed = subprocess.run([sys.executable, "-m", "move_scale.data.cli", "index", str(folder)],
+    indexed = subprocess.run([sys.executable, "-m", "move_scale.shard", "index", str(folder)],
                              capture_output=True, text=True, timeout=120)
     assert indexed.returncode == 0, indexed.stderr
     run_dir = tmp_path / "run"
@@ -174,7 +174,7 @@ def test_a_local_manifest_of_s3_shards_reads_them_with_the_endpoint(tmp_path, s3
     """`index --out` writes local manifests of remote shards: evaluate and predict must read the
     shards with --endpoint-url and --read-timeout/--retry-window, not the manifest's (none)."""
     from move_scale.data.remote import ReadPolicy
-    from move_scale.data.shardlist import shard_options
+    from move_scale.data.read.shardlist import shard_options
     from move_scale.evaluate import main as evaluate_main
     from move_scale.predict import main as predict_main
 

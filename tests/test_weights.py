@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from move_scale import weights
-from move_scale.weights import WeightsError
+from move_scale.models import weights
+from move_scale.models.weights import WeightsError
 
 
 def small_net() -> nn.Module:
@@ -153,7 +153,7 @@ def test_load_strict_loads_matching_weights():
 def test_random_weights_load_nothing_and_say_so(tmp_path, caplog):
     net = small_net()
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    with caplog.at_level(logging.WARNING, logger="move_scale.weights"):
+    with caplog.at_level(logging.WARNING, logger="move_scale.models.weights"):
         assert weights.load_weights(net, "random", tmp_path, "my net") is False
     assert "using RANDOM weights for my net" in caplog.text
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import io
 import os
+import posixpath
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -275,3 +276,8 @@ def array_to_image(array: np.ndarray, what: str) -> Image.Image:
     if array.ndim == 2:
         return Image.fromarray(array, "L")
     raise ValueError(f"{what} must be (H, W, 3) or (H, W), got shape {array.shape}")
+
+
+def stem_of(path: str) -> str:
+    """The file name of a path or URL without its folder and last suffix: the sample's stem."""
+    return os.path.splitext(posixpath.basename(path.rstrip("/")))[0]

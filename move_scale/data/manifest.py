@@ -23,7 +23,7 @@ import posixpath
 from dataclasses import dataclass, field
 
 from move_scale.data.remote import ReadPolicy, RetryingFile
-from move_scale.data.storage import DataError
+from move_scale.data.errors import DataError
 
 FORMAT = "move_scale.shards/1"
 MANIFEST_NAME = "manifest.json"

@@ -29,9 +29,10 @@ from typing import Callable, TypeVar
 
 import fsspec
 
-from move_scale.cli_args import number
-from move_scale.config_rules import Range
-from move_scale.data.storage import DataError
+from move_scale.core.cli_args import number
+from move_scale.config.rules import Range
+from move_scale.config.sections import DataConfig
+from move_scale.data.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +49,9 @@ _TRANSIENT_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTim
 class ReadPolicy:
     """Timeouts and the retry window of remote reads (the `data.*` keys of the same names)."""
 
-    connect_timeout_s: float = 10.0
-    read_timeout_s: float = 15.0
-    retry_window_s: float = 120.0
+    connect_timeout_s: float = DataConfig.connect_timeout_s  # the config's defaults: 10, 15, 120 s
+    read_timeout_s: float = DataConfig.read_timeout_s
+    retry_window_s: float = DataConfig.retry_window_s
     window_key: str = "data.retry_window_s"  # how the user sets the window, for messages
 
     def __post_init__(self) -> None:

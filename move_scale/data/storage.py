@@ -19,19 +19,15 @@ from typing import Iterator
 
 from fsspec.implementations.local import LocalFileSystem
 
-from move_scale.errors import UserError
+from move_scale.data.errors import DataError
+from move_scale.data.remote import ReadPolicy, filesystem, remote_options, retrying
 
 _OBJECT_STORES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl"}
-
-
-class DataError(UserError, ValueError):
-    """Bad user input for the data tools (a path, a value, a file); the message says what to do."""
 
 
 def storage_options_for(url: str, endpoint_url: str | None = None, policy=None) -> dict:
     """fsspec storage options for ``url``: the S3 endpoint when one is given, and the timeouts of
     ``policy`` (a `remote.ReadPolicy`; its defaults when None)."""
-    from move_scale.data.remote import remote_options
 
     return remote_options(url, endpoint_url, policy)
 
@@ -42,7 +38,6 @@ class OutputDir:
     def __init__(self, url: str, storage_options: dict | None = None, policy=None):
         self.url = url.rstrip("/")
         self.storage_options, self.policy = storage_options, policy
-        from move_scale.data.remote import filesystem
 
         try:
             self.fs, root = filesystem(self.url, storage_options)
@@ -60,7 +55,6 @@ class OutputDir:
         """`call()`, retried on transient failures when OUT is remote (see the module docstring)."""
         if self.is_local:
             return call()
-        from move_scale.data.remote import ReadPolicy, retrying
 
         return retrying(what, f"{self.url}/{name}", self.storage_options,
                         self.policy or ReadPolicy(), call)

@@ -19,7 +19,7 @@ from move_scale.data.remote import ReadPolicy
 from move_scale.evaluation.boxes import Box, boxes_record, coco_detections, mask_to_boxes
 from move_scale.evaluation.inference import SHORT_SIDE, InferenceError, load_predictor, read_image
 from move_scale.evaluation.sources import looks_like_shards
-from move_scale.paths import OutputError, check_output_dir, save_or_keep
+from move_scale.core.paths import OutputError, check_output_dir, save_or_keep
 
 logger = logging.getLogger("move_scale.predict")
 LIST_SUFFIXES = (".txt", ".lst", ".list")
@@ -95,8 +95,8 @@ def _file_images(inputs: list[InputImage], skipped: list[str],
 
 def _shard_images(spec: str, endpoint_url: str | None,
                   policy: ReadPolicy) -> Iterator[tuple[InputImage, np.ndarray]]:
-    from move_scale.data.shardlist import shard_options
-    from move_scale.data.stream import build_eval_loader
+    from move_scale.data.read.shardlist import shard_options
+    from move_scale.data.read.stream import build_eval_loader
 
     try:
         loader = build_eval_loader(spec, rank=0, world_size=1, policy=policy,

@@ -5,7 +5,7 @@ import json
 import logging
 from pathlib import Path
 
-from move_scale.paths import OutputError, check_input, check_output_file, save_or_keep
+from move_scale.core.paths import OutputError, check_input, check_output_file, save_or_keep
 
 logger = logging.getLogger("move_scale.evaluate")
 
@@ -13,7 +13,7 @@ logger = logging.getLogger("move_scale.evaluate")
 def check_request(request) -> None:
     """The inputs of an `EvalRequest` exist and its outputs can be written, before any network is
     built; the messages name the command's options."""
-    from move_scale.tracking import check_tracking
+    from move_scale.harness.tracking import check_tracking
 
     for option, value in (("--gt", request.gt), ("--subset", request.subset)):  # --checkpoint: load_predictor
         if value:
@@ -62,7 +62,7 @@ def log_to_mlflow(run_id: str, tracking_uri: str | None, name: str, metrics: dic
     """Log `eval/<name>/<metric>` into an existing MLflow run."""
     from mlflow.tracking import MlflowClient
 
-    from move_scale.tracking import TrackingError
+    from move_scale.harness.tracking import TrackingError
 
     try:
         client = MlflowClient(tracking_uri=tracking_uri or None)

@@ -13,10 +13,10 @@ from typing import Iterator
 import torch
 from tqdm import tqdm
 
-from move_scale.data.eval_stream import check_delivered
+from move_scale.data.read.eval_stream import check_delivered
 from move_scale.data.ground_truth import GroundTruthError
 from move_scale.data.remote import ReadPolicy
-from move_scale.data.storage import DataError
+from move_scale.data.errors import DataError
 from move_scale.evaluation.boxes import largest_box, mask_to_boxes
 from move_scale.evaluation.inference import SHORT_SIDE, load_predictor, resize_mask
 from move_scale.evaluation.metrics import CorLocMeter, SaliencyMeter

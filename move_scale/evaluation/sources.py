@@ -103,9 +103,9 @@ def open_eval_source(data: str, gt: str | None, *, rank: int = 0, world_size: in
 
 def _shard_source(data: str, name: str, rank: int, world_size: int, endpoint_url: str | None,
                   policy: ReadPolicy) -> EvalSource:
-    from move_scale.data.shardlist import shard_options
-    from move_scale.data.storage import DataError
-    from move_scale.data.stream import build_eval_loader
+    from move_scale.data.read.shardlist import shard_options
+    from move_scale.data.errors import DataError
+    from move_scale.data.read.stream import build_eval_loader
 
     try:
         loader = build_eval_loader(data, rank=rank, world_size=world_size, policy=policy,

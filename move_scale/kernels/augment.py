@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .compose_ops import COMPILE_DEVICES, Kernel
+from move_scale.kernels.compile import COMPILE_DEVICES, Kernel
 
 DIFFAUG_POLICIES = ("color",)  # the DiffAugment policies MOVE uses: colour only (paper §3)
 

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .compose_ops import COMPILE_DEVICES, Kernel
+from move_scale.kernels.compile import COMPILE_DEVICES, Kernel
 
 
 def mix_reference(tokens: Tensor, mask_token: Tensor, tile_mask: Tensor) -> Tensor:

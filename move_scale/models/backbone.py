@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from .positions import interpolate_positions
+from move_scale.models.positions import interpolate_positions
 
 
 class FrozenViT(VisionTransformer):

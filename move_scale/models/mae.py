@@ -21,8 +21,8 @@ from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from ..kernels.tokens import MaskTokenMixer
-from .positions import interpolate_positions
+from move_scale.kernels.tokens import MaskTokenMixer
+from move_scale.models.positions import interpolate_positions
 
 
 def sincos_pos_embed_2d(dim: int, grid: int) -> torch.Tensor:
