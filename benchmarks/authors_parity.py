@@ -24,15 +24,25 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the plain reimplementations the parity tests use
 
-from authors_chain import (chain_metrics, largest_box, lost_hit, read_back,  # noqa: E402
-                           saved_prediction, torchvision_resized_hw, voc_gt)
+from authors_chain import (  # noqa: E402
+    chain_metrics,
+    largest_box,
+    lost_hit,
+    read_back,
+    saved_prediction,
+    torchvision_resized_hw,
+    voc_gt,
+)
 
-from move_scale.stages.move import compose  # noqa: E402
 from move_scale.models.backbone import FrozenViT  # noqa: E402
-from move_scale.stages.move.discriminator import ProjectedDiscriminator, diff_augment_color  # noqa: E402
 from move_scale.models.mae import MAE, sincos_pos_embed_2d  # noqa: E402
-from move_scale.stages.move.segmenter import Segmenter  # noqa: E402
+from move_scale.stages.move import compose  # noqa: E402
+from move_scale.stages.move.discriminator import (  # noqa: E402
+    ProjectedDiscriminator,
+    diff_augment_color,
+)
 from move_scale.stages.move.objective import MoveObjective  # noqa: E402
+from move_scale.stages.move.segmenter import Segmenter  # noqa: E402
 
 ROWS: list[tuple[str, str, str]] = []
 
@@ -71,8 +81,8 @@ def d_order() -> None:
 
 
 def bn_statistics() -> None:
-    from move_scale.stages.move.config import load_config
     from move_scale.stages.move.build import build_discriminator
+    from move_scale.stages.move.config import load_config
 
     cfg = load_config("configs/debug.yaml", ["model.disc.resolution=224"]).model
     torch.manual_seed(0)
@@ -90,8 +100,8 @@ def bn_statistics() -> None:
 
 
 def mae_tokens_norm() -> None:
-    from move_scale.stages.move.config import load_config
     from move_scale.stages.move.build import build_segmenter
+    from move_scale.stages.move.config import load_config
 
     torch.manual_seed(0)
     mae = MAE(224, 16, 64, 2, 2, 32, 1, 2)
@@ -177,9 +187,10 @@ def resize_rule() -> None:
 
 
 def evaluate_saliency(tmp: Path) -> None:
-    from move_scale.stages.move.segmenter_file import load_segmenter
-    from move_scale.evaluate import main as evaluate_main
     from test_parity_e2e import SCENES, SHORT_SIDE, random_export, write_scenes
+
+    from move_scale.evaluate import main as evaluate_main
+    from move_scale.stages.move.segmenter_file import load_segmenter
 
     images, masks = write_scenes(tmp)
     export = random_export(tmp)
@@ -200,12 +211,12 @@ def evaluate_saliency(tmp: Path) -> None:
 
 def corloc_paths(tmp: Path) -> None:
     from PIL import Image
-
-    from move_scale.stages.move.segmenter_file import load_segmenter
-    from move_scale.data.write.write import write_shards
-    from move_scale.evaluate import main as evaluate_main
     from test_evaluate import make_export
     from test_parity_corloc import SHORT, VOC, write_voc
+
+    from move_scale.data.write.write import write_shards
+    from move_scale.evaluate import main as evaluate_main
+    from move_scale.stages.move.segmenter_file import load_segmenter
 
     root = tmp / "voc"
     write_voc(root)

@@ -221,10 +221,14 @@ def manifests(work: Path) -> dict:
 
 
 def pretrain(run, work: Path, train_shards: str) -> dict:
-    out = work / "mae.pth"
-    run("-m", "move_scale.pretrain_mae", "--config", CONFIG, "--out", str(out), "--steps", "3",
-        "--batch-size", "4", "--threads", "1", f"data.train={train_shards}")
-    return {k: digest(v) for k, v in load(out).items()}
+    """3 steps of 4 images with the MAE of configs/debug.yaml and the default recipe (before issue 22:
+    `--config configs/debug.yaml --out X --steps 3 --batch-size 4`; after it the MAE stage's own
+    config, whose run leaves RUN_DIR/mae.pth)."""
+    run_dir = work / "runs" / "mae"
+    run("-m", "move_scale.pretrain_mae", "--config", "configs/mae_debug.yaml", "--threads", "1",
+        f"data.train={train_shards}", f"run_dir={run_dir}", "train.max_steps=3", "train.log_every=1",
+        "train.ckpt_every_steps=0", "train.gallery_every=0")
+    return {k: digest(v) for k, v in load(run_dir / "mae.pth").items()}
 
 
 def pipelines(run, work: Path) -> dict:
@@ -239,7 +243,7 @@ def pipelines(run, work: Path) -> dict:
     rows = [line for line in table.splitlines() if line.startswith("| ") and "time:" not in line
             and "torch threads" not in line and "| config |" not in line]
     return {"demo_checkpoint": checkpoint_digests(demo / "move" / "ckpt-00000004.pt"),
-            "demo_mae": {k: digest(v) for k, v in load(demo / "mae.pth").items()},
+            "demo_mae": {k: digest(v) for k, v in load(demo / "mae" / "mae.pth").items()},
             "demo_eval": {k: v for k, v in demo_eval.items() if k not in EVAL_PATH_KEYS},
             "benchmark_checkpoint": checkpoint_digests(work / "bench" / "move" / "ckpt-00000004.pt"),
             "benchmark_table": rows}

@@ -18,7 +18,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gpu_check_tools import PeakMemory, Runner, child_running, children, last_json_line, markdown_table
+from gpu_check_tools import (
+    PeakMemory,
+    Runner,
+    child_running,
+    children,
+    last_json_line,
+    markdown_table,
+)
 
 PY = sys.executable
 MEMORY_TARGET = 16e9  # bytes: peak memory of the default precision at batch 32 (issue 17)

@@ -1,7 +1,7 @@
 """Which mask does the MOVE objective prefer? D's verdict on candidate masks, per inpainter.
 
-    python benchmarks/mask_landscape.py --mae runs/benchmark-synthetic/mae.pth
-    python benchmarks/mask_landscape.py --mae runs/benchmark-synthetic/mae.pth --steps 6000 optim.disc.lr=2e-4
+    python benchmarks/mask_landscape.py --mae runs/benchmark-synthetic/mae/mae.pth
+    python benchmarks/mask_landscape.py --mae runs/benchmark-synthetic/mae/mae.pth --steps 6000 optim.disc.lr=2e-4
 
 The segmenter learns only what the discriminator rewards, so before blaming the optimisation, ask
 the objective itself: with the ground truth at hand (synthetic scenes), build candidate masks (the
@@ -51,8 +51,8 @@ class CandidateMasks(nn.Module):
 def scenes(count: int, size: int, seed: int, split: str) -> dict[str, torch.Tensor]:
     """Synthetic scenes as a batch: image/background ImageNet-normalised (N,3,S,S), mask and the
     objects' filled boxes (N,1,S,S) in {0, 1}."""
-    from move_scale.data.write.synthetic import generate
     from move_scale.data.read.transforms import collate_normalise
+    from move_scale.data.write.synthetic import generate
 
     items = list(generate(count, size, seed, split))
     batch = collate_normalise([{"image": s.image, "background": s.background, "mask": s.mask.astype(np.uint8)}
@@ -124,9 +124,13 @@ def landscape(cfg, train: dict, val: dict, scored: dict[str, torch.Tensor], step
               seed: int) -> dict[str, tuple[float, float]]:
     """Train the config's D against a mix of candidates; return (mean D(x̂_δ), segmenter loss) for
     each of the `scored` masks of `val`, and D(x) of the real images under "(real x)"."""
-    from move_scale.stages.move.engine import disc_step, make_adamw
-    from move_scale.stages.move.losses import mask_losses, segmenter_adversarial_loss, segmenter_total_loss
     from move_scale.stages.move.build import build_discriminator, build_mae
+    from move_scale.stages.move.engine import disc_step, make_adamw
+    from move_scale.stages.move.losses import (
+        mask_losses,
+        segmenter_adversarial_loss,
+        segmenter_total_loss,
+    )
     from move_scale.stages.move.objective import MoveObjective
 
     torch.manual_seed(seed)

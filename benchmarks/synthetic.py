@@ -26,12 +26,11 @@ def settings_from_args(args: argparse.Namespace):
     """This benchmark's pipeline: its own scene size and seed, shards of 1000 under OUT/shards,
     data.val in training, everything redone (MAE, MOVE with train.resume=never), no MLflow eval."""
     from move_scale.demo import PipelineSettings
-    from move_scale.pretrain_mae import PretrainRecipe
 
     extra = ["objective.true_background=true"] if args.diagnostic else []
     return PipelineSettings(
-        out=args.out, config=args.config, train=args.train, val=args.val,
-        recipe=PretrainRecipe(steps=args.mae_steps, batch_size=args.mae_batch_size, lr=args.mae_lr),
+        out=args.out, config=args.config, train=args.train, val=args.val, mae_steps=args.mae_steps,
+        mae_batch_size=args.mae_batch_size, mae_overrides=(f"pretrain.lr={args.mae_lr}",),
         overrides=(*extra, *args.overrides), data_dir="shards", samples_per_shard=1000,
         image_size=args.size, scene_seed=args.seed, run_name="move-diagnostic" if args.diagnostic else "move",
         val_in_training=True, keep_mae=False, keep_move=False, log_eval=False)
@@ -79,8 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from move_scale.demo import StepFailed
     from move_scale.core.errors import UserError, report
+    from move_scale.demo import StepFailed
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -41,10 +41,11 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from move_scale.stages.move.config import load_config
-from move_scale.stages.move.engine import autocast_context, disc_step, effective_precision, make_adamw, seg_step
-from move_scale.stages.move.compose_ops import compile_on
+from move_scale.harness.steps import autocast_context, effective_precision
 from move_scale.kernels.layout import use_channels_last
+from move_scale.stages.move.compose_ops import compile_on
+from move_scale.stages.move.config import load_config
+from move_scale.stages.move.engine import disc_step, make_adamw, seg_step
 from move_scale.stages.move.objective import build_objective
 
 # dense bf16 tensor-core peak, TFLOP/s (vendor data sheets; 3090: fp16/bf16 with fp16 accumulate)

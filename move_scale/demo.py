@@ -5,12 +5,13 @@
 
 Four steps, each skipped when its output is already there (so a second run only re-trains):
   1. synthetic scenes with ground-truth masks → train/val shards  (`move-shard synth`)
-  2. an MAE pretrained on the training scenes                    (`python -m move_scale.pretrain_mae`)
+  2. an MAE pretrained on the training scenes, its architecture and data those of the MOVE config
+                                                                 (`python -m move_scale.pretrain_mae`)
   3. MOVE with the paper's objective, the MAE as inpainter and as feature extractor (paper Table 5,
      "MAE feature extractor"), a trainable conv discriminator    (`python -m move_scale.train`)
   4. saliency metrics on the held-out scenes                     (`python -m move_scale.evaluate`)
-Nothing is downloaded. The MOVE run is an MLflow run under OUT/move/mlruns; the evaluation is
-logged into it too. At this scale the segmenter does not yet find the objects (README, "What to
+Nothing is downloaded. The MAE run (OUT/mae, leaving OUT/mae/mae.pth) and the MOVE run (OUT/move)
+are MLflow runs under their folder's mlruns/; the evaluation is logged into MOVE's too. At this scale the segmenter does not yet find the objects (README, "What to
 expect"): the demo shows every step working, not the paper's results.
 """
 from __future__ import annotations
@@ -23,14 +24,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from move_scale import train
-from move_scale.harness.checkpoint import latest_mlflow_run_id
-from move_scale.stages.move.config import Config, load_config
-from move_scale.config.tree import ConfigError
-from move_scale.data.write.synthetic import write_synthetic
+from move_scale.config import files
+from move_scale.config.tree import ConfigError, to_dict
 from move_scale.core.errors import UserError, report
+from move_scale.core.paths import check_output_dir
+from move_scale.data.write.synthetic import write_synthetic
 from move_scale.evaluation.scoring import EvalRequest, evaluate_segmenter
-from move_scale.core.paths import check_output_dir, check_output_file
-from move_scale.pretrain_mae import PretrainRecipe, pretrain
+from move_scale.harness import command
+from move_scale.harness.checkpoint import latest_mlflow_run_id
+from move_scale.stages.mae.config import MaeConfig
+from move_scale.stages.mae.stage import MaeStage
+from move_scale.stages.move.config import Config, load_config
 
 log = logging.getLogger("move_scale.demo")
 DEFAULT_CONFIG = "demo"  # the bundled move_scale/configs/demo.yaml
@@ -45,15 +49,17 @@ class PipelineSettings:
     config: str  # the MOVE config
     train: int  # training scenes
     val: int  # held-out scenes
-    recipe: PretrainRecipe  # the MAE pretraining
-    overrides: tuple[str, ...] = ()  # the user's config overrides, applied last
+    mae_steps: int  # MAE pretraining steps
+    mae_batch_size: int = 64  # MAE pretraining batch (per process)
+    mae_overrides: tuple[str, ...] = ()  # MAE config overrides (stages/mae/config.py), e.g. pretrain.lr=1e-3
+    overrides: tuple[str, ...] = ()  # the user's MOVE config overrides, applied last
     data_dir: str = "data"  # scenes under OUT/<data_dir>/{train,val}
     samples_per_shard: int = 500
     image_size: int | None = None  # scene side; None: the config's data.image_size, else also the override
     scene_seed: int | None = None  # None: the config's seed
     run_name: str = "move"  # the MOVE run_dir under OUT
     val_in_training: bool = False  # data.val = the held-out scenes during MOVE training
-    keep_mae: bool = True  # keep OUT/mae.pth when it exists
+    keep_mae: bool = True  # keep OUT/mae/mae.pth when it exists
     keep_move: bool = True  # keep the MOVE export when it exists, resume its run (False: train afresh)
     log_eval: bool = True  # log the metrics into the MOVE run's MLflow store
 
@@ -62,7 +68,7 @@ class PipelineSettings:
 class PipelineResult:
     metrics: dict  # evaluate's: images, acc, iou, max_fbeta, ...
     seconds: dict[str, float]  # data, mae, move, eval
-    mae: dict | None  # pretraining losses and time; None when the MAE was kept
+    mae: dict | None  # the MAE run's first and last logged loss; None when the MAE was kept
     run_dir: Path  # the MOVE run
     overrides: list[str]  # what MOVE training got after its --config
     config: Config  # the resolved MOVE config
@@ -99,12 +105,38 @@ def _checked(settings: PipelineSettings) -> tuple[Path, Config]:
     """OUT, and the config with the user's overrides: bad values fail here, before any work."""
     out = check_output_dir(settings.out, "--out")
     cfg = load_config(settings.config, [*_size_override(settings), *settings.overrides])
-    if settings.val < 1 or settings.train < cfg.data.batch_size or settings.recipe.steps < 1:
-        raise ConfigError(f"--train {settings.train}, --val {settings.val}, --mae-steps {settings.recipe.steps}: "
+    if settings.val < 1 or settings.train < cfg.data.batch_size or settings.mae_steps < 1:
+        raise ConfigError(f"--train {settings.train}, --val {settings.val}, --mae-steps {settings.mae_steps}: "
                           f"the demo needs at least one held-out scene and step, and a batch of training "
                           f"scenes (data.batch_size={cfg.data.batch_size})")
-    settings.recipe.check()
+    mae_config(settings, cfg, out / "mae")  # bad MAE settings fail here too
     return out, cfg
+
+
+def mae_config(settings: PipelineSettings, cfg: Config, run_dir: Path) -> MaeConfig:
+    """MAE pretraining for the MOVE config `cfg`: its MAE architecture (from random weights), its
+    data section and seed and precision; the pipeline's steps and batch, a log (and loss) window of
+    a quarter of the steps at most 100, then `settings.mae_overrides`."""
+    tree = {"stage": MaeStage.NAME, "name": f"{cfg.name}-mae", "seed": cfg.seed, "run_dir": str(run_dir),
+            "model": {"mae": {**to_dict(cfg.model.mae), "weights": "random"},
+                      "weights_cache": cfg.model.weights_cache},
+            "data": {**to_dict(cfg.data), "batch_size": settings.mae_batch_size},
+            "train": {"max_steps": settings.mae_steps, "precision": cfg.train.precision,
+                      "log_every": max(1, min(100, settings.mae_steps // 4)),
+                      "ckpt_every_steps": 0, "gallery_every": settings.mae_steps,
+                      "resume": "auto" if settings.keep_mae else "never"},
+            "tracking": {"experiment": cfg.tracking.experiment}}
+    return files.from_dict(MaeConfig, tree, settings.mae_overrides)
+
+
+def _loss_history(run_dir: Path) -> dict:
+    """The first and last `loss/mae` the MAE run logged (its MLflow store under run_dir)."""
+    from mlflow.tracking import MlflowClient
+
+    run_id = latest_mlflow_run_id(run_dir)
+    history = MlflowClient(_tracking_uri(run_dir)).get_metric_history(run_id, "loss/mae")
+    history = sorted(history, key=lambda m: m.step)
+    return {"loss_first": history[0].value, "loss_last": history[-1].value}
 
 
 def run_pipeline(settings: PipelineSettings) -> PipelineResult:
@@ -117,17 +149,20 @@ def run_pipeline(settings: PipelineSettings) -> PipelineResult:
                                 seed=cfg.seed if settings.scene_seed is None else settings.scene_seed,
                                 samples_per_shard=settings.samples_per_shard)
     seconds["data"] = time.perf_counter() - start
-    mae_path, run_dir = out / "mae.pth", out / settings.run_name
+    mae_dir, run_dir = out / "mae", out / settings.run_name
+    mae_path = mae_dir / MaeStage.EXPORT
     overrides = move_overrides(settings, manifests, mae_path, run_dir)
     cfg = load_config(settings.config, overrides)
 
     mae = None
-    start = _step(f"2/4 MAE pretraining ({settings.recipe.steps} steps) -> {mae_path}")
+    start = _step(f"2/4 MAE pretraining ({settings.mae_steps} steps) -> {mae_path}")
     if settings.keep_mae and mae_path.exists():
         log.info("kept %s (delete it to pretrain again)", mae_path)
     else:
-        check_output_file(mae_path, "--out", example="mae.pth")
-        mae = pretrain(cfg, settings.recipe, mae_path)
+        code, _ = command.run_stage(MaeStage, mae_config(settings, cfg, mae_dir))
+        if code != 0:
+            raise StepFailed(code)
+        mae = _loss_history(mae_dir)
     seconds["mae"] = time.perf_counter() - start
 
     export = run_dir / "segmenter.pt"
@@ -166,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--train", type=int, default=600, help="training scenes (default 600)")
     parser.add_argument("--val", type=int, default=100, help="held-out scenes (default 100)")
     parser.add_argument("--mae-steps", type=int, default=200, help="MAE pretraining steps (200)")
+    parser.add_argument("--mae-batch-size", type=int, default=64, help="MAE pretraining batch, at most --train (64)")
     parser.add_argument("--fresh", action="store_true", help="retrain MOVE even if a run exists")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="MOVE config overrides")
     return parser
@@ -174,8 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
 def settings_from_args(args: argparse.Namespace) -> PipelineSettings:
     """The demo's values: the config's image size and seed, 500 scenes a shard, a batch of at most
     the training scenes for the MAE, and every output kept from an earlier run (but MOVE's with --fresh)."""
-    recipe = PretrainRecipe(steps=args.mae_steps, batch_size=min(PretrainRecipe().batch_size, args.train))
-    return PipelineSettings(out=args.out, config=args.config, train=args.train, val=args.val, recipe=recipe,
+    return PipelineSettings(out=args.out, config=args.config, train=args.train, val=args.val,
+                            mae_steps=args.mae_steps, mae_batch_size=min(args.mae_batch_size, args.train),
                             overrides=tuple(args.overrides), keep_move=not args.fresh)
 
 

@@ -15,12 +15,12 @@ from __future__ import annotations
 import argparse
 import logging
 
-from move_scale.data.remote import add_policy_arguments, policy_from_args
 from move_scale.core.errors import UserError, report
+from move_scale.core.processes import exit_process
+from move_scale.data.remote import add_policy_arguments, policy_from_args
 from move_scale.evaluation.inference import add_inference_arguments
 from move_scale.evaluation.protocol import MASK_PROTOCOLS
 from move_scale.evaluation.scoring import TASKS, EvalRequest, evaluate_segmenter
-from move_scale.core.processes import exit_process
 
 
 def build_parser() -> argparse.ArgumentParser:

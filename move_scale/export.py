@@ -19,13 +19,23 @@ from pathlib import Path
 
 import torch
 
-from move_scale.harness.checkpoint import (CheckpointError, TrainingCheckpoint, load_checkpoint, load_latest_checkpoint,
-                                  stored_config)
-from move_scale.stages.move.config import Config
 from move_scale.core.errors import UserError, report
-from move_scale.stages.move.segmenter_file import (EXPORT_FORMAT, export_segmenter, read_segmenter_export,
-                                                  segmenter_with_weights)
 from move_scale.core.paths import check_output_file, save_or_keep
+from move_scale.harness.checkpoint import (
+    CheckpointError,
+    TrainingCheckpoint,
+    load_checkpoint,
+    load_latest_checkpoint,
+    stored_config,
+)
+from move_scale.stages.move.config import Config
+from move_scale.stages.move.segmenter_file import (
+    EXPORT_FORMAT,
+    export_segmenter,
+    read_segmenter_export,
+    segmenter_with_weights,
+)
+from move_scale.stages.move.stage import MoveStage
 
 log = logging.getLogger("move_scale.export")
 
@@ -93,9 +103,11 @@ def export_checkpoint(source: str, out: str | None = None, weights_cache: str | 
     path, checkpoint = _read_source(source)
     target = check_output_file(out or _default_out(source, path, checkpoint.state.step), "--out",
                                example="segmenter.pt")
-    cfg = stored_config(path, checkpoint, weights_cache)
+    checkpoint.expect_stage(MoveStage.NAME, MoveStage.STATE_KEYS, path)
+    cfg = stored_config(path, checkpoint, Config, MoveStage.upgrade_config,
+                        [f"model.weights_cache={weights_cache}"] if weights_cache is not None else [])
     features_net = _features_network(cfg)
-    segmenter = segmenter_with_weights(cfg.model, checkpoint.segmenter, str(path))
+    segmenter = segmenter_with_weights(cfg.model, checkpoint.stage_state["segmenter"], str(path))
     written = save_or_keep(
         lambda p: export_segmenter(p, segmenter, cfg.model.features, cfg.model.segmenter,
                                    cfg.data.image_size, mae_cfg=cfg.model.mae, features_net=features_net),

@@ -5,7 +5,7 @@
 
 The arguments are exactly those of `accelerate launch`, which does the work. What changes is how a
 stop ends. On SIGTERM (preemption, `scancel`) torch's elastic agent inside `accelerate launch`
-forwards the signal to the workers, which checkpoint and stop (train.py), then raises
+forwards the signal to the workers, which checkpoint and stop (harness/loop.py), then raises
 `SignalException` itself: `accelerate launch` prints that traceback and exits 1, so a scheduler
 cannot tell a preemption from a crash. Here the launcher exits 128 + the signal's number (143 for
 SIGTERM) with one line. When every worker failed with the same "expected" code (2: a user error,

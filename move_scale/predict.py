@@ -20,10 +20,10 @@ import argparse
 import logging
 import sys
 
-from move_scale.core.cli_args import number
+from move_scale.config.cli_args import number
 from move_scale.config.rules import Range
-from move_scale.data.remote import add_policy_arguments, policy_from_args
 from move_scale.core.errors import UserError, report
+from move_scale.data.remote import add_policy_arguments, policy_from_args
 from move_scale.evaluation.inference import add_inference_arguments
 from move_scale.evaluation.predictions import PredictRequest, predict_images
 

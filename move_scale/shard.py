@@ -24,19 +24,29 @@ import sys
 
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from move_scale.core.cli_args import number
+from move_scale.config.cli_args import number
 from move_scale.config.rules import Range
+from move_scale.core.errors import UserError, report
+from move_scale.data.errors import DataError
 from move_scale.data.images import DEFAULT_MAX_PIXELS, IMAGE_FORMATS
+from move_scale.data.manifest import (
+    format_table,
+    human_bytes,
+    load_manifest,
+    verify_manifest,
+)
+from move_scale.data.read.shardlist import shard_options
+from move_scale.data.remote import add_policy_arguments, policy_from_args
+from move_scale.data.storage import storage_options_for
 from move_scale.data.write.index import DEFAULT_WORKERS as DEFAULT_INDEX_WORKERS
 from move_scale.data.write.index import index_shards
-from move_scale.data.manifest import format_table, human_bytes, load_manifest, verify_manifest
-from move_scale.data.remote import add_policy_arguments, policy_from_args
-from move_scale.data.read.shardlist import shard_options
-from move_scale.data.errors import DataError
-from move_scale.data.storage import storage_options_for
 from move_scale.data.write.synthetic import MIN_SIDE
-from move_scale.data.write.write import DEFAULT_MAX_COUNT, DEFAULT_MAX_SIZE, EXIF_CHOICES, write_shards
-from move_scale.core.errors import UserError, report
+from move_scale.data.write.write import (
+    DEFAULT_MAX_COUNT,
+    DEFAULT_MAX_SIZE,
+    EXIF_CHOICES,
+    write_shards,
+)
 
 log = logging.getLogger("move_scale.shard")
 

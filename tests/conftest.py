@@ -48,9 +48,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from PIL import Image
-
 from motoproc import free_port
+from PIL import Image
 
 
 def pytest_addoption(parser):

@@ -5,10 +5,10 @@ import pytest
 import timm
 import torch
 
-from move_scale.stages.move.config import FeaturesConfig, ModelConfig
 from move_scale.models.backbone import FrozenViT
-from move_scale.stages.move.build import build_features
 from move_scale.models.weights import WeightsError
+from move_scale.stages.move.build import build_features
+from move_scale.stages.move.config import FeaturesConfig, ModelConfig
 
 TINY = dict(embed_dim=32, depth=3, num_heads=2, patch_size=8, layer=1)
 

@@ -30,11 +30,11 @@ from typing import Callable
 import numpy as np
 import pytest
 import torch
+from motoproc import free_port
 from PIL import Image
 
-from motoproc import free_port
-
 DEBUG = "configs/debug.yaml"
+MAE_DEBUG = "configs/mae_debug.yaml"
 COMPLETE_LOOKING = ("segmenter.pt", "segmenter-*.pt", "ckpt-*.pt", "mae.pth", "eval.json",
                     "boxes.json", "manifest.json", "*.tar")
 MODULES = {"train": "move_scale.train", "evaluate": "move_scale.evaluate", "predict": "move_scale.predict",
@@ -67,12 +67,17 @@ def _train_overrides(train: str, run_dir: Path, *extra: str) -> list[str]:
 
 def build_world(root: Path) -> World:
     """Real shards, images, an export and a checkpoint, made with whichever code is importable."""
-    from move_scale.harness.checkpoint import TrainingCheckpoint, TrainState, capture_rng_state, save_checkpoint
-    from move_scale.stages.move.segmenter_file import export_segmenter
     from move_scale.config.files import dump_config
-    from move_scale.stages.move.config import load_config
     from move_scale.data.write.synthetic import write_synthetic
+    from move_scale.harness.checkpoint import (
+        TrainingCheckpoint,
+        TrainState,
+        capture_rng_state,
+        save_checkpoint,
+    )
+    from move_scale.stages.move.config import load_config
     from move_scale.stages.move.objective import build_objective
+    from move_scale.stages.move.segmenter_file import export_segmenter
 
     manifests = write_synthetic(root / "shards", train=16, val=4, size=64, seed=5, samples_per_shard=8)
     images, masks = root / "images", root / "masks"
@@ -98,9 +103,11 @@ def build_world(root: Path) -> World:
                               features_net=objective.features)
     optimizers = [torch.optim.AdamW(net.parameters(), lr=1e-4)
                   for net in (objective.segmenter, objective.discriminator)]
+    stage_state = {"disc_steps": 1, "seg_steps": 1, "segmenter": objective.segmenter.state_dict(),
+                   "discriminator": objective.discriminator.state_dict(),
+                   "optim_seg": optimizers[0].state_dict(), "optim_disc": optimizers[1].state_dict()}
     checkpoint = save_checkpoint(run_dir, TrainingCheckpoint(
-        TrainState(step=2, disc_steps=1, seg_steps=1, batches_in_epoch=2), objective.segmenter.state_dict(),
-        objective.discriminator.state_dict(), optimizers[0].state_dict(), optimizers[1].state_dict(),
+        TrainState(step=2, batches_in_epoch=2), stage_state,
         [capture_rng_state({"train": torch.Generator().manual_seed(1)})], dump_config(cfg),
         mlflow_run_id=None, world_size=1), keep_last=0)
     corrupt_run = root / "corrupt_run"
@@ -181,6 +188,11 @@ def _train_cases() -> list[Case]:
              lambda w, d: str(w.a_file), slow=True),
         Case("train run_dir under a file", "train",
              lambda w, d: ["--config", DEBUG, *_train_overrides(w.train, w.a_file / "run")], lambda w, d: str(w.a_file)),
+        Case("train run_dir on a file system that refuses it", "train",
+             lambda w, d: ["--config", DEBUG, *_train_overrides(w.train, Path("/proc/move_scale_run"))],
+             "/proc/move_scale_run"),
+        Case("pretrain_mae run_dir on a file system that refuses it", "pretrain_mae",
+             lambda w, d: _pretrain(w, d, run_dir="/proc/move_scale_run"), "/proc/move_scale_run"),
         Case("train run_dir is a file", "train",
              lambda w, d: ["--config", DEBUG, *_train_overrides(w.train, w.a_file)], lambda w, d: str(w.a_file)),
         Case("train config file missing", "train", lambda w, d: ["--config", str(d / "nope.yaml")],
@@ -206,8 +218,22 @@ def _evaluate(w: World, *extra: str) -> list[str]:
             "saliency", "--device", "cpu", "--short-side", "64", "--no-progress", *extra]
 
 
+def _truncated_val(w: World, d: Path) -> None:
+    """A copy of the validation shards whose first tar is cut in half."""
+    source = Path(w.val).parent
+    (d / "val").mkdir()
+    for path in source.iterdir():
+        (d / "val" / path.name).write_bytes(path.read_bytes())
+    first = sorted((d / "val").glob("*.tar"))[0]
+    first.write_bytes(first.read_bytes()[: first.stat().st_size // 2])
+
+
 def _evaluate_cases() -> list[Case]:
     return [
+        Case("evaluate a truncated shard", "evaluate",
+             lambda w, d: ["--checkpoint", str(w.export), "--data", str(d / "val" / "manifest.json"), "--task",
+                           "saliency", "--device", "cpu", "--short-side", "64", "--no-progress"],
+             lambda w, d: str(sorted((d / "val").glob("*.tar"))[0]), setup=_truncated_val),
         Case("evaluate --checkpoint missing", "evaluate",
              lambda w, d: ["--checkpoint", str(d / "none.pt"), *_evaluate(w)[2:]], lambda w, d: str(d / "none.pt")),
         Case("evaluate --checkpoint is a training checkpoint", "evaluate",
@@ -263,29 +289,37 @@ def _predict_cases() -> list[Case]:
     ]
 
 
-def _pretrain(w: World, d: Path, *extra: str, out: str | None = None) -> list[str]:
-    return ["--config", DEBUG, "--out", out or str(d / "mae.pth"), "--steps", "2", "--batch-size", "4",
-            "--threads", "1", *extra, f"data.train={w.train}", "data.workers=0"]
+def _pretrain(w: World, d: Path, *extra: str, run_dir: str | None = None) -> list[str]:
+    return ["--config", MAE_DEBUG, "--threads", "1", f"run_dir={run_dir or d / 'mae'}", "train.max_steps=2",
+            *extra, f"data.train={w.train}"]
 
 
 def _pretrain_cases() -> list[Case]:
     return [
-        Case("pretrain_mae --out under a file", "pretrain_mae",
-             lambda w, d: _pretrain(w, d, out=str(w.a_file / "mae.pth")), lambda w, d: str(w.a_file)),
-        Case("pretrain_mae --out is a folder", "pretrain_mae", lambda w, d: _pretrain(w, d, out=str(d)), "--out"),
-        Case("pretrain_mae --mask-ratio 1.5", "pretrain_mae", lambda w, d: _pretrain(w, d, "--mask-ratio", "1.5"),
-             "--mask-ratio"),
-        Case("pretrain_mae --batch-size 0", "pretrain_mae", lambda w, d: [*_pretrain(w, d), "--batch-size", "0"],
-             "--batch-size"),
-        Case("pretrain_mae --lr 0", "pretrain_mae", lambda w, d: _pretrain(w, d, "--lr", "0"), "--lr"),
-        Case("pretrain_mae --warmup-fraction 2", "pretrain_mae",
-             lambda w, d: _pretrain(w, d, "--warmup-fraction", "2"), "--warmup-fraction"),
+        Case("pretrain_mae run_dir under a file", "pretrain_mae",
+             lambda w, d: _pretrain(w, d, run_dir=str(w.a_file / "mae")), lambda w, d: str(w.a_file)),
+        Case("pretrain_mae run_dir is a file", "pretrain_mae",
+             lambda w, d: _pretrain(w, d, run_dir=str(w.a_file)), "run_dir"),
+        Case("pretrain_mae pretrain.mask_ratio=1.5", "pretrain_mae",
+             lambda w, d: _pretrain(w, d, "pretrain.mask_ratio=1.5"), "pretrain.mask_ratio"),
+        Case("pretrain_mae data.batch_size=0", "pretrain_mae", lambda w, d: _pretrain(w, d, "data.batch_size=0"),
+             "data.batch_size"),
+        Case("pretrain_mae pretrain.lr=0", "pretrain_mae", lambda w, d: _pretrain(w, d, "pretrain.lr=0"),
+             "pretrain.lr"),
+        Case("pretrain_mae pretrain.warmup_fraction=2", "pretrain_mae",
+             lambda w, d: _pretrain(w, d, "pretrain.warmup_fraction=2"), "pretrain.warmup_fraction"),
         Case("pretrain_mae data.train missing", "pretrain_mae",
              lambda w, d: [*_pretrain(w, d), f"data.train={d}/none.json"], lambda w, d: f"{d}/none.json"),
         Case("pretrain_mae bad model.mae value", "pretrain_mae",
              lambda w, d: [*_pretrain(w, d), "model.mae.embed_dim=30"], "model.mae.embed_dim"),
+        Case("pretrain_mae model.mae.weights missing", "pretrain_mae",
+             lambda w, d: [*_pretrain(w, d), f"model.mae.weights={d}/none.pth"], lambda w, d: f"{d}/none.pth"),
         Case("pretrain_mae --config missing", "pretrain_mae",
              lambda w, d: ["--config", str(d / "c.yaml"), *_pretrain(w, d)[2:]], lambda w, d: str(d / "c.yaml")),
+        Case("pretrain_mae given MOVE's config", "pretrain_mae",
+             lambda w, d: ["--config", DEBUG, *_pretrain(w, d)[2:]], "configures the stage 'move', not 'mae'"),
+        Case("train given an MAE config", "train",
+             lambda w, d: ["--config", MAE_DEBUG, f"run_dir={d / 'run'}"], "configures the stage 'mae', not 'move'"),
     ]
 
 

@@ -4,7 +4,12 @@ import json
 import numpy as np
 import pytest
 
-from move_scale.evaluation.boxes import boxes_record, coco_detections, largest_box, mask_to_boxes
+from move_scale.evaluation.boxes import (
+    boxes_record,
+    coco_detections,
+    largest_box,
+    mask_to_boxes,
+)
 
 
 def _mask_with_components() -> np.ndarray:

@@ -15,11 +15,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from motoproc import free_port
+
 from move_scale.harness.checkpoint import (
-    CheckpointError, CheckpointPolicy, TrainingCheckpoint, TrainState, capture_rng_state,
-    checkpoint_path, load_checkpoint, load_latest_checkpoint, restore_rng_state, save_checkpoint,
+    CheckpointError,
+    CheckpointPolicy,
+    TrainingCheckpoint,
+    TrainState,
+    capture_rng_state,
+    checkpoint_path,
+    load_checkpoint,
+    load_latest_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
 )
 
 
@@ -30,10 +38,11 @@ def make_checkpoint(step: int, size: int = 8) -> TrainingCheckpoint:
     optim = torch.optim.AdamW(seg.parameters(), lr=1e-3)
     seg(torch.ones(2, size)).sum().backward()
     optim.step()
+    stage_state = {"disc_steps": step // 2, "seg_steps": step - step // 2, "segmenter": seg.state_dict(),
+                   "discriminator": {"w": torch.full((3,), float(step))}, "optim_seg": optim.state_dict(),
+                   "optim_disc": optim.state_dict()}
     return TrainingCheckpoint(
-        TrainState(step=step, disc_steps=step // 2, seg_steps=step - step // 2, epoch=0, batches_in_epoch=step),
-        segmenter=seg.state_dict(), discriminator={"w": torch.full((3,), float(step))},
-        optim_seg=optim.state_dict(), optim_disc=optim.state_dict(),
+        TrainState(step=step, epoch=0, batches_in_epoch=step), stage_state,
         rng=[capture_rng_state({"shift": torch.Generator().manual_seed(step)})],
         config=f"name: run\nstep: {step}\n", mlflow_run_id="abc123", world_size=1)
 
@@ -61,7 +70,7 @@ CHILD = textwrap.dedent("""
     run_dir = Path({run_dir!r})
     save_checkpoint(run_dir, make_checkpoint(10), keep_last=3)
     checkpoint = make_checkpoint(20)
-    checkpoint.segmenter.update(slow=SlowToPickle(), payload=torch_zeros)
+    checkpoint.stage_state["segmenter"].update(slow=SlowToPickle(), payload=torch_zeros)
     save_checkpoint(run_dir, checkpoint, keep_last=3)
 """).replace("torch_zeros", "__import__('torch').zeros(4_000_000)")
 
@@ -101,7 +110,7 @@ BIG_CHILD = textwrap.dedent("""
 
     save_checkpoint({run_dir!r}, make_checkpoint(10), keep_last=1)
     checkpoint = make_checkpoint(20)
-    checkpoint.discriminator["payload"] = torch.ones(64 * 2**20)  # 256 MB: many writes, long fsync
+    checkpoint.stage_state["discriminator"]["payload"] = torch.ones(64 * 2**20)  # 256 MB: many writes, long fsync
     save_checkpoint({run_dir!r}, checkpoint, keep_last=1)
 """)
 
@@ -166,8 +175,13 @@ def test_clear_errors(tmp_path):
     raw = make_checkpoint(1).to_dict()
     del raw["optim_disc"], raw["rng"], raw["data"]["epoch"]
     torch.save(raw, tmp_path / "old.pt")
-    with pytest.raises(CheckpointError, match=r"old.pt lacks keys \['optim_disc', 'rng', 'data.epoch'\]"):
+    with pytest.raises(CheckpointError, match=r"old.pt lacks keys \['rng', 'data.epoch'\]"):
         load_checkpoint(tmp_path / "old.pt")
+    raw = make_checkpoint(1).to_dict()
+    del raw["optim_disc"]
+    torch.save(raw, tmp_path / "old.pt")
+    with pytest.raises(CheckpointError, match=r"old.pt lacks keys \['optim_disc'\]"):  # the stage's
+        load_checkpoint(tmp_path / "old.pt").expect_stage("move", ("segmenter", "optim_disc"), tmp_path / "old.pt")
     with pytest.raises(CheckpointError, match="not found"):
         load_checkpoint(tmp_path / "nope.pt")
     text = tmp_path / "notes.pt"
@@ -187,24 +201,35 @@ def test_clear_errors(tmp_path):
 
 def test_the_file_layout_of_format_1_and_its_round_trip(tmp_path):
     """The keys every checkpoint since format 1 holds, so files written before the dataclass resume
-    and tests or tools that torch.load a checkpoint read the same keys."""
+    and tests or tools that torch.load a checkpoint read the same keys; the stage's entries sit
+    beside the harness's, and a file without "stage" is MOVE's."""
     checkpoint = make_checkpoint(7)
     path = save_checkpoint(tmp_path, checkpoint, keep_last=1)
     raw = torch.load(path, weights_only=True)
-    assert set(raw) == {"format", "step", "disc_steps", "seg_steps", "segmenter", "discriminator",
+    assert set(raw) == {"format", "stage", "step", "disc_steps", "seg_steps", "segmenter", "discriminator",
                         "optim_seg", "optim_disc", "rng", "data", "config", "mlflow_run_id"}
-    assert raw["format"] == "move_scale.harness.checkpoint/1" and (raw["step"], raw["disc_steps"], raw["seg_steps"]) == (7, 3, 4)
+    assert raw["stage"] == "move"
+    assert raw["format"] == "move_scale.checkpoint/1" and (raw["step"], raw["disc_steps"], raw["seg_steps"]) == (7, 3, 4)
     assert raw["data"] == {"epoch": 0, "batches_in_epoch": 7, "world_size": 1}
     loaded = load_checkpoint(path)
-    assert loaded.state == checkpoint.state and loaded.world_size == 1
+    assert loaded.state == checkpoint.state and loaded.world_size == 1 and loaded.stage == "move"
     assert (loaded.config, loaded.mlflow_run_id) == (checkpoint.config, "abc123")
-    assert torch.equal(loaded.segmenter["weight"], checkpoint.segmenter["weight"])
-    assert torch.equal(loaded.optim_seg["state"][0]["exp_avg"], checkpoint.optim_seg["state"][0]["exp_avg"])
-    # a file written before world_size was recorded: None, and written back without it
-    del raw["data"]["world_size"]
+    assert set(loaded.stage_state) == set(checkpoint.stage_state)
+    assert torch.equal(loaded.stage_state["segmenter"]["weight"], checkpoint.stage_state["segmenter"]["weight"])
+    assert torch.equal(loaded.stage_state["optim_seg"]["state"][0]["exp_avg"],
+                       checkpoint.stage_state["optim_seg"]["state"][0]["exp_avg"])
+    # a file written before world_size and stage were recorded: None and "move"
+    del raw["data"]["world_size"], raw["stage"]
     torch.save(raw, tmp_path / "early.pt")
     early = load_checkpoint(tmp_path / "early.pt")
-    assert early.world_size is None and "world_size" not in early.to_dict()["data"]
+    assert early.world_size is None and "world_size" not in early.to_dict()["data"] and early.stage == "move"
+    early.expect_stage("move", ("segmenter", "optim_disc"), "early.pt")
+    with pytest.raises(CheckpointError, match="checkpoint of the stage 'move', not 'mae'"):
+        early.expect_stage("mae", ("mae",), "early.pt")
+    with pytest.raises(CheckpointError, match=r"lacks keys \['ema'\]"):
+        early.expect_stage("move", ("segmenter", "ema"), "early.pt")
+    with pytest.raises(ValueError, match="the harness's own"):
+        TrainingCheckpoint(TrainState(), {"step": 1}, [], "", None).to_dict()
 
 
 # ----------------------------------------------------------------------------- policy, RNG

@@ -66,10 +66,10 @@ def test_move_shard_draws_no_bar_into_a_log(tmp_path):
 
 
 def test_eval_json_names_the_mae_when_it_makes_the_features(tmp_path):
-    from move_scale.stages.move.segmenter_file import export_segmenter
-    from move_scale.stages.move.config import load_config
     from move_scale.evaluate import main
+    from move_scale.stages.move.config import load_config
     from move_scale.stages.move.objective import build_objective
+    from move_scale.stages.move.segmenter_file import export_segmenter
 
     cfg = load_config(DEBUG, ["model.features.kind=mae", "model.segmenter.widths=[16,16,16,16,16]"])
     torch.manual_seed(0)

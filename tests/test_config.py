@@ -3,21 +3,60 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+import yaml
 
-from move_scale.config.files import CONFIG_DIR, bundled_configs, dump_config, resolve_config_path
-from move_scale.stages.move.config import DISC_KINDS, FEATURE_KINDS, Config, config_from_dict, load_config
+from move_scale.config import files
+from move_scale.config.files import (
+    CONFIG_DIR,
+    bundled_configs,
+    dump_config,
+    resolve_config_path,
+)
 from move_scale.config.tree import ConfigError, flatten
+from move_scale.stages.mae.config import MaeConfig
 from move_scale.stages.move.build import DISCRIMINATOR_BUILDERS, FEATURE_BUILDERS
+from move_scale.stages.move.config import (
+    DISC_KINDS,
+    FEATURE_KINDS,
+    Config,
+    config_from_dict,
+    load_config,
+)
 
 CONFIGS = CONFIG_DIR
 
 
+SCHEMAS = {"move": Config, "mae": MaeConfig}  # each stage's config schema, by the YAML's `stage`
+
+
 @pytest.mark.parametrize("path", sorted(CONFIGS.rglob("*.yaml")), ids=lambda p: p.name)
-def test_every_shipped_config_loads_and_round_trips(path, tmp_path):
-    cfg = load_config(path)
+def test_every_shipped_config_loads_into_its_stage_and_round_trips(path, tmp_path):
+    schema = SCHEMAS[yaml.safe_load(path.read_text()).get("stage", "move")]
+    cfg = files.load(schema, path)
     out = tmp_path / "resolved.yaml"
     dump_config(cfg, out)
-    assert load_config(out) == cfg
+    assert files.load(schema, out) == cfg
+
+
+def test_a_config_of_another_stage_is_one_clear_error():
+    assert "mae_synthetic" in bundled_configs("mae") and "mae_synthetic" not in bundled_configs("move")
+    assert "paper_duts" in bundled_configs("move") and "paper_duts" not in bundled_configs("mae")
+    with pytest.raises(ConfigError, match=r"mae_debug configures the stage 'mae', not 'move'.*: .*paper_duts"):
+        load_config("mae_debug")
+    with pytest.raises(ConfigError, match=r"debug configures the stage 'move', not 'mae'.*: .*mae_synthetic"):
+        files.load(MaeConfig, "debug")
+    with pytest.raises(ConfigError, match=r"stage = 'mae': use one of 'move'"):
+        load_config("debug", ["stage=mae"])
+
+
+def test_the_mae_configs_train_the_architecture_their_move_configs_load():
+    """configs/mae_synthetic.yaml pretrains the MAE that synthetic.yaml loads (and writes it where
+    synthetic.yaml looks); mae_debug.yaml the MAE of debug.yaml: one architecture, said twice."""
+    for mae_name, move_name in (("mae_synthetic", "synthetic"), ("mae_debug", "debug")):
+        mae, move = files.load(MaeConfig, mae_name), load_config(move_name)
+        assert dataclasses.replace(mae.model.mae, weights="x") == dataclasses.replace(move.model.mae, weights="x")
+        assert mae.data.image_size == move.data.image_size
+    assert load_config("synthetic").model.mae.weights == files.load(MaeConfig, "mae_synthetic").run_dir + "/mae.pth"
 
 
 def test_bundled_configs_resolve_by_name_or_documented_path_from_any_folder(tmp_path, monkeypatch):

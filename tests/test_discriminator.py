@@ -4,12 +4,15 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from move_scale.stages.move.config import DiscConfig, ModelConfig
 from move_scale.kernels.augment import color_factors
-from move_scale.stages.move.build import build_discriminator
-from move_scale.stages.move.conv_discriminator import ConvDiscriminator
-from move_scale.stages.move.discriminator import ProjectedDiscriminator, diff_augment_color
 from move_scale.models.weights import WeightsError
+from move_scale.stages.move.build import build_discriminator
+from move_scale.stages.move.config import DiscConfig, ModelConfig
+from move_scale.stages.move.conv_discriminator import ConvDiscriminator
+from move_scale.stages.move.discriminator import (
+    ProjectedDiscriminator,
+    diff_augment_color,
+)
 
 MEAN = torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1)
 STD = torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1)
@@ -170,8 +173,8 @@ def test_wrong_backbone_file_lists_the_keys(tmp_path):
 
 
 def test_conv_kind_builds_a_trainable_conv_discriminator_without_weights():
-    from move_scale.stages.move.config import load_config
     from move_scale.stages.move.build import build_discriminator
+    from move_scale.stages.move.config import load_config
     from move_scale.stages.move.conv_discriminator import ConvDiscriminator
 
     cfg = load_config(None, ["model.disc.kind=conv", "model.disc.conv_widths=[8,16]",

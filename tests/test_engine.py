@@ -4,15 +4,13 @@ import dataclasses
 import pytest
 import torch
 
-from move_scale.stages.move.config import load_config
-from move_scale.stages.move.engine import (
+from move_scale.harness.steps import (
     NonFiniteLossError,
     autocast_context,
-    disc_step,
     effective_precision,
-    make_adamw,
-    seg_step,
 )
+from move_scale.stages.move.config import load_config
+from move_scale.stages.move.engine import disc_step, make_adamw, seg_step
 from move_scale.stages.move.objective import build_objective
 
 

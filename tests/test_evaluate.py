@@ -12,14 +12,14 @@ import pytest
 import torch
 from PIL import Image
 
-from move_scale.stages.move.config import FeaturesConfig, SegmenterConfig
 from move_scale.data.ground_truth import parse_voc
 from move_scale.evaluate import main
 from move_scale.evaluation.bilateral import fill_holes, refine_mask
 from move_scale.evaluation.inference import MaskPredictor, bucketed, prepare_image
-from move_scale.stages.move.segmenter_file import export_segmenter
 from move_scale.models.backbone import FrozenViT
+from move_scale.stages.move.config import FeaturesConfig, SegmenterConfig
 from move_scale.stages.move.segmenter import Segmenter
+from move_scale.stages.move.segmenter_file import export_segmenter
 
 
 def make_export(folder: Path, bias: float | None = None, name: str = "seg.pt") -> Path:

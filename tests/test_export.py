@@ -11,12 +11,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from move_scale.harness.checkpoint import CheckpointError, TrainingCheckpoint, TrainState, capture_rng_state, save_checkpoint
 from move_scale.config.files import dump_config
-from move_scale.stages.move.config import load_config
-from move_scale.stages.move.segmenter_file import export_segmenter, load_segmenter, read_segmenter_export
 from move_scale.export import main
+from move_scale.harness.checkpoint import (
+    CheckpointError,
+    TrainingCheckpoint,
+    TrainState,
+    capture_rng_state,
+    save_checkpoint,
+)
+from move_scale.stages.move.config import load_config
 from move_scale.stages.move.objective import build_objective
+from move_scale.stages.move.segmenter_file import (
+    export_segmenter,
+    load_segmenter,
+    read_segmenter_export,
+)
 
 DEBUG = "configs/debug.yaml"
 
@@ -32,11 +42,12 @@ def _checkpoint(run_dir: Path, step: int, *overrides: str, stored: tuple[str, ..
             p.add_(0.01 * step)  # not the initial weights
     optimizers = [torch.optim.AdamW(n.parameters()) for n in (objective.segmenter, objective.discriminator)]
     stored_cfg = load_config(DEBUG, ["data.train=unused", f"run_dir={run_dir}", *overrides, *stored])
+    stage_state = {"disc_steps": step // 2, "seg_steps": step // 2, "segmenter": objective.segmenter.state_dict(),
+                   "discriminator": objective.discriminator.state_dict(),
+                   "optim_seg": optimizers[0].state_dict(), "optim_disc": optimizers[1].state_dict()}
     path = save_checkpoint(run_dir, TrainingCheckpoint(
-        TrainState(step=step, disc_steps=step // 2, seg_steps=step // 2, batches_in_epoch=step),
-        objective.segmenter.state_dict(), objective.discriminator.state_dict(), optimizers[0].state_dict(),
-        optimizers[1].state_dict(), [capture_rng_state()], dump_config(stored_cfg), mlflow_run_id=None,
-        world_size=1), keep_last=0)
+        TrainState(step=step, batches_in_epoch=step), stage_state, [capture_rng_state()],
+        dump_config(stored_cfg), mlflow_run_id=None, world_size=1), keep_last=0)
     return path, objective
 
 
@@ -170,7 +181,7 @@ def test_export_round_trip_gives_identical_masks(tmp_path, kind):
 def test_load_segmenter_rejects_other_files(tmp_path):
     from move_scale.stages.move.config import FeaturesConfig, SegmenterConfig
 
-    ckpt = save_checkpoint(tmp_path, TrainingCheckpoint(TrainState(step=1), {}, {}, {}, {}, [], "", None),
+    ckpt = save_checkpoint(tmp_path, TrainingCheckpoint(TrainState(step=1), {}, [], "", None),
                            keep_last=1)
     with pytest.raises(CheckpointError, match="training checkpoint: export it"):
         load_segmenter(ckpt)

@@ -6,7 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from move_scale.stages.move.gallery import COLUMNS, GAP, LABEL_HEIGHT, MIN_TILE, save_mask_gallery, tile_scale
+from move_scale.harness.gallery import GAP, LABEL_HEIGHT, MIN_TILE, tile_scale
+from move_scale.stages.move.gallery import COLUMNS, save_mask_gallery
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)

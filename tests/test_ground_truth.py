@@ -11,9 +11,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from move_scale.data.ground_truth import (GroundTruthError, index_masks, load_boxes_index, pair_masks, parse_voc,
-                                          read_coco)
 from move_scale.data.errors import DataError
+from move_scale.data.ground_truth import (
+    GroundTruthError,
+    index_masks,
+    load_boxes_index,
+    pair_masks,
+    parse_voc,
+    read_coco,
+)
 from move_scale.data.write.write import write_shards
 from move_scale.evaluation.sources import open_eval_source
 

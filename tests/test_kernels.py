@@ -11,15 +11,23 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from move_scale.stages.move import compose
 from move_scale.kernels.augment import FusedDiscriminatorInput
 from move_scale.kernels.compile import Kernel
-from move_scale.stages.move.compose_ops import ComposeOps, composites_reference, mask_chain_reference
 from move_scale.kernels.fold import folded_copy
 from move_scale.kernels.tokens import MaskTokenMixer, mix_reference
 from move_scale.models.backbone import FrozenViT
-from move_scale.stages.move.discriminator import ProjectedDiscriminator, ProjectedFeatures, diff_augment_color
 from move_scale.models.mae import MAE
+from move_scale.stages.move import compose
+from move_scale.stages.move.compose_ops import (
+    ComposeOps,
+    composites_reference,
+    mask_chain_reference,
+)
+from move_scale.stages.move.discriminator import (
+    ProjectedDiscriminator,
+    ProjectedFeatures,
+    diff_augment_color,
+)
 
 SIZE, PATCH, BATCH = 64, 16, 2
 FP32 = dict(rtol=1e-5, atol=1e-6)

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from motoproc import free_port
+
 from move_scale.data.write.synthetic import write_synthetic
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from move_scale.models.sections import MAEConfig
-from move_scale.stages.move.config import ModelConfig
-from move_scale.stages.move.build import build_mae
 from move_scale.models.mae import MAE
+from move_scale.models.sections import MAEConfig
 from move_scale.models.weights import WeightsError
+from move_scale.stages.move.build import build_mae
+from move_scale.stages.move.config import ModelConfig
 
 TINY = dict(patch_size=16, embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=24, decoder_depth=1,
             decoder_num_heads=2)

@@ -8,14 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from move_scale.stages.move import compose
 from move_scale.config.tree import ConfigError
-from move_scale.stages.move.config import ObjectiveConfig, config_from_dict, load_config
 from move_scale.models.backbone import FrozenViT
-from move_scale.stages.move.discriminator import ProjectedDiscriminator
 from move_scale.models.mae import MAE
-from move_scale.stages.move.segmenter import Segmenter
+from move_scale.stages.move import compose
+from move_scale.stages.move.config import ObjectiveConfig, config_from_dict, load_config
+from move_scale.stages.move.discriminator import ProjectedDiscriminator
 from move_scale.stages.move.objective import MoveObjective, build_objective
+from move_scale.stages.move.segmenter import Segmenter
 
 SIZE = 64  # MAE patch 16 → 4×4 tiles; DINO patch 8 → 8×8 tokens
 ALL_KINDS = compose.REAL_KINDS + compose.FAKE_KINDS

@@ -7,15 +7,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from authors_chain import (
+    coco_gt,
+    largest_box,
+    lost_hit,
+    read_back,
+    saved_prediction,
+    voc_gt,
+)
 from PIL import Image
-
-from authors_chain import coco_gt, largest_box, lost_hit, read_back, saved_prediction, voc_gt
-from move_scale.data.write.write import write_shards
-from move_scale.evaluate import main
-from move_scale.stages.move.segmenter_file import load_segmenter
-from move_scale.evaluation.sources import open_eval_source
 from test_evaluate import make_export
 from test_parity_e2e import random_export
+
+from move_scale.data.write.write import write_shards
+from move_scale.evaluate import main
+from move_scale.evaluation.sources import open_eval_source
+from move_scale.stages.move.segmenter_file import load_segmenter
 
 SHORT = 32
 # stem: stored (H, W), VOC boxes (1-based, inclusive), EXIF orientation

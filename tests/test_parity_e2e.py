@@ -7,14 +7,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from authors_chain import chain_metrics
 from PIL import Image
 
-from authors_chain import chain_metrics
-from move_scale.stages.move.config import FeaturesConfig, SegmenterConfig
 from move_scale.evaluate import main
-from move_scale.stages.move.segmenter_file import export_segmenter, load_segmenter
 from move_scale.models.backbone import FrozenViT
+from move_scale.stages.move.config import FeaturesConfig, SegmenterConfig
 from move_scale.stages.move.segmenter import Segmenter
+from move_scale.stages.move.segmenter_file import export_segmenter, load_segmenter
 
 SHORT_SIDE = 48
 # stem: stored (H, W), object rectangle (rows, cols) or None for an empty mask, EXIF orientation

@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.functional as TF
+from authors_chain import torchvision_resized_hw
 from PIL import Image
 
-from authors_chain import torchvision_resized_hw
 from move_scale.evaluation.inference import read_image, resized_hw
 from move_scale.evaluation.protocol import eight_bit_mask, paper_mask_at
 from move_scale.evaluation.sources import open_eval_source

@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from test_mae import tiny_cfg
 from timm.layers import resample_abs_pos_embed
 
 from move_scale.evaluation.inference import MaskPredictor
 from move_scale.models.backbone import FrozenViT
-from move_scale.stages.move.build import build_mae
 from move_scale.models.mae import MAE
+from move_scale.stages.move.build import build_mae
 from move_scale.stages.move.segmenter import Segmenter
-from test_mae import tiny_cfg
 
 
 def dino_pos_encoding(pos_embed: torch.Tensor, x: torch.Tensor, patch: int) -> torch.Tensor:

@@ -10,14 +10,16 @@ import timm
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
-
-from move_scale.config.tree import ConfigError
-from move_scale.stages.move.config import DiscConfig, ModelConfig, load_config
-from move_scale.stages.move.build import build_discriminator, build_segmenter
-from move_scale.stages.move.discriminator import ProjectedDiscriminator, diff_augment_color
-from move_scale.stages.move.segmenter import Segmenter
 from test_objective import images, make_objective
 
+from move_scale.config.tree import ConfigError
+from move_scale.stages.move.build import build_discriminator, build_segmenter
+from move_scale.stages.move.config import DiscConfig, ModelConfig, load_config
+from move_scale.stages.move.discriminator import (
+    ProjectedDiscriminator,
+    diff_augment_color,
+)
+from move_scale.stages.move.segmenter import Segmenter
 
 # ----------------------------------------------------------------------------- 1. D call order
 
@@ -158,9 +160,9 @@ def test_mae_encoder_tokens_go_straight_to_the_head():
 
 
 def test_an_export_made_before_input_norm_existed_still_loads(tmp_path):
-    from move_scale.stages.move.segmenter_file import export_segmenter, load_segmenter
-    from move_scale.stages.move.config import FeaturesConfig, SegmenterConfig
     from move_scale.models.sections import MAEConfig
+    from move_scale.stages.move.config import FeaturesConfig, SegmenterConfig
+    from move_scale.stages.move.segmenter_file import export_segmenter, load_segmenter
 
     mae_cfg = MAEConfig(weights="random", embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=32,
                         decoder_depth=1, decoder_num_heads=2)

@@ -6,7 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from move_scale.core.paths import OutputError, check_input, check_output_dir, check_output_file, save_or_keep
+from move_scale.core.paths import (
+    OutputError,
+    check_input,
+    check_output_dir,
+    check_output_file,
+    save_or_keep,
+)
 
 
 def test_checks_name_the_option_and_create_nothing(tmp_path):

@@ -7,9 +7,9 @@ import dataclasses
 import pytest
 import torch
 
+from move_scale.stages.move.compose_ops import compile_on
 from move_scale.stages.move.config import load_config
 from move_scale.stages.move.engine import disc_step, make_adamw, seg_step
-from move_scale.stages.move.compose_ops import compile_on
 from move_scale.stages.move.objective import build_objective
 
 LOSS_TOLERANCE = 2e-2  # absolute, losses of order 1 (deviations seen: ≤ 2.3e-3 eager bf16, ≤ 1.1e-3 fused)

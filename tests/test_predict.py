@@ -9,12 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
-from move_scale.stages.move.config import FeaturesConfig, SegmenterConfig
-from move_scale.stages.move.segmenter_file import export_segmenter
-from move_scale.models.backbone import FrozenViT
-from move_scale.stages.move.segmenter import Segmenter
 from move_scale.evaluation.predictions import draw_overlay, list_inputs
+from move_scale.models.backbone import FrozenViT
 from move_scale.predict import main
+from move_scale.stages.move.config import FeaturesConfig, SegmenterConfig
+from move_scale.stages.move.segmenter import Segmenter
+from move_scale.stages.move.segmenter_file import export_segmenter
 
 
 def make_export(folder: Path, bias: float | None = None) -> Path:

@@ -5,7 +5,13 @@ import math
 import pytest
 import torch
 
-from move_scale.harness.progress import MetricWindow, PhaseClock, ProgressMeter, format_ms, peak_memory
+from move_scale.harness.progress import (
+    MetricWindow,
+    PhaseClock,
+    ProgressMeter,
+    format_ms,
+    peak_memory,
+)
 
 
 class FakeClock:

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from motoproc import free_port, s3_env
+
 from move_scale.data.write.synthetic import write_synthetic
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from motoproc import MotoServer, free_port, s3_env
+
 from move_scale.data.write.synthetic import write_synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -213,15 +213,15 @@ def test_an_unreachable_endpoint_is_one_line_and_exit_2_in_every_command(data, m
     source = "s3://faults/train/manifest.json"
     window = ["data.retry_window_s=1", *FAST]
     mae = tmp_path / "mae.yaml"
-    mae.write_text("model:\n  mae: {weights: random, patch_size: 8, embed_dim: 32, depth: 1, "
+    mae.write_text("stage: mae\nmodel:\n  mae: {weights: random, patch_size: 8, embed_dim: 32, depth: 1, "
                    "num_heads: 2, decoder_embed_dim: 32, decoder_depth: 1, decoder_num_heads: 2}\n"
                    "data: {image_size: 32, batch_size: 4, workers: 0}\n")
     shard = ["--endpoint-url", dead, "--retry-window", "1", "--read-timeout", "1"]
     commands = {
         "train": ["-m", "move_scale.train", "--config", DEBUG, f"data.train={source}",
                   f"run_dir={tmp_path / 'run'}", f"data.endpoint_url={dead}", *window],
-        "pretrain_mae": ["-m", "move_scale.pretrain_mae", "--config", str(mae), "--out",
-                         str(tmp_path / "mae.pth"), f"data.train={source}",
+        "pretrain_mae": ["-m", "move_scale.pretrain_mae", "--config", str(mae),
+                         f"run_dir={tmp_path / 'mae'}", f"data.train={source}",
                          f"data.endpoint_url={dead}", *window],
         "evaluate": ["-m", "move_scale.evaluate", "--checkpoint", str(make_export(tmp_path)),
                      "--data", source, "--task", "saliency", "--device", "cpu", "--endpoint-url",
@@ -245,3 +245,47 @@ def test_an_unreachable_endpoint_is_one_line_and_exit_2_in_every_command(data, m
         assert "Traceback" not in done.stderr and len(errors) == 1, f"{name}: {done.stderr[-3000:]}"
         assert "127.0.0.1" in errors[0], errors[0]
     assert not (tmp_path / "run" / "mlruns").exists()  # no MLflow run was opened
+    assert not (tmp_path / "mae" / "mlruns").exists()
+
+
+# ----------------------------------------------------------------------------- MAE pretraining
+
+
+def _mae_command(source: str, run_dir: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "move_scale.pretrain_mae", "--config", "configs/mae_debug.yaml",
+            f"data.train={source}", f"run_dir={run_dir}", "data.workers=0", "data.shuffle_buffer=4",
+            f"train.max_steps={STEPS}", "train.ckpt_every_steps=2", "train.gallery_every=0",
+            "train.log_every=2", *extra]
+
+
+def test_mae_pretraining_meets_a_stalled_store_as_move_training_does(data, tmp_path):
+    """The store paused past the retry window: one line naming the endpoint, exit 2, the last
+    checkpoint intact; the same command once the store is back ends with the weights of an
+    undisturbed run."""
+    reference_dir, log = tmp_path / "reference", tmp_path / "reference.log"
+    assert _finish(_start(_mae_command(str(data / "manifest.json"), reference_dir), log)) == 0, \
+        log.read_text()[-3000:]
+    run_dir, log = tmp_path / "run", tmp_path / "pretrain.log"
+    window = 5.0
+    with MotoServer() as server:
+        source, endpoint = _served(server, data)
+        command = _mae_command(source, run_dir, endpoint, *FAST, f"data.retry_window_s={window}")
+        process = _start(command, log)
+        _wait_for(run_dir / "ckpt-00000002.pt", process, log)
+        server.pause()
+        started = time.monotonic()
+        code = _finish(process, limit_s=120)
+        took = time.monotonic() - started
+        line = _one_error_line(log)
+        print(f"\nMAE pretraining, store paused (window {window:g} s): exit {code} after {took:.1f} s: {line[:160]}")
+        assert code == 2 and f"S3 endpoint {server.endpoint} did not answer" in line
+        from move_scale.harness.checkpoint import load_latest_checkpoint
+
+        path, ckpt = load_latest_checkpoint(run_dir)
+        assert ckpt.stage == "mae" and 2 <= ckpt.state.step < STEPS
+        server.resume()
+        resume_log = tmp_path / "resume.log"
+        assert _finish(_start(command, resume_log)) == 0, resume_log.read_text()[-3000:]
+    assert f"resumed from {path}" in resume_log.read_text()
+    a, b = (torch.load(d / "mae.pth", weights_only=True)["model"] for d in (reference_dir, run_dir))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from move_scale.stages.move.config import load_config
 from move_scale.data.write.synthetic import write_synthetic
 from move_scale.harness.resume import changes_mid_run, compare
+from move_scale.stages.move.config import Config, load_config
+from move_scale.stages.move.stage import MoveStage
 from move_scale.train import main as train_main
 
 DEBUG = "configs/debug.yaml"
@@ -54,11 +55,11 @@ def test_the_schema_says_what_may_change_mid_run():
               "data.stall_timeout_s", "data.max_lost_share")  # how the data path rides out faults
     for key in ("train.max_steps", "train.epochs", "train.log_every", "train.precision", "optim.seg.lr",
                 "optim.disc.betas", "data.workers", "data.endpoint_url", "tracking.uri", "run_dir", *faults):
-        assert changes_mid_run(key), key
+        assert changes_mid_run(key, Config), key
     for key in ("model.segmenter.widths", "model.features.kind", "data.train", "data.image_size",
                 "data.batch_size", "objective.theta_min", "seed", "tracking.experiment", "no.such.key",
                 "model.segmenter.input_norm", "model.disc.backbone_bn"):
-        assert not changes_mid_run(key), key
+        assert not changes_mid_run(key, Config), key
     stored = load_config(DEBUG)
     applied, refused = compare(stored, load_config(DEBUG, [
         "optim.seg.lr=1e-3", "model.segmenter.widths=[8,8,8,8]", "data.retry_window_s=30",
@@ -162,16 +163,20 @@ def test_resume_never_sets_the_earlier_run_aside(finished, tmp_path, monkeypatch
 def test_a_config_stored_before_input_norm_reads_as_the_layernorm_that_run_had(tmp_path):
     """Before model.segmenter.input_norm existed every head had a LayerNorm; "auto" now gives MAE
     features none, so an old MAE-feature run reads as layernorm (and resumes with that override)."""
-    from move_scale.harness.checkpoint import TrainingCheckpoint, TrainState, stored_config
     from move_scale.config.files import dump_config
+    from move_scale.harness.checkpoint import (
+        TrainingCheckpoint,
+        TrainState,
+        stored_config,
+    )
 
     mae = ["model.features.kind=mae", "model.segmenter.widths=[16,16,16,16,16]"]
 
     def stored(overrides: list[str]):
         text = "\n".join(line for line in dump_config(load_config(DEBUG, overrides)).splitlines()
                          if "input_norm:" not in line)  # as written before the key existed
-        checkpoint = TrainingCheckpoint(TrainState(), {}, {}, {}, {}, [], text, None)
-        return stored_config(tmp_path / "ckpt-00000004.pt", checkpoint)
+        checkpoint = TrainingCheckpoint(TrainState(), {}, [], text, None)
+        return stored_config(tmp_path / "ckpt-00000004.pt", checkpoint, Config, MoveStage.upgrade_config)
 
     old_mae = stored(mae)
     assert old_mae.model.segmenter.input_norm == "layernorm"

@@ -5,8 +5,13 @@ import pytest
 import torch
 from torch import nn
 
+from move_scale.stages.move.build import (
+    build_discriminator,
+    build_features,
+    build_mae,
+    build_segmenter,
+)
 from move_scale.stages.move.config import ModelConfig, SegmenterConfig, load_config
-from move_scale.stages.move.build import build_discriminator, build_features, build_mae, build_segmenter
 from move_scale.stages.move.segmenter import Segmenter
 
 DEBUG_YAML = "configs/debug.yaml"

@@ -11,16 +11,21 @@ from pathlib import Path
 import fsspec
 import pytest
 import webdataset as wds
-
-from move_scale.data.write import index as index_module
-from move_scale.shard import main
-from move_scale.data.manifest import load_manifest
-from move_scale.data.remote import ReadPolicy
-from move_scale.data.read.shardlist import resolve_shards
-from move_scale.data.errors import DataError
-from move_scale.data.read.tario import SkipTally, count_tar_samples, has_image, iter_shard
-from move_scale.data.write.write import write_shards
 from wdsutil import write_foreign_shards
+
+from move_scale.data.errors import DataError
+from move_scale.data.manifest import load_manifest
+from move_scale.data.read.shardlist import resolve_shards
+from move_scale.data.read.tario import (
+    SkipTally,
+    count_tar_samples,
+    has_image,
+    iter_shard,
+)
+from move_scale.data.remote import ReadPolicy
+from move_scale.data.write import index as index_module
+from move_scale.data.write.write import write_shards
+from move_scale.shard import main
 
 
 def _cli(*args) -> subprocess.CompletedProcess:

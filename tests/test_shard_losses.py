@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from shardutil import make_shards, write_tar
 
 from move_scale.data.errors import DataError
 from move_scale.data.read.stream import build_eval_loader, build_train_loader
-from shardutil import make_shards, write_tar
 
 DEBUG = "configs/debug.yaml"
 COUNTS = [8, 8, 8, 8]
@@ -147,8 +147,9 @@ def test_eval_with_fewer_shards_than_ranks_counts_each_rank_its_share(tmp_path):
 
 
 def _evaluate(tmp_path, manifest, *extra) -> int:
-    from move_scale.evaluate import main
     from test_evaluate import make_export
+
+    from move_scale.evaluate import main
 
     return main(["--checkpoint", str(make_export(tmp_path, bias=20.0)), "--data", str(manifest),
                  "--task", "saliency", "--short-side", "64", "--no-progress", "--device", "cpu",
@@ -196,14 +197,15 @@ def test_pretrain_mae_stops_or_continues_as_configured(tmp_path, capsys, caplog)
     damage(tmp_path / "shards" / "s-000003.tar", "truncated")
     config = tmp_path / "mae.yaml"
     config.write_text(
-        "model:\n  mae: {weights: random, patch_size: 8, embed_dim: 32, depth: 1, num_heads: 2, "
+        "stage: mae\nmodel:\n  mae: {weights: random, patch_size: 8, embed_dim: 32, depth: 1, num_heads: 2, "
         "decoder_embed_dim: 32, decoder_depth: 1, decoder_num_heads: 2}\n"
-        f"data: {{train: '{manifest}', image_size: 32, workers: 0, shuffle_buffer: 4}}\n")
-    args = ["--config", str(config), "--out", str(tmp_path / "mae.pth"), "--steps", "3",
-            "--batch-size", "8", "--threads", "1"]
+        f"data: {{train: '{manifest}', image_size: 32, batch_size: 8, workers: 0, shuffle_buffer: 4}}\n"
+        "train: {max_steps: 3, gallery_every: 0, precision: fp32}\n")
+    run_dir = tmp_path / "run"
+    args = ["--config", str(config), "--threads", "1", f"run_dir={run_dir}"]
     assert pretrain_mae.main(args) == 2
-    assert "truncated shard" in capsys.readouterr().err and not (tmp_path / "mae.pth").exists()
+    assert "truncated shard" in capsys.readouterr().err and not (run_dir / "mae.pth").exists()
     caplog.set_level(logging.WARNING)
     assert pretrain_mae.main(args + ["data.max_lost_share=0.5"]) == 0
-    assert torch.load(tmp_path / "mae.pth", weights_only=True)["model"]
+    assert torch.load(run_dir / "mae.pth", weights_only=True)["model"]
     assert "truncated shard" in caplog.text and "5 samples lost" in caplog.text

@@ -10,8 +10,8 @@ import fsspec
 import pytest
 from PIL import Image
 
-from move_scale.shard import main
 from move_scale.data.manifest import load_manifest
+from move_scale.shard import main
 
 
 def _cli(*args) -> subprocess.CompletedProcess:

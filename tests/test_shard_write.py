@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from move_scale.shard import main
+from move_scale.data.errors import DataError
 from move_scale.data.manifest import load_manifest
 from move_scale.data.write.prepare import Sample
-from move_scale.data.errors import DataError
 from move_scale.data.write.write import write_samples, write_shards
+from move_scale.shard import main
 
 
 def read_dataset(folder: Path) -> tuple[dict, list]:

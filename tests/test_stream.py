@@ -6,13 +6,13 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+from shardutil import make_shards
 
+from move_scale.data.errors import DataError
 from move_scale.data.read import plan
 from move_scale.data.read.shardlist import Shard
-from move_scale.data.errors import DataError
-from move_scale.data.read.tario import SkipTally
 from move_scale.data.read.stream import build_eval_loader, build_train_loader
-from shardutil import make_shards
+from move_scale.data.read.tario import SkipTally
 
 
 def train_loader(source, **overrides):

@@ -28,7 +28,7 @@ def test_the_benchmark_maps_its_arguments_to_its_own_pipeline(benchmark):
     settings = benchmark.settings_from_args(args)
     assert (settings.data_dir, settings.samples_per_shard, settings.image_size, settings.scene_seed) == ("shards", 1000, 48, 3)
     assert (settings.train, settings.val, settings.run_name) == (24, 6, "move-diagnostic")
-    assert (settings.recipe.steps, settings.recipe.batch_size, settings.recipe.lr) == (5, 4, 1e-3)
+    assert (settings.mae_steps, settings.mae_batch_size, settings.mae_overrides) == (5, 4, ("pretrain.lr=0.001",))
     assert not (settings.keep_mae or settings.keep_move or settings.log_eval) and settings.val_in_training
     assert settings.config == "configs/synthetic.yaml"
     manifests = {"train": "o/shards/train/manifest.json", "val": "o/shards/val/manifest.json"}
@@ -37,22 +37,39 @@ def test_the_benchmark_maps_its_arguments_to_its_own_pipeline(benchmark):
         "model.mae.weights=o/mae.pth", "run_dir=o/move-diagnostic", "train.resume=never",
         "objective.true_background=true", "train.max_steps=4"]
     plain = benchmark.settings_from_args(benchmark.build_parser().parse_args([]))
-    assert (plain.run_name, plain.overrides, plain.train, plain.val, plain.recipe.steps) == ("move", (), 2000, 200, 800)
+    assert (plain.run_name, plain.overrides, plain.train, plain.val, plain.mae_steps) == ("move", (), 2000, 200, 800)
 
 
 def test_the_demo_maps_its_arguments_to_its_own_pipeline():
     settings = settings_from_args(build_parser().parse_args(["--out", "d", "--train", "24", "--mae-steps", "3",
                                                              "data.batch_size=4"]))
     assert (settings.data_dir, settings.samples_per_shard, settings.image_size, settings.scene_seed) == ("data", 500, None, None)
-    assert (settings.train, settings.val, settings.recipe.steps, settings.recipe.batch_size) == (24, 100, 3, 24)
+    assert (settings.train, settings.val, settings.mae_steps, settings.mae_batch_size) == (24, 100, 3, 24)
     assert settings.keep_mae and settings.keep_move and settings.log_eval and not settings.val_in_training
     manifests = {"train": "d/data/train/manifest.json", "val": "d/data/val/manifest.json"}
     assert move_overrides(settings, manifests, Path("d/mae.pth"), Path("d/move")) == [
         "data.train=d/data/train/manifest.json", "model.mae.weights=d/mae.pth", "run_dir=d/move",
         "train.resume=auto", "data.batch_size=4"]
     fresh = settings_from_args(build_parser().parse_args(["--fresh"]))
-    assert not fresh.keep_move and fresh.keep_mae and fresh.recipe.batch_size == 64
+    assert not fresh.keep_move and fresh.keep_mae and fresh.mae_batch_size == 64
     assert move_overrides(fresh, manifests, Path("d/mae.pth"), Path("d/move"))[-1] == "train.resume=never"
+
+
+def test_the_pipeline_pretrains_the_mae_of_its_move_config(benchmark):
+    """The MAE the pipeline pretrains is the one its MOVE config loads: architecture, data, seed and
+    precision come from the MOVE config, steps and batch from the pipeline, a loss window of a
+    quarter of the steps (at most 100), then the MAE overrides."""
+    from move_scale.demo import mae_config
+    from move_scale.stages.move.config import load_config
+
+    args = benchmark.build_parser().parse_args(["--mae-steps", "40", "--mae-batch-size", "8", "--mae-lr", "1e-3"])
+    settings = benchmark.settings_from_args(args)
+    move = load_config("synthetic", ["data.train=t/manifest.json", "data.image_size=64"])
+    mae = mae_config(settings, move, Path("o/mae"))
+    assert mae.model.mae.weights == "random" and mae.model.mae.embed_dim == move.model.mae.embed_dim == 128
+    assert (mae.data.train, mae.data.image_size, mae.data.batch_size) == ("t/manifest.json", 64, 8)
+    assert (mae.seed, mae.train.precision, mae.train.max_steps, mae.train.log_every) == (0, "fp32", 40, 10)
+    assert (mae.pretrain.lr, mae.train.resume, mae.run_dir) == (1e-3, "never", "o/mae")
 
 
 def test_the_benchmark_reports_a_bad_argument_in_one_line(benchmark, tmp_path, capsys):

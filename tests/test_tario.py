@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from move_scale.data.remote import ReadPolicy
-from move_scale.data.read.tario import SkipTally, iter_shard
 from shardutil import encode, random_image, write_tar
+
+from move_scale.data.read.tario import SkipTally, iter_shard
+from move_scale.data.remote import ReadPolicy
 
 
 def _shard(path: Path, count: int) -> list[tarfile.TarInfo]:

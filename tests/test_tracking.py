@@ -11,12 +11,17 @@ from PIL import Image
 
 from move_scale.config.files import dump_config
 from move_scale.config.tree import flatten
-from move_scale.stages.move.config import load_config
-from move_scale.stages.move.gallery import save_mask_gallery
 from move_scale.harness.tracking import (
-    PARAM_VALUE_LIMIT, NullTracker, Tracker, TrackingError, param_value, resolve_tracking_uri,
+    PARAM_VALUE_LIMIT,
+    NullTracker,
+    Tracker,
+    TrackingError,
+    param_value,
+    resolve_tracking_uri,
     start_tracker,
 )
+from move_scale.stages.move.config import load_config
+from move_scale.stages.move.gallery import save_mask_gallery
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from motoproc import free_port
+
 from move_scale.data.write.synthetic import write_synthetic
 from move_scale.train import main as train_main
 

@@ -7,11 +7,16 @@ import math
 import numpy as np
 import pytest
 import torch
+from shardutil import encode, random_image
 
 from move_scale.data.read.transforms import (
-    SampleError, TrainTransform, collate_normalise, crop_box, decode_eval_sample, sample_rng,
+    SampleError,
+    TrainTransform,
+    collate_normalise,
+    crop_box,
+    decode_eval_sample,
+    sample_rng,
 )
-from shardutil import encode, random_image
 
 
 def test_crop_boxes_stay_inside_and_respect_scale_and_ratio():

@@ -4,8 +4,8 @@ our readers do, and shards written by `webdataset.ShardWriter` train, evaluate a
 import json
 import os
 import subprocess
-import time
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -13,15 +13,14 @@ import pytest
 import torch
 import webdataset as wds
 from PIL import Image
-
-from move_scale.data.write.index import index_shards
-from move_scale.data.read.stream import build_eval_loader, build_train_loader
-from move_scale.data.remote import ReadPolicy
-from move_scale.data.read.tario import SkipTally, iter_shard
-from move_scale.data.images import IMAGENET_MEAN, IMAGENET_STD
-from move_scale.data.write.write import write_shards
 from wdsutil import write_foreign_shards
 
+from move_scale.data.images import IMAGENET_MEAN, IMAGENET_STD
+from move_scale.data.read.stream import build_eval_loader, build_train_loader
+from move_scale.data.read.tario import SkipTally, iter_shard
+from move_scale.data.remote import ReadPolicy
+from move_scale.data.write.index import index_shards
+from move_scale.data.write.write import write_shards
 
 
 def _members(sample: dict) -> dict:
@@ -173,8 +172,8 @@ def _local_manifest_of_s3_shards(tmp_path, s3_endpoint, s3_bucket) -> tuple[str,
 def test_a_local_manifest_of_s3_shards_reads_them_with_the_endpoint(tmp_path, s3_endpoint, s3_bucket):
     """`index --out` writes local manifests of remote shards: evaluate and predict must read the
     shards with --endpoint-url and --read-timeout/--retry-window, not the manifest's (none)."""
-    from move_scale.data.remote import ReadPolicy
     from move_scale.data.read.shardlist import shard_options
+    from move_scale.data.remote import ReadPolicy
     from move_scale.evaluate import main as evaluate_main
     from move_scale.predict import main as predict_main
 

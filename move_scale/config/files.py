@@ -3,9 +3,9 @@
     cfg = load(Config, "configs/paper_duts.yaml", ["optim.seg.lr=1e-4"])    # a stage's schema
     text = dump_config(cfg)                                                  # YAML that loads back equal
 
-The experiment configs live in the repository's top-level `configs/` folder and ship inside the
-wheel as the package data `move_scale/configs/` (setup.cfg maps one onto the other), so a clone and
-an installed package find them from any folder: `paper_duts`, `paper_duts.yaml` and
+The experiment configs live in the repository's top-level `configs/` folder; `move_scale/configs`
+is a link to it, through which the wheel ships them as package data (setup.cfg), so a clone and an
+installed package find them from any folder: `paper_duts`, `paper_duts.yaml` and
 `configs/paper_duts.yaml` name the bundled file unless a file of that path exists, which then wins
 (`resolve_config_path`). Every YAML says which stage it configures (`stage:`, "move" when absent);
 a file given to another stage's command is one error line naming both.
@@ -17,9 +17,17 @@ from pathlib import Path
 
 import yaml
 
-from move_scale.config.tree import ConfigError, build_tree, deep_copy, parse_override, read_yaml, set_dotted, to_dict
+from move_scale.config.tree import (
+    ConfigError,
+    build_tree,
+    deep_copy,
+    parse_override,
+    read_yaml,
+    set_dotted,
+    to_dict,
+)
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+CONFIG_DIR = (Path(__file__).parents[1] / "configs").resolve()  # a link to the top-level configs/ in a clone
 DEFAULT_STAGE = "move"  # the stage of a YAML without a `stage:` key (MOVE's configs predate the key)
 
 

@@ -1,8 +1,8 @@
 """A tree of frozen dataclasses from nested dicts and dotted overrides, every value checked.
 
-The machinery under `config.py`, which holds the schema: `build_tree(Config, data)` converts each
+The machinery under every stage's config schema: `build_tree(Config, data)` converts each
 value to its field's annotated type (YAML lists to tuples), refuses unknown keys with the nearest
-valid one, checks each field's rule (config_rules.py) and each section's `relations()`; ConfigError
+valid one, checks each field's rule (rules.py) and each section's `relations()`; ConfigError
 names the key, the value and what is allowed.
 """
 from __future__ import annotations
@@ -100,7 +100,7 @@ def _shown(value: Any) -> str:
 
 
 def check_section(section: Any, prefix: str) -> None:
-    """Every field's rule (config_rules.py), then the section's relations between its fields;
+    """Every field's rule (rules.py), then the section's relations between its fields;
     ConfigError naming the first value that fails. `prefix`: the section's dotted key."""
     dotted = (prefix + ".") if prefix else ""
     for f in dataclasses.fields(section):

@@ -1,16 +1,16 @@
 """Shards: writing them (`move-shard`) and reading them (the training and evaluation streams).
 
-The folder is kept flat (one import path per module); the modules fall into two jobs and the
-pieces both share:
+    here          manifest.py (the contract between writing and reading) · storage.py (local or
+                  fsspec folders, atomic writes) · remote.py (timeouts and retries) · images.py
+                  (image facts and decoding) · ground_truth.py (masks, VOC and COCO boxes, also
+                  read by evaluate) · errors.py (DataError)
+    read/         the streams: training (stream.py) and evaluation (eval_stream.py), who reads what
+                  (plan.py), samples out of tars checked against the manifest (tario.py), lost
+                  samples (ledger.py), stalls (watch.py), augmentation (transforms.py)
+    write/        move-shard's work: inputs (sources.py) to samples (prepare.py) to reproducible
+                  tars (tars.py, write.py), manifests for other tools' shards (index.py), synthetic
+                  scenes (synthetic.py)
 
-    writing   cli.py (move-shard make/index/info/verify/synth) · sources.py (SRC arguments to
-              inputs) · prepare.py (one input to one sample) · write.py · tars.py (reproducible
-              tars) · index.py (manifests for shards made by other tools) · synthetic.py (scenes)
-    reading   settings.py (loaders from the config) · stream.py (training) · eval_stream.py
-              (evaluation) · plan.py (who reads what) · shardlist.py · tario.py (samples out of
-              tars, checked against the manifest) · batching.py · transforms.py (augmentation) ·
-              watch.py (stalls, interruptions) · ledger.py (lost samples)
-    shared    manifest.py (the contract between the two) · storage.py (local or fsspec folders) ·
-              remote.py (timeouts and retries) · images.py (image facts and decoding) ·
-              ground_truth.py (masks, VOC and COCO boxes, also read by evaluate)
+May import: core, config. read/ imports this folder; write/ imports this folder and read/ (it
+checks what it writes by reading it); nothing here imports read/ or write/.
 """

@@ -26,9 +26,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from move_scale.data.images import IMAGE_SUFFIXES, BadImage, list_images, prepare_mask
-from move_scale.data.images import stem_of
 from move_scale.data.errors import DataError
+from move_scale.data.images import (
+    IMAGE_SUFFIXES,
+    BadImage,
+    list_images,
+    prepare_mask,
+    stem_of,
+)
 
 FOREGROUND_ABOVE = 127  # grey levels above this are foreground: png/255 > 0.5
 

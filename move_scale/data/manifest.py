@@ -22,8 +22,8 @@ import json
 import posixpath
 from dataclasses import dataclass, field
 
-from move_scale.data.remote import ReadPolicy, RetryingFile
 from move_scale.data.errors import DataError
+from move_scale.data.remote import ReadPolicy, RetryingFile
 
 FORMAT = "move_scale.shards/1"
 MANIFEST_NAME = "manifest.json"

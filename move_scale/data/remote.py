@@ -29,7 +29,7 @@ from typing import Callable, TypeVar
 
 import fsspec
 
-from move_scale.core.cli_args import number
+from move_scale.config.cli_args import number
 from move_scale.config.rules import Range
 from move_scale.config.sections import DataConfig
 from move_scale.data.errors import DataError
@@ -142,7 +142,8 @@ def is_transient(err: BaseException) -> bool:
     if module.startswith(("botocore", "aiohttp", "fsspec.exceptions", "urllib3")):
         try:
             import aiohttp
-            from botocore.exceptions import ConnectionError as BotoConnectionError, HTTPClientError
+            from botocore.exceptions import ConnectionError as BotoConnectionError
+            from botocore.exceptions import HTTPClientError
             from fsspec.exceptions import FSTimeoutError
         except ImportError:  # pragma: no cover - s3fs brings them all
             return False

@@ -13,10 +13,11 @@
     boxes.py           masks → boxes (single-object discovery, pseudo-labels)
     bilateral.py       the optional bilateral-solver refinement
     results.py         evaluate's input checks, table, eval.json and MLflow logging
-    segmenter_file.py  the segmenter export: write, read back checked, rebuild the networks
 
 The ground truth (masks, VOC XML, COCO JSON) is read by `move_scale/data/ground_truth.py`, which
-move-shard shares.
+move-shard shares; the segmenter export is MOVE's (`stages/move/segmenter_file.py`).
+
+May import: core, config, data, kernels, models, harness (tracking, checkpoint errors), stages.
 """
 from move_scale.evaluation.predictions import PredictRequest, predict_images
 from move_scale.evaluation.scoring import EvalRequest, evaluate_segmenter

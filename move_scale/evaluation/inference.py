@@ -21,11 +21,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from move_scale.core.cli_args import device as torch_device
-from move_scale.core.cli_args import number
+from move_scale.config.cli_args import device as torch_device
+from move_scale.config.cli_args import number
 from move_scale.config.rules import Range
-from move_scale.data.images import IMAGENET_MEAN, IMAGENET_STD
 from move_scale.core.errors import UserError
+from move_scale.data.images import IMAGENET_MEAN, IMAGENET_STD
 
 logger = logging.getLogger(__name__)
 
@@ -177,10 +177,10 @@ def bucketed(items: Iterable[T], key: Callable[[T], Any], batch_size: int,
 def load_predictor(checkpoint: str | Path, device: str | torch.device, short_side: int,
                    weights_cache: str | None = None) -> tuple[MaskPredictor, dict]:
     """(MaskPredictor, export meta) from a segmenter export; InferenceError for a bad file."""
-    from move_scale.harness.checkpoint import CheckpointError
-    from move_scale.stages.move.segmenter_file import load_segmenter
     from move_scale.config.tree import ConfigError
+    from move_scale.harness.checkpoint import CheckpointError
     from move_scale.models.weights import WeightsError
+    from move_scale.stages.move.segmenter_file import load_segmenter
 
     path = Path(checkpoint).expanduser()
     if not path.is_file():

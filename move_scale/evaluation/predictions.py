@@ -14,12 +14,22 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from move_scale.core.paths import OutputError, check_output_dir, save_or_keep
 from move_scale.data.images import IMAGE_SUFFIXES, list_images
 from move_scale.data.remote import ReadPolicy
-from move_scale.evaluation.boxes import Box, boxes_record, coco_detections, mask_to_boxes
-from move_scale.evaluation.inference import SHORT_SIDE, InferenceError, load_predictor, read_image
+from move_scale.evaluation.boxes import (
+    Box,
+    boxes_record,
+    coco_detections,
+    mask_to_boxes,
+)
+from move_scale.evaluation.inference import (
+    SHORT_SIDE,
+    InferenceError,
+    load_predictor,
+    read_image,
+)
 from move_scale.evaluation.sources import looks_like_shards
-from move_scale.core.paths import OutputError, check_output_dir, save_or_keep
 
 logger = logging.getLogger("move_scale.predict")
 LIST_SUFFIXES = (".txt", ".lst", ".list")

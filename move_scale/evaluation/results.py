@@ -5,7 +5,12 @@ import json
 import logging
 from pathlib import Path
 
-from move_scale.core.paths import OutputError, check_input, check_output_file, save_or_keep
+from move_scale.core.paths import (
+    OutputError,
+    check_input,
+    check_output_file,
+    save_or_keep,
+)
 
 logger = logging.getLogger("move_scale.evaluate")
 

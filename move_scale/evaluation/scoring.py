@@ -13,15 +13,25 @@ from typing import Iterator
 import torch
 from tqdm import tqdm
 
-from move_scale.data.read.eval_stream import check_delivered
-from move_scale.data.ground_truth import GroundTruthError
-from move_scale.data.remote import ReadPolicy
 from move_scale.data.errors import DataError
+from move_scale.data.ground_truth import GroundTruthError
+from move_scale.data.read.eval_stream import check_delivered
+from move_scale.data.remote import ReadPolicy
 from move_scale.evaluation.boxes import largest_box, mask_to_boxes
 from move_scale.evaluation.inference import SHORT_SIDE, load_predictor, resize_mask
 from move_scale.evaluation.metrics import CorLocMeter, SaliencyMeter
-from move_scale.evaluation.protocol import check_mask_protocol, lost_gt_boxes, paper_mask_at
-from move_scale.evaluation.results import check_request, features_description, format_table, log_to_mlflow, write_results
+from move_scale.evaluation.protocol import (
+    check_mask_protocol,
+    lost_gt_boxes,
+    paper_mask_at,
+)
+from move_scale.evaluation.results import (
+    check_request,
+    features_description,
+    format_table,
+    log_to_mlflow,
+    write_results,
+)
 from move_scale.evaluation.sources import open_eval_source
 
 logger = logging.getLogger("move_scale.evaluate")

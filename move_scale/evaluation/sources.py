@@ -12,8 +12,14 @@ from typing import Iterator
 
 import numpy as np
 
-from move_scale.data.ground_truth import (GroundTruthError, coco_items, load_voc_root, pair_masks, read_mask,
-                                          voc_items)
+from move_scale.data.ground_truth import (
+    GroundTruthError,
+    coco_items,
+    load_voc_root,
+    pair_masks,
+    read_mask,
+    voc_items,
+)
 from move_scale.data.remote import ReadPolicy
 from move_scale.evaluation.inference import read_image
 
@@ -103,8 +109,8 @@ def open_eval_source(data: str, gt: str | None, *, rank: int = 0, world_size: in
 
 def _shard_source(data: str, name: str, rank: int, world_size: int, endpoint_url: str | None,
                   policy: ReadPolicy) -> EvalSource:
-    from move_scale.data.read.shardlist import shard_options
     from move_scale.data.errors import DataError
+    from move_scale.data.read.shardlist import shard_options
     from move_scale.data.read.stream import build_eval_loader
 
     try:

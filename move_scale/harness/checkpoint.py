@@ -1,20 +1,23 @@
-"""Training checkpoints (atomic, retained, resumable); the segmenter export is evaluation/segmenter_file.py.
+"""Training checkpoints of every stage (atomic, retained, resumable).
 
 A training checkpoint is one torch file `run_dir/ckpt-{step:08d}.pt` holding state dicts and plain
 values only (never pickled code; it loads with `weights_only=True`). Its schema is one object,
-`TrainingCheckpoint`: the counters (`TrainState`), the state dicts of the trainable networks and
-their optimizers, each rank's RNG states, the resolved config and the MLflow run. `to_dict` /
-`from_dict` keep the file layout of format "move_scale.harness.checkpoint/1", so every checkpoint written
-since that format resumes:
+`TrainingCheckpoint`: what the harness keeps for every stage (the counters of `TrainState`, each
+rank's RNG states, the resolved config, the MLflow run, the number of processes) and the stage's
+own entries (`Stage.state_dict`: its networks, optimizers and counters), side by side at the top
+level of the file. The layout is format "move_scale.checkpoint/1", so every checkpoint written since
+that format resumes:
 
-    format, step, disc_steps, seg_steps          the format tag and TrainState's step counters
-    segmenter, discriminator                     state_dicts, unwrapped from DDP (D whole: frozen
-                                                 random CCM/CSM included)
-    optim_seg, optim_disc                        AdamW state_dicts
+    format, stage                                the format tag; the stage ("move" when absent:
+                                                 files from before the key are MOVE's)
+    step                                         batches done
     rng                                          one `capture_rng_state(...)` per rank, in rank order
     data                                         {"epoch", "batches_in_epoch", "world_size"}: where
                                                  the stream resumes (world_size absent in early files)
-    config, mlflow_run_id                        `config.dump_config` YAML; the run to resume into
+    config, mlflow_run_id                        `dump_config` YAML; the run to resume into
+    ...                                          the stage's entries, e.g. MOVE's disc_steps,
+                                                 seg_steps, segmenter, discriminator, optim_seg,
+                                                 optim_disc (stages/move/stage.py)
 
 Writing: temporary file in the same directory → flush + fsync → `os.replace` to the final name →
 fsync of the directory, so `ckpt-*.pt` only ever names a complete file. Reading:
@@ -23,21 +26,25 @@ ones (and interrupted temporary files) with a WARNING that names them.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
+from move_scale.config import files
+from move_scale.config.tree import ConfigError
 from move_scale.core.errors import UserError
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = "move_scale.harness.checkpoint/1"
+CHECKPOINT_FORMAT = "move_scale.checkpoint/1"
+LEGACY_STAGE = "move"  # the stage of a file written before the "stage" key
 _NAME = re.compile(r"^ckpt-(\d{8,})\.pt$")
 _TEMP = re.compile(r"^\.ckpt-\d{8,}\.pt\.\d+\.tmp$")
 
@@ -55,12 +62,9 @@ def checkpoint_path(run_dir: str | Path, step: int) -> Path:
 
 @dataclass
 class TrainState:
-    """The counters a checkpoint carries: batches done (D and segmenter steps together), steps of
-    each phase (`seg_steps` drives the λ_bin ramp, `losses.lambda_bin_at`), the data position."""
+    """The counters the harness keeps for every stage: batches done, and where the stream is."""
 
     step: int = 0
-    disc_steps: int = 0
-    seg_steps: int = 0
     epoch: int = 0
     batches_in_epoch: int = 0
 
@@ -70,29 +74,28 @@ class TrainingCheckpoint:
     """Everything a run needs to continue bit-exactly (see the module docstring for the file)."""
 
     state: TrainState
-    segmenter: dict
-    discriminator: dict
-    optim_seg: dict
-    optim_disc: dict
+    stage_state: dict  # the stage's own entries (Stage.state_dict), top-level keys of the file
     rng: list[dict]  # one capture_rng_state per rank
-    config: str  # config.dump_config
+    config: str  # config.files.dump_config
     mlflow_run_id: str | None
     world_size: int | None = field(default=None)  # None: written before the field existed
+    stage: str = LEGACY_STAGE
 
     def to_dict(self) -> dict:
+        clash = sorted(set(self.stage_state) & set(_HARNESS_KEYS))
+        if clash:
+            raise ValueError(f"stage state keys {clash} are the harness's own")
         data = {"epoch": self.state.epoch, "batches_in_epoch": self.state.batches_in_epoch}
         if self.world_size is not None:
             data["world_size"] = self.world_size
-        return {"format": CHECKPOINT_FORMAT, "step": self.state.step,
-                "disc_steps": self.state.disc_steps, "seg_steps": self.state.seg_steps,
-                "segmenter": self.segmenter, "discriminator": self.discriminator,
-                "optim_seg": self.optim_seg, "optim_disc": self.optim_disc, "rng": self.rng,
-                "data": data, "config": self.config, "mlflow_run_id": self.mlflow_run_id}
+        return {"format": CHECKPOINT_FORMAT, "stage": self.stage, "step": self.state.step,
+                **self.stage_state, "rng": self.rng, "data": data, "config": self.config,
+                "mlflow_run_id": self.mlflow_run_id}
 
     @classmethod
     def from_dict(cls, raw: Any, path: str | Path) -> TrainingCheckpoint:
         """The checkpoint in `raw` (what torch.load gave for `path`); CheckpointError names the
-        file and what is wrong with it."""
+        file and what is wrong with it. The stage's entries are checked by `expect_stage`."""
         if not isinstance(raw, dict) or raw.get("format") != CHECKPOINT_FORMAT:
             found = raw.get("format") if isinstance(raw, dict) else type(raw).__name__
             raise CheckpointError(f"{path} is not a move_scale training checkpoint "
@@ -103,14 +106,28 @@ class TrainingCheckpoint:
                     if "data" in raw and key not in data]
         if missing:
             raise CheckpointError(f"{path} lacks keys {missing}")
-        state = TrainState(int(raw["step"]), int(raw["disc_steps"]), int(raw["seg_steps"]),
-                           int(data["epoch"]), int(data["batches_in_epoch"]))
-        return cls(state, raw["segmenter"], raw["discriminator"], raw["optim_seg"], raw["optim_disc"],
-                   raw["rng"], raw["config"], raw["mlflow_run_id"], data.get("world_size"))
+        state = TrainState(int(raw["step"]), int(data["epoch"]), int(data["batches_in_epoch"]))
+        stage_state = {k: v for k, v in raw.items() if k not in _HARNESS_KEYS}
+        return cls(state, stage_state, raw["rng"], raw["config"], raw["mlflow_run_id"],
+                   data.get("world_size"), raw.get("stage", LEGACY_STAGE))
+
+    def expect_stage(self, stage: str, keys: Sequence[str], path: str | Path) -> None:
+        """CheckpointError unless this is a checkpoint of `stage` holding each of `keys`."""
+        if self.stage != stage:
+            raise CheckpointError(f"{path} is a checkpoint of the stage {self.stage!r}, not {stage!r}: "
+                                  f"give it to that stage's command, or use a new run_dir")
+        missing = [key for key in keys if key not in self.stage_state]
+        if missing:
+            raise CheckpointError(f"{path} lacks keys {missing}")
+
+    def without_tensors(self) -> TrainingCheckpoint:
+        """The same counters, config and run, without the state dicts and RNG states (resume lets
+        go of them once they are loaded)."""
+        return dataclasses.replace(self, stage_state={}, rng=[])
 
 
-_FILE_KEYS = ("step", "disc_steps", "seg_steps", "segmenter", "discriminator", "optim_seg",
-              "optim_disc", "rng", "data", "config", "mlflow_run_id")
+_FILE_KEYS = ("step", "rng", "data", "config", "mlflow_run_id")
+_HARNESS_KEYS = ("format", "stage", *_FILE_KEYS)
 
 
 # ----------------------------------------------------------------------------- atomic write
@@ -238,24 +255,16 @@ def latest_mlflow_run_id(run_dir: str | Path) -> str | None:
     return found[1].mlflow_run_id if found is not None else None
 
 
-def stored_config(path: Path, checkpoint: TrainingCheckpoint, weights_cache: str | None = None):
-    """The `config.Config` `checkpoint` (read from `path`) was written with, as this version reads
-    it, `weights_cache` replacing the stored one when given. A key added since then takes the value
-    that run used: `model.segmenter.input_norm` did not exist while every head had a LayerNorm, which
-    "auto" now leaves out on MAE features. CheckpointError when it does not load."""
+def stored_config(path: Path, checkpoint: TrainingCheckpoint, schema: type,
+                  upgrade: Callable[[dict], dict] | None = None, overrides: Sequence[str] = ()):
+    """The config `checkpoint` (read from `path`) was written with, as this version reads it into
+    `schema`: `upgrade` (the stage's) first brings a tree of an older version up to date, then
+    `overrides` apply. CheckpointError when it does not load."""
     import yaml
-
-    from move_scale.config.tree import ConfigError
-    from move_scale.stages.move.config import config_from_dict
 
     try:
         tree = yaml.safe_load(checkpoint.config) or {}
-        model = tree.setdefault("model", {})
-        if (model.get("features") or {}).get("kind") == "mae":
-            model.setdefault("segmenter", {}).setdefault("input_norm", "layernorm")
-        if weights_cache is not None:
-            model["weights_cache"] = weights_cache
-        return config_from_dict(tree)
+        return files.from_dict(schema, upgrade(tree) if upgrade else tree, overrides)
     except (ConfigError, yaml.YAMLError) as err:
         raise CheckpointError(f"{path}: its stored config does not load in this version of "
                               f"move_scale ({' '.join(str(err).split())})") from err
@@ -302,8 +311,8 @@ class CheckpointPolicy:
 # Training draws from torch only: the global generator (random initialisation of frozen networks,
 # the seed each DataLoader iterator draws for its workers, which torch turns into the workers'
 # torch, numpy and python seeds), the CUDA generators, and the named generators of the loop (shifts,
-# DiffAugment). The data pipeline draws from numpy Generators made from (seed, epoch, ...) (data/plan.py,
-# data/transforms.py), never from the global numpy or python RNG, so those are not captured: the
+# DiffAugment). The data pipeline draws from numpy Generators made from (seed, epoch, ...) (data/read/plan.py,
+# data/read/transforms.py), never from the global numpy or python RNG, so those are not captured: the
 # library never seeds them, and restoring them would replay nothing. Files written before this
 # carry them under "numpy" and "python"; restore_rng_state passes over them.
 

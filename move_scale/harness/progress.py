@@ -32,7 +32,7 @@ class PhaseClock:
     `read`, which waits for the last one: one synchronisation per window (a synchronisation per
     step would stall the queue of kernels the host runs ahead of). Elsewhere the host clock times
     the phase, which is its compute time since CPU work is synchronous, and only sums are kept
-    (a caller that never reads, as pretrain_mae, holds nothing per step). The wait is host time.
+    (a caller that never reads holds nothing per step). The wait is host time.
     """
 
     def __init__(self, device: torch.device | str | None = None,

@@ -1,14 +1,14 @@
 """Resume that says what it does: the stored config against the requested one, before any work.
 
-    point = find_resume_point(cfg)           # None: a fresh run; ResumeError: cannot resume as asked
-    ...build networks and optimizers...
-    restore(point, cfg, parts, state, rank, world)     # parts: train.TrainParts
+    point = find_resume_point(cfg, MoveStage)          # None: a fresh run; ResumeError: cannot resume as asked
+    ...build the stage's networks and optimizers...
+    restore(point, cfg, stage, state, rank, world)     # stage: a harness.stage.Stage
 
-Settings a run may change mid-way are marked in the schema (`MID_RUN` on a section, `mid_run` on
-a field, config.py): steps and schedule, logging, checkpointing, precision, learning rates and the
-other AdamW settings, where the data is read from. Those are applied (AdamW settings are written
-into the optimizer's param groups after its state is loaded) and listed in the log and, by
-`report_changes`, in MLflow. Any other change (network shapes, data, the objective, the seed)
+Settings a run may change mid-way are marked in the stage's schema (`MID_RUN` on a section,
+`mid_run` on a field; config/sections.py and stages/<stage>/config.py): steps and schedule,
+logging, checkpointing, precision, learning rates and the other optimizer settings, where the
+data is read from. Those are applied (the stage writes optimizer settings into its param groups
+after their state is loaded) and listed in the log and, by `report_changes`, in MLflow. Any other change (network shapes, data, the objective, the seed)
 stops the run with one line that says to use a new run_dir or `train.resume=never`.
 """
 from __future__ import annotations
@@ -19,18 +19,20 @@ import time
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import torch
-
-from move_scale.harness.checkpoint import (CheckpointError, TrainingCheckpoint, TrainState, load_checkpoint,
-                                   load_latest_checkpoint, restore_rng_state, stored_config)
-from move_scale.stages.move.config import Config
 from move_scale.config.files import dump_config
 from move_scale.config.tree import flatten
-
-if TYPE_CHECKING:
-    from move_scale.train import TrainParts
+from move_scale.harness.checkpoint import (
+    CheckpointError,
+    TrainingCheckpoint,
+    TrainState,
+    load_checkpoint,
+    load_latest_checkpoint,
+    restore_rng_state,
+    stored_config,
+)
+from move_scale.harness.stage import Stage
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +62,9 @@ class ResumePoint:
         return self.checkpoint.state.step
 
 
-def changes_mid_run(key: str) -> bool:
-    """Whether the dotted config key may change when a run resumes (schema metadata)."""
-    section: Any = Config
+def changes_mid_run(key: str, schema: type) -> bool:
+    """Whether the dotted config key of `schema` may change when a run resumes (schema metadata)."""
+    section: Any = schema
     parts = key.split(".")
     for depth, part in enumerate(parts):
         fields = {f.name: f for f in dataclasses.fields(section)}
@@ -78,19 +80,20 @@ def changes_mid_run(key: str) -> bool:
     return False
 
 
-def compare(stored: Config, requested: Config) -> tuple[list[Change], list[Change]]:
-    """(changes a resumed run applies, changes it cannot make), by dotted key."""
+def compare(stored: Any, requested: Any) -> tuple[list[Change], list[Change]]:
+    """(changes a resumed run applies, changes it cannot make), by dotted key; both configs of
+    one schema."""
     before, after = flatten(stored), flatten(requested)
     applied, refused = [], []
     for key, new in after.items():
         old = before.get(key, new)
         if old != new:
-            (applied if changes_mid_run(key) else refused).append(Change(key, old, new))
+            (applied if changes_mid_run(key, type(requested)) else refused).append(Change(key, old, new))
     return applied, refused
 
 
-def find_resume_point(cfg: Config) -> ResumePoint | None:
-    """The checkpoint `train.resume` names, checked against `cfg`; None for a fresh run."""
+def find_resume_point(cfg: Any, stage: type[Stage]) -> ResumePoint | None:
+    """The checkpoint `train.resume` names, checked against `cfg` and the stage; None for a fresh run."""
     if cfg.train.resume == "never":
         return None
     if cfg.train.resume == "auto":
@@ -101,7 +104,8 @@ def find_resume_point(cfg: Config) -> ResumePoint | None:
     else:
         path, checkpoint = Path(cfg.train.resume), load_checkpoint(cfg.train.resume)
     try:
-        stored = stored_config(path, checkpoint)
+        checkpoint.expect_stage(stage.NAME, stage.STATE_KEYS, path)
+        stored = stored_config(path, checkpoint, stage.CONFIG, stage.upgrade_config)
     except CheckpointError as err:
         raise ResumeError(f"{err}; resume is not possible: use a new run_dir or train.resume=never") from err
     applied, refused = compare(stored, cfg)
@@ -113,11 +117,12 @@ def find_resume_point(cfg: Config) -> ResumePoint | None:
     return ResumePoint(path, checkpoint, applied)
 
 
-def set_aside_checkpoints(run_dir: str | Path) -> Path | None:
-    """With train.resume=never in a run_dir that holds checkpoints: move them (and segmenter.pt)
-    into run_dir/previous-<time>/ so a later `auto` resume cannot pick up the old run."""
+def set_aside_checkpoints(run_dir: str | Path, export: str) -> Path | None:
+    """With train.resume=never in a run_dir that holds checkpoints: move them (and the export,
+    e.g. segmenter.pt) into run_dir/previous-<time>/ so a later `auto` resume cannot pick up the
+    old run."""
     run_dir = Path(run_dir)
-    old = sorted(run_dir.glob("ckpt-*.pt")) + sorted(run_dir.glob("segmenter.pt"))
+    old = sorted(run_dir.glob("ckpt-*.pt")) + sorted(run_dir.glob(export))
     if not old:
         return None
     aside = run_dir / f"previous-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -129,41 +134,37 @@ def set_aside_checkpoints(run_dir: str | Path) -> Path | None:
     return aside
 
 
-def apply_optimizer_settings(optimizer: torch.optim.Optimizer, adamw_cfg: Any) -> None:
-    """lr, betas, weight_decay from the config into every param group (after load_state_dict,
-    which brings back the stored values)."""
+def apply_optimizer_settings(optimizer: Any, **settings: Any) -> None:
+    """Write settings from the config (lr, betas, weight_decay, ...) into every param group of
+    `optimizer`: what a stage's `load_state_dict` does after loading the stored state, which
+    brings back the stored values."""
+    settings = {k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()}
     for group in optimizer.param_groups:
-        group.update(lr=adamw_cfg.lr, betas=tuple(adamw_cfg.betas), weight_decay=adamw_cfg.weight_decay)
+        group.update(settings)
 
 
-def restore(point: ResumePoint, cfg: Config, parts: TrainParts, state: TrainState, rank: int,
-            world: int) -> None:
-    """Load the checkpoint into the unwrapped modules and optimizers of `parts`, the step counters
-    of `state` and this rank's RNG; then apply the mid-run settings of `cfg`. The data position is
-    `data_position`'s. The point then lets go of the loaded tensors, so a resumed run does not
-    hold a second copy of the weights and optimizer states for its whole length."""
+def restore(point: ResumePoint, cfg: Any, stage: Stage, state: TrainState, rank: int, world: int) -> None:
+    """Load the checkpoint into the stage (before `prepare`: unwrapped networks, optimizers, its
+    counters and mid-run settings), the step counter of `state` and this rank's RNG. The data
+    position is `data_position`'s. The point then lets go of the loaded tensors, so a resumed run
+    does not hold a second copy of the weights and optimizer states for its whole length."""
     ckpt = point.checkpoint
-    parts.objective.segmenter.load_state_dict(ckpt.segmenter)
-    parts.objective.discriminator.load_state_dict(ckpt.discriminator)
-    parts.opt_seg.load_state_dict(ckpt.optim_seg)
-    parts.opt_disc.load_state_dict(ckpt.optim_disc)
-    apply_optimizer_settings(parts.opt_seg, cfg.optim.seg)
-    apply_optimizer_settings(parts.opt_disc, cfg.optim.disc)
-    state.step, state.disc_steps, state.seg_steps = ckpt.state.step, ckpt.state.disc_steps, ckpt.state.seg_steps
+    stage.load_state_dict(ckpt.stage_state, cfg)
+    state.step = ckpt.state.step
     stored_world = ckpt.world_size or world
     if stored_world == world:
-        restore_rng_state(ckpt.rng[rank], {"train": parts.generator})
+        restore_rng_state(ckpt.rng[rank], stage.generators())
     else:  # a different number of processes cannot replay exactly (see data_position)
         log.warning("checkpoint %s was written by %d processes, resuming with %d: the data position "
                     "is rescaled and random streams are re-seeded", point.path, stored_world, world)
-        parts.generator.manual_seed(cfg.seed + 7919 * rank + state.step)
+        for generator in stage.generators().values():
+            generator.manual_seed(cfg.seed + 7919 * rank + state.step)
     log.info("resumed from %s at step %d (epoch %d, batch %d of the epoch)", point.path, state.step,
              state.epoch, state.batches_in_epoch)
     if point.changes:
         log.info("settings changed since the checkpoint, applied from step %d: %s", state.step,
                  "; ".join(str(c) for c in point.changes))
-    point.checkpoint = dataclasses.replace(ckpt, segmenter={}, discriminator={}, optim_seg={},
-                                           optim_disc={}, rng=[])
+    point.checkpoint = ckpt.without_tensors()
 
 
 def data_position(point: ResumePoint | None, world: int) -> tuple[int, int]:
@@ -175,7 +176,7 @@ def data_position(point: ResumePoint | None, world: int) -> tuple[int, int]:
     return stored.epoch, stored.batches_in_epoch * (point.checkpoint.world_size or world) // world
 
 
-def report_changes(tracker, point: ResumePoint, cfg: Config) -> None:
+def report_changes(tracker, point: ResumePoint, cfg: Any) -> None:
     """The applied changes in the resumed MLflow run: a tag per key with the value now in force
     (params cannot change), the list as resume-step-N.txt and the config as config-step-N.yaml."""
     if not point.changes:

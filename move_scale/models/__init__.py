@@ -1,1 +1,14 @@
-"""The paper's networks: frozen ViT features, segmenter head, MAE inpainter, projected D."""
+"""The networks more than one stage uses, with the official state-dict layouts.
+
+    backbone.py   frozen DINO ViT features (MOVE's features; SelfMask's backbone)
+    mae.py        the masked autoencoder (MOVE's frozen inpainter; trained by MAE pretraining)
+    positions.py  positional tables at other token grids, by DINO's rule
+    weights.py    named pretrained weights: path, cache, download, strict loading
+    sections.py   the config sections of these networks (model.mae)
+    build.py      config section → network, weights loaded strictly
+
+A network only one stage uses lives with that stage (MOVE's segmenter head and discriminators in
+stages/move/).
+
+May import: core, config, kernels.
+"""

@@ -20,12 +20,12 @@ from typing import Iterator
 
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from move_scale.data.read.ledger import LossLedger, Report
-from move_scale.data.remote import ReadPolicy
-from move_scale.data.read.shardlist import Shard, balanced_split
 from move_scale.data.errors import DataError
+from move_scale.data.read.ledger import LossLedger, Report
+from move_scale.data.read.shardlist import Shard, balanced_split
 from move_scale.data.read.tario import SkipTally, iter_shard
 from move_scale.data.read.transforms import SampleError, decode_eval_sample
+from move_scale.data.remote import ReadPolicy
 
 log = logging.getLogger(__name__)
 
@@ -130,8 +130,10 @@ def check_delivered(loader: EvalLoader | None, expected: int, delivered: int, da
         log.info("read all %d images the manifest of %s lists", expected, data)
         return
     why = dict(loader.ledger.total) if loader is not None else {}
+    shards = loader.ledger.shards_lost() if loader is not None else ""
     what = (f"{data}: read {delivered} of the {expected} images its manifest lists "
-            f"({expected - delivered} missing; lost on this process: {why or 'none'})")
+            f"({expected - delivered} missing; lost on this process: {why or 'none'}"
+            f"{'; ' + shards if shards else ''})")
     if not allow_missing:
         raise DataError(f"{what}; restore the shards (see the WARNINGs above and `move-shard "
                         "verify`), or pass --allow-missing to score the images that were read")

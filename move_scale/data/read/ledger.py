@@ -39,6 +39,7 @@ class LossLedger:
         self.epoch_counts: Counter = Counter()
         self.epoch, self.expected = 0, 0
         self.last_note = ""
+        self.shard_notes: list[str] = []  # "reason: detail" of every shard lost, over the run
         self._last_log = -float("inf")
 
     def start_epoch(self, epoch: int, expected: int) -> None:
@@ -61,6 +62,7 @@ class LossLedger:
             self.epoch_counts.update(report.counts)
             if report.notes:
                 self.last_note = report.notes[-1]
+                self.shard_notes.extend(report.notes)
             now = time.monotonic()
             if report.notes:  # a lost shard: logged here only (the worker's tally just notes it)
                 self._last_log = now
@@ -89,6 +91,12 @@ class LossLedger:
             f"{dict(self.epoch_counts)}{example}; check the shards with `move-shard verify "
             "MANIFEST` and restore or re-shard them, or raise data.max_lost_share to train on "
             "what is left")
+
+    def shards_lost(self, limit: int = 3) -> str:
+        """The shards lost over the run, for an error line: "reason: detail" of the first `limit`."""
+        shown = "; ".join(self.shard_notes[:limit])
+        more = len(self.shard_notes) - limit
+        return shown + (f"; and {more} more" if more > 0 else "")
 
     def metrics(self) -> dict[str, float]:
         """For the tracker: lost samples over the run by reason, and this epoch's share."""

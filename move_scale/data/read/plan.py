@@ -35,8 +35,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from move_scale.data.read.shardlist import Shard
 from move_scale.data.errors import DataError
+from move_scale.data.read.shardlist import Shard
 
 
 def epoch_rng(seed: int, epoch: int, *stream: int) -> np.random.Generator:

@@ -2,7 +2,7 @@
 
     loader = train_loader_from_config(cfg.data, seed=cfg.seed, rank=r, world_size=w)
 
-`train.py` and `pretrain_mae.py` build their loaders here, so both get the same remote-read policy
+The harness builds every stage's training loader here, so all get the same remote-read policy
 (timeouts, retry window), loss limit and stall bound from `data.*`.
 """
 from __future__ import annotations

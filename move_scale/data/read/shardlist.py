@@ -23,10 +23,16 @@ from typing import Sequence
 
 import braceexpand
 
-from move_scale.data.read import tario
-from move_scale.data.manifest import MANIFEST_NAME, load_manifest, manifest_url
-from move_scale.data.remote import ReadPolicy, filesystem, protocol_of, remote_options, retrying
 from move_scale.data.errors import DataError
+from move_scale.data.manifest import MANIFEST_NAME, load_manifest, manifest_url
+from move_scale.data.read import tario
+from move_scale.data.remote import (
+    ReadPolicy,
+    filesystem,
+    protocol_of,
+    remote_options,
+    retrying,
+)
 from move_scale.data.storage import _OBJECT_STORES
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ DataLoader worker whole pieces of that run; batches are formed inside the worker
 has batch_size=None) and only the workers' last, partial batches are joined in the main process.
 Do not pass the loader through `accelerator.prepare`: it is already per rank. The rank split,
 the batch-count rule, padding for lost samples and resuming mid-epoch are described in
-`move_scale/data/plan.py`. The batches of an epoch depend only on (source, seed, epoch, rank,
+`move_scale/data/read/plan.py`. The batches of an epoch depend only on (source, seed, epoch, rank,
 world_size, workers, batch_size, transform): resuming with `skip_batches=k` yields exactly batches
 k.. of the uninterrupted epoch, provided the same number of workers is used. Skipped batches are
 read and decoded (to find corrupt samples exactly as the first run did) but not returned.
@@ -37,18 +37,33 @@ from typing import Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from move_scale.data.errors import DataError
 from move_scale.data.read import plan
 from move_scale.data.read.batching import identity, rebatch, shuffled
 from move_scale.data.read.eval_stream import EvalLoader
 from move_scale.data.read.ledger import LossLedger, Report
-from move_scale.data.remote import ReadPolicy, endpoint_of
-from move_scale.data.read.shardlist import Shard, balanced_split, resolve_shards, survey_shards
-from move_scale.data.errors import DataError
+from move_scale.data.read.shardlist import (
+    Shard,
+    balanced_split,
+    resolve_shards,
+    survey_shards,
+)
 from move_scale.data.read.tario import SkipTally, iter_shard
 from move_scale.data.read.transforms import (
-    EXTRA_FIELDS, SampleError, TrainTransform, collate_normalise, sample_rng,
+    EXTRA_FIELDS,
+    SampleError,
+    TrainTransform,
+    collate_normalise,
+    sample_rng,
 )
-from move_scale.data.read.watch import InFlight, LoaderWatch, next_item, poll_interval, stall_message
+from move_scale.data.read.watch import (
+    InFlight,
+    LoaderWatch,
+    next_item,
+    poll_interval,
+    stall_message,
+)
+from move_scale.data.remote import ReadPolicy, endpoint_of
 
 log = logging.getLogger(__name__)
 
@@ -269,7 +284,7 @@ def build_train_loader(
     policy: ReadPolicy | None = None, max_lost_share: float | None = 0.01,
     stall_timeout_s: float = 300.0,
 ) -> TrainLoader:
-    """The training loader of one rank (see the module docstring and `data/plan.py`)."""
+    """The training loader of one rank (see the module docstring and `data/read/plan.py`)."""
     for name, value, low in (("batch_size", batch_size, 1), ("image_size", image_size, 1),
                              ("world_size", world_size, 1), ("workers", workers, 0),
                              ("shuffle_buffer", shuffle_buffer, 1)):

@@ -40,8 +40,8 @@ from typing import Iterable, Iterator
 
 from webdataset.tariterators import base_plus_ext, group_by_keys
 
-from move_scale.data.remote import ReadPolicy, RetryingFile
 from move_scale.data.errors import DataError
+from move_scale.data.remote import ReadPolicy, RetryingFile
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,9 @@ from PIL import Image
 
 from move_scale.data.ground_truth import foreground
 from move_scale.data.images import IMAGENET_MEAN, IMAGENET_STD
-from move_scale.data.read.tario import IMAGE_EXTS  # defined with the rule of what a sample is
+from move_scale.data.read.tario import (
+    IMAGE_EXTS,  # defined with the rule of what a sample is
+)
 
 EXTRA_FIELDS = {"mask": "mask.png", "background": "bg.png"}  # batch key -> shard extension
 

@@ -45,12 +45,18 @@ from typing import Sequence
 import braceexpand
 from tqdm import tqdm
 
-from move_scale.data.manifest import MANIFEST_NAME, REPORT_NAME, Manifest, ShardRecord, human_bytes
-from move_scale.data.remote import ReadPolicy, RetryingFile, filesystem, retrying
-from move_scale.data.read.shardlist import TAR_SUFFIXES
 from move_scale.data.errors import DataError
-from move_scale.data.storage import OutputDir, storage_options_for
+from move_scale.data.manifest import (
+    MANIFEST_NAME,
+    REPORT_NAME,
+    Manifest,
+    ShardRecord,
+    human_bytes,
+)
+from move_scale.data.read.shardlist import TAR_SUFFIXES
 from move_scale.data.read.tario import IMAGE_EXTS, group_members, has_image, image_first
+from move_scale.data.remote import ReadPolicy, RetryingFile, filesystem, retrying
+from move_scale.data.storage import OutputDir, storage_options_for
 
 log = logging.getLogger(__name__)
 

@@ -18,9 +18,9 @@ from move_scale.data.images import (
     encode_pixels,
     prepare_image,
     prepare_mask,
+    stem_of,
 )
 from move_scale.data.write.sources import Item, read_source
-from move_scale.data.images import stem_of
 
 
 @dataclass(frozen=True)

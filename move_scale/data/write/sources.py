@@ -23,9 +23,8 @@ import re
 from dataclasses import dataclass
 from typing import Iterator
 
-
-from move_scale.data.images import IMAGE_SUFFIXES, is_image_name, stem_of
 from move_scale.data.errors import DataError
+from move_scale.data.images import IMAGE_SUFFIXES, is_image_name, stem_of
 
 log = logging.getLogger(__name__)
 

@@ -20,9 +20,9 @@ import tarfile
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict
 
-from move_scale.data.write.prepare import Encoded, Skipped
-from move_scale.data.storage import OutputDir
 from move_scale.data.read.tario import image_first
+from move_scale.data.storage import OutputDir
+from move_scale.data.write.prepare import Encoded, Skipped
 
 log = logging.getLogger(__name__)
 

@@ -29,15 +29,26 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 from tqdm import tqdm
 
-from move_scale.data.ground_truth import index_masks, load_boxes_index
-from move_scale.data.images import DEFAULT_MAX_PIXELS, IMAGE_FORMATS, IMAGE_SUFFIXES
-from move_scale.data.manifest import MANIFEST_NAME, REPORT_NAME, Manifest, ShardRecord
-from move_scale.data.write.prepare import ImageOptions, Sample, Skipped, encode_sample, prepare_chunk, prepare_item
-from move_scale.data.write.sources import Item, list_inputs, sanitize_key
-from move_scale.data.images import stem_of
 from move_scale.data.errors import DataError
-from move_scale.data.storage import OutputDir
+from move_scale.data.ground_truth import index_masks, load_boxes_index
+from move_scale.data.images import (
+    DEFAULT_MAX_PIXELS,
+    IMAGE_FORMATS,
+    IMAGE_SUFFIXES,
+    stem_of,
+)
+from move_scale.data.manifest import MANIFEST_NAME, REPORT_NAME, Manifest, ShardRecord
 from move_scale.data.read.tario import image_first
+from move_scale.data.storage import OutputDir
+from move_scale.data.write.prepare import (
+    ImageOptions,
+    Sample,
+    Skipped,
+    encode_sample,
+    prepare_chunk,
+    prepare_item,
+)
+from move_scale.data.write.sources import Item, list_inputs, sanitize_key
 from move_scale.data.write.tars import PROGRESS_DIR, ShardSink, shard_name
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,5 @@
-"""Config → networks: one `build_*` per family, each loading its weights through `weights.py`.
+"""MOVE's config → networks: one `build_*` per family, each loading its weights through
+`models/weights.py` (the MAE's own builder is models/build.py, shared with MAE pretraining).
 
 Each takes the `ModelConfig` (its section plus `weights_cache`) and plain arguments, never the whole
 Config. Weights are a registered name, a file path, or "random" (tests and demos). Variants are
@@ -9,26 +10,23 @@ from __future__ import annotations
 
 import logging
 
-import torch
-
-from move_scale.stages.move.config import ModelConfig
-from move_scale.models.weights import RANDOM, load_strict, load_weights, read_state_dict, resolve_weights
+from move_scale.models import build as shared
 from move_scale.models.backbone import FrozenViT
+from move_scale.models.build import check_image_size, square_grid
+from move_scale.models.mae import MAE
+from move_scale.models.weights import (
+    RANDOM,
+    load_strict,
+    load_weights,
+    read_state_dict,
+    resolve_weights,
+)
+from move_scale.stages.move.config import ModelConfig
 from move_scale.stages.move.conv_discriminator import ConvDiscriminator
 from move_scale.stages.move.discriminator import ProjectedDiscriminator
-from move_scale.models.mae import MAE, sincos_pos_embed_2d
-from move_scale.models.positions import interpolate_positions, table_side
 from move_scale.stages.move.segmenter import Segmenter
 
 log = logging.getLogger(__name__)
-
-
-def _check_image_size(image_size: int, patch_size: int, what: str) -> None:
-    if image_size % patch_size:
-        raise ValueError(
-            f"data.image_size {image_size} is not a multiple of the {what} patch {patch_size}; "
-            f"use a multiple of {patch_size}"
-        )
 
 
 def build_features(model_cfg: ModelConfig, image_size: int) -> FrozenViT | None:
@@ -41,14 +39,14 @@ def _dino_features(model_cfg: ModelConfig, image_size: int) -> FrozenViT:
     """The frozen DINO ViT (paper §3). The positional table keeps the checkpoint's grid (224 for
     DINO ViT-S/8); other image sizes are served by interpolation at run time."""
     cfg = model_cfg.features
-    _check_image_size(image_size, cfg.patch_size, "features ViT")
+    check_image_size(image_size, cfg.patch_size, "features ViT")
     what = f"features ViT ({cfg.weights})"
     if cfg.weights == RANDOM:
         vit = FrozenViT(cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.patch_size, cfg.layer, img_size=image_size)
         load_weights(vit, RANDOM, model_cfg.weights_cache, what)
         return vit
     state_dict = read_state_dict(resolve_weights(cfg.weights, model_cfg.weights_cache))
-    grid = _square_grid(state_dict.get("pos_embed"), image_size // cfg.patch_size)
+    grid = square_grid(state_dict.get("pos_embed"), image_size // cfg.patch_size)
     vit = FrozenViT(cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.patch_size, cfg.layer,
                     img_size=grid * cfg.patch_size)
     load_strict(vit, state_dict, what)
@@ -57,16 +55,6 @@ def _dino_features(model_cfg: ModelConfig, image_size: int) -> FrozenViT:
 
 
 FEATURE_BUILDERS = {"dino": _dino_features, "mae": lambda model_cfg, image_size: None}  # by features.kind
-
-
-def _square_grid(pos_embed: torch.Tensor | None, default: int) -> int:
-    """Token grid side of a (1, 1+side², C) positional table; `default` when it is not one."""
-    if pos_embed is None:
-        return default
-    try:
-        return table_side(pos_embed)
-    except ValueError:
-        return default
 
 
 def segmenter_input_norm(model_cfg: ModelConfig) -> bool:
@@ -86,46 +74,8 @@ def build_segmenter(model_cfg: ModelConfig, in_dim: int) -> Segmenter:
 
 
 def build_mae(model_cfg: ModelConfig, image_size: int, fused: bool = False) -> MAE:
-    """The frozen MAE inpainter on an `image_size` grid (paper §2.2).
-
-    The official checkpoints store fixed sin-cos positions for 224. At another size the encoder's
-    table is interpolated by the authors' rule (DINO's, `positions.py`; move-seg segmenter.py
-    MAEComposer); the decoder's, which the authors never run at another size, is replaced by the
-    sin-cos table of the new grid, after checking it is exactly the fixed table (learned positions
-    would be a mismatch, reported as such). `fused` (train.fused): compiled mask-token mixing.
-    """
-    cfg = model_cfg.mae
-    _check_image_size(image_size, cfg.patch_size, "MAE")
-    mae = MAE(image_size, cfg.patch_size, cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.decoder_embed_dim,
-              cfg.decoder_depth, cfg.decoder_num_heads, cfg.mlp_ratio, frozen=True, fused=fused)
-    what = f"MAE inpainter ({cfg.weights})"
-    if cfg.weights == RANDOM:
-        load_weights(mae, RANDOM, model_cfg.weights_cache, what)
-        return mae
-    state_dict = read_state_dict(resolve_weights(cfg.weights, model_cfg.weights_cache))
-    load_strict(mae, _regrid_fixed_positions(state_dict, mae), what)
-    log.info("loaded %s", what)
-    return mae
-
-
-def _regrid_fixed_positions(state_dict: dict[str, torch.Tensor], mae: MAE) -> dict[str, torch.Tensor]:
-    own = mae.state_dict()
-    state_dict = dict(state_dict)
-    for key in ("pos_embed", "decoder_pos_embed"):
-        stored = state_dict.get(key)
-        if stored is None or stored.shape == own[key].shape or stored.ndim != 3:
-            continue
-        side = _square_grid(stored, 0)
-        if key == "pos_embed" and side:
-            state_dict[key] = interpolate_positions(stored.float(), mae.grid).to(stored.dtype)
-            log.info("MAE pos_embed: interpolated from %d² to %s tokens (the authors' rule)", side, mae.grid)
-            continue
-        if side and stored.shape[-1] % 4 == 0:
-            table = sincos_pos_embed_2d(stored.shape[-1], side)[None]
-            if torch.allclose(stored.float(), table, atol=1e-4):
-                log.info("MAE %s: fixed sin-cos table regridded from %d² to %d² tokens", key, side, mae.grid[0])
-                state_dict[key] = own[key]
-    return state_dict
+    """The frozen MAE inpainter of MOVE's `model.mae` (models/build.py `build_mae`)."""
+    return shared.build_mae(model_cfg.mae, model_cfg.weights_cache, image_size, fused=fused)
 
 
 def build_discriminator(model_cfg: ModelConfig, seed: int, fused: bool = False

@@ -25,6 +25,7 @@ from torch import Tensor
 from move_scale.kernels.compile import COMPILE_DEVICES, Kernel
 from move_scale.stages.move import compose
 
+
 def compile_on(objective, devices: Sequence[str]) -> None:
     """Run every fused kernel of a fused `MoveObjective` compiled on `devices` (e.g. ("cpu", "cuda"))."""
     discriminator = getattr(objective.discriminator, "module", objective.discriminator)  # DDP-wrapped

@@ -20,7 +20,16 @@ from pathlib import Path
 from typing import ClassVar
 
 from move_scale.config import files
-from move_scale.config.rules import NonEmpty, OneOf, above, at_least, between, each, one_of, ruled
+from move_scale.config.rules import (
+    NonEmpty,
+    OneOf,
+    above,
+    at_least,
+    between,
+    each,
+    one_of,
+    ruled,
+)
 from move_scale.config.sections import (
     POSITIVE,
     UNIT,
@@ -35,7 +44,6 @@ from move_scale.models.sections import MAEConfig
 from move_scale.models.weights import WeightsRef
 from move_scale.stages.move.compose import FAKE_KINDS, REAL_KINDS
 from move_scale.stages.move.losses import MASK_LOSS_SCALES
-
 
 FEATURE_KINDS = ("dino", "mae")
 DISC_KINDS = ("projected", "conv")

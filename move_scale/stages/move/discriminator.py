@@ -31,7 +31,12 @@ from torch import nn
 from torch.nn.utils import spectral_norm
 
 from move_scale.data.images import IMAGENET_MEAN, IMAGENET_STD
-from move_scale.kernels.augment import DIFFAUG_POLICIES, FusedDiscriminatorInput, check_policies, color_factors
+from move_scale.kernels.augment import (
+    DIFFAUG_POLICIES,
+    FusedDiscriminatorInput,
+    check_policies,
+    color_factors,
+)
 from move_scale.kernels.fold import folded_copy
 from move_scale.models.weights import load_strict
 

@@ -8,7 +8,7 @@ Cost discipline (see DESIGN.md): the frozen MAE encoder runs at most twice per f
 (serving AE(x), the inpainting, and the segmenter's tokens when features are the MAE encoder's)
 and once on shift(x) (serving x̌_δ = AE(shift(x))). Frozen work runs under no_grad (inference_mode
 with `fused`); only the inpainting decoder pass, which carries the gradient to the mask through the
-tile mask, does not. `fused` (train.fused) routes the compose chain through kernels/compose_ops.py;
+tile mask, does not. `fused` (train.fused) routes the compose chain through compose_ops.py;
 fused=False is the eager reference, compose.py itself.
 """
 from __future__ import annotations
@@ -19,10 +19,16 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from move_scale.stages.move import compose
-from move_scale.stages.move.config import ObjectiveConfig
 from move_scale.config.tree import check_section
+from move_scale.stages.move import compose
+from move_scale.stages.move.build import (
+    build_discriminator,
+    build_features,
+    build_mae,
+    build_segmenter,
+)
 from move_scale.stages.move.compose_ops import ComposeOps
+from move_scale.stages.move.config import ObjectiveConfig
 from move_scale.stages.move.losses import (
     discriminator_hinge_loss,
     lambda_bin_at,
@@ -30,7 +36,6 @@ from move_scale.stages.move.losses import (
     segmenter_adversarial_loss,
     segmenter_total_loss,
 )
-from move_scale.stages.move.build import build_discriminator, build_features, build_mae, build_segmenter
 
 AUTOENCODED_KINDS = compose.kinds_needing("autoencoded")  # need x̌
 SHIFTED_KINDS = compose.kinds_needing("autoencoded_shifted")  # need x̌_δ
@@ -238,7 +243,7 @@ class MoveObjective:
 
 
 def build_objective(cfg) -> MoveObjective:
-    """The networks (models/build.py, weights from model.weights_cache) and the objective, on the
+    """The networks (build.py, weights from model.weights_cache) and the objective, on the
     CPU, from a full Config: features | None, segmenter, MAE and D (seeded by cfg.seed)."""
     features = build_features(cfg.model, cfg.data.image_size)
     mae = build_mae(cfg.model, cfg.data.image_size, fused=cfg.train.fused)

@@ -13,10 +13,14 @@ from typing import Any
 
 import torch
 
-from move_scale.harness.checkpoint import CHECKPOINT_FORMAT, CheckpointError, atomic_torch_save
 from move_scale.config.tree import ConfigError
-from move_scale.stages.move.config import config_from_dict
+from move_scale.harness.checkpoint import (
+    CHECKPOINT_FORMAT,
+    CheckpointError,
+    atomic_torch_save,
+)
 from move_scale.stages.move.build import build_features, build_mae, build_segmenter
+from move_scale.stages.move.config import config_from_dict
 
 log = logging.getLogger(__name__)
 
