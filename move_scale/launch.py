@@ -12,11 +12,14 @@ SIGTERM) with one line. When every worker failed with the same "expected" code (
 which the workers printed; 130/143: stopped by a signal after a checkpoint), the launcher exits
 with that code instead of torch's ChildFailedError report; any other failure keeps it.
 
-With one process, accelerate (1.15) starts the worker through its "simple" launcher, which waits
-on it without handling any signal: SIGTERM to the launcher alone (a scheduler that signals only
-the PID it started) would end the launcher and leave the worker running, orphaned, with no
-checkpoint. Here the launcher passes SIGTERM on to its child processes, so the worker
-checkpoints and exits 143, and so does the launcher. Under torchrun (several processes) the
+With one process, accelerate starts the worker through its "simple" launcher. Up to 1.15 that
+launcher waited on it without handling any signal: SIGTERM to the launcher alone (a scheduler that
+signals only the PID it started) would end the launcher and leave the worker running, orphaned,
+with no checkpoint; here the launcher passes SIGTERM on to its child processes, so the worker
+checkpoints and exits 143, and so does the launcher. From 1.16 accelerate's own handler does that
+while the worker runs, and exits 143 itself (SystemExit), which ends here in the same one line;
+it gives the worker 5 s to stop before killing it (`_terminate_process_tree`), so a checkpoint
+that takes longer to write leaves the previous one. Under torchrun (several processes) the
 elastic agent installs its own handler when it starts, which does the same for its workers.
 
 It also sets TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 unless the environment says otherwise: with torch's
@@ -75,6 +78,12 @@ def _pass_sigterm_to_children() -> None:
     signal.signal(signal.SIGTERM, forward)
 
 
+def _stopped(number: int) -> int:
+    _say(f"stopped by {_signal_name(number)}; the workers checkpointed on it: run the same command "
+         f"again to resume")
+    return 128 + number
+
+
 def main(argv: list[str] | None = None) -> int:
     from accelerate.commands.launch import launch_command, launch_command_parser
     from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -90,11 +99,12 @@ def main(argv: list[str] | None = None) -> int:
     _pass_sigterm_to_children()
     try:
         launch_command(args)
-    except SignalException as err:
-        number = int(err.sigval)
-        _say(f"stopped by {_signal_name(number)}; the workers checkpointed on it: run the same command "
-             f"again to resume")
-        return 128 + number
+    except SignalException as err:  # accelerate before 1.16 let torchrun's signal exception through
+        return _stopped(int(err.sigval))
+    except SystemExit as err:  # accelerate 1.16 exits 128 + n itself after a signal
+        if err.code in (130, 143):
+            return _stopped(err.code - 128)
+        raise
     except ChildFailedError as err:
         code = _common_code({failure.exitcode for failure in err.failures.values()})
         if code is None:

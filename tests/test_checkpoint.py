@@ -99,7 +99,7 @@ def test_sigkill_during_save_leaves_previous_checkpoint(tmp_path, caplog):
 
     save_checkpoint(run_dir, make_checkpoint(20), keep_last=3)  # the resumed run saves again
     assert not [p for p in run_dir.iterdir() if p.name.endswith(".tmp")]  # stray temp cleaned
-    assert load_checkpoint(checkpoint_path(run_dir, 20)).discriminator["w"][0] == 20.0
+    assert load_checkpoint(checkpoint_path(run_dir, 20)).stage_state["discriminator"]["w"][0] == 20.0
 
 
 BIG_CHILD = textwrap.dedent("""

@@ -34,7 +34,7 @@ def test_the_demo_runs_every_step_and_leaves_a_complete_mlflow_run(demo_run):
 
     out, done = demo_run
     assert sorted(p.name for p in (out / "data").iterdir()) == ["train", "val"]
-    assert (out / "mae.pth").stat().st_size > 0 and (out / "move" / "segmenter.pt").exists()
+    assert (out / "mae" / "mae.pth").stat().st_size > 0 and (out / "move" / "segmenter.pt").exists()
     report = json.loads((out / "eval.json").read_text())
     iou = report["metrics"]["iou"]
     assert 0.0 <= iou <= 1.0 and report["metrics"]["images"] == 6
@@ -53,12 +53,18 @@ def test_the_demo_runs_every_step_and_leaves_a_complete_mlflow_run(demo_run):
     assert run.data.params["objective.inpainter"] == "mse"
     gallery = [a.path for a in client.list_artifacts(run.info.run_id, "gallery")]
     assert len(gallery) == 2 and all(p.endswith(".png") for p in gallery)
+    # the MAE was pretrained on the harness: its own MLflow run, curve and reconstructions
+    mae_client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mae' / 'mlruns' / 'mlflow.db'}")
+    mae_run, = mae_client.search_runs([e.experiment_id for e in mae_client.search_experiments()])
+    assert mae_run.info.status == "FINISHED" and mae_run.data.params["model.mae.embed_dim"] == "128"
+    assert [m.step for m in mae_client.get_metric_history(mae_run.info.run_id, "loss/mae")] == [1, 2, 3]
+    assert [a.path for a in mae_client.list_artifacts(mae_run.info.run_id, "gallery")] == ["gallery/step-00000003.png"]
 
 
 @pytest.mark.slow
 def test_a_second_run_keeps_data_and_mae_and_fresh_retrains_only_move(demo_run):
     out, _ = demo_run
-    mae, export = out / "mae.pth", out / "move" / "segmenter.pt"
+    mae, export = out / "mae" / "mae.pth", out / "move" / "segmenter.pt"
     mae_time, export_time = mae.stat().st_mtime_ns, export.stat().st_mtime_ns
     again = _demo("--out", str(out), *SMALL)
     assert again.returncode == 0, again.stderr[-4000:]

@@ -17,7 +17,10 @@ def small_net() -> nn.Module:
 
 
 def test_registry_holds_the_four_named_weights_with_their_urls():
-    assert set(weights.REGISTRY) == {"dino_vits8", "mae_vitl16_gan", "mae_vitl16_mse", "efficientnet_lite0"}
+    assert set(weights.REGISTRY) == {"dino_vits8", "mae_vitl16_gan", "mae_vitl16_mse", "efficientnet_lite0",
+                                     "dino_vits8_300ep", "dino_resnet50"}
+    assert weights.REGISTRY["dino_vits8_300ep"].url.endswith("/dino_deitsmall8_300ep_pretrain.pth")
+    assert weights.REGISTRY["dino_resnet50"].url.endswith("/dino_resnet50_pretrain.pth")
     assert weights.REGISTRY["mae_vitl16_gan"].url.endswith("/mae_visualize_vit_large_ganloss.pth")
     assert weights.REGISTRY["dino_vits8"].url.endswith("/dino_deitsmall8_pretrain.pth")
     assert "tf_efficientnet_lite0.in1k" in weights.REGISTRY["efficientnet_lite0"].url

@@ -26,6 +26,8 @@ from move_scale.config.cli_args import number
 from move_scale.config.rules import Range
 from move_scale.core.errors import UserError
 from move_scale.data.images import IMAGENET_MEAN, IMAGENET_STD
+from move_scale.stages.move.segmenter_file import EXPORT_FORMAT as MOVE_EXPORT
+from move_scale.stages.move.segmenter_file import load_segmenter
 
 logger = logging.getLogger(__name__)
 
@@ -174,26 +176,49 @@ def bucketed(items: Iterable[T], key: Callable[[T], Any], batch_size: int,
         yield bucket
 
 
+def _move_predictor(path: Path, device: str | torch.device, short_side: int,
+                    weights_cache: str | None) -> tuple[MaskPredictor, dict]:
+    """MOVE's export (stages/move/segmenter_file.py): frozen features + segmenter head."""
+    features_net, segmenter, meta = load_segmenter(path, device, weights_cache)
+    source = meta.get("mae", meta["features"])  # kind "mae": the MAE's weights serve the features
+    logger.info("loaded segmenter %s (features %s, weights %s)", path,
+                meta["features"].get("kind"), source.get("weights"))
+    return MaskPredictor(features_net, segmenter, device, short_side), meta
+
+
+# export format (the "format" entry of the file) -> its loader (path, device, short_side,
+# weights_cache) -> (predictor, meta). A predictor has `prepare(key, image, payload)` and
+# `predict_stream(items, batch_size, resized)` as MaskPredictor; a stage whose export is a
+# segmenter adds its format here.
+PREDICTORS: dict[str, Callable[..., tuple[Any, dict]]] = {MOVE_EXPORT: _move_predictor}
+
+
+def export_format(path: Path) -> str | None:
+    """The "format" entry of a torch file (None when it has none or is not a torch file)."""
+    try:
+        found = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # not a torch file, or not weights-only: the export's own reader says why
+        return None
+    return found.get("format") if isinstance(found, dict) else None
+
+
 def load_predictor(checkpoint: str | Path, device: str | torch.device, short_side: int,
-                   weights_cache: str | None = None) -> tuple[MaskPredictor, dict]:
-    """(MaskPredictor, export meta) from a segmenter export; InferenceError for a bad file."""
+                   weights_cache: str | None = None) -> tuple[Any, dict]:
+    """(predictor, export meta) from a segmenter export of any stage (`PREDICTORS`); InferenceError
+    for a bad file."""
     from move_scale.config.tree import ConfigError
     from move_scale.harness.checkpoint import CheckpointError
     from move_scale.models.weights import WeightsError
-    from move_scale.stages.move.segmenter_file import load_segmenter
 
     path = Path(checkpoint).expanduser()
     if not path.is_file():
         raise InferenceError(f"checkpoint not found: {path} (pass the segmenter export written "
                              "by training, e.g. runs/<name>/segmenter.pt)")
+    loader = PREDICTORS.get(export_format(path), _move_predictor)  # MOVE's reader explains other files
     try:
-        features_net, segmenter, meta = load_segmenter(path, device, weights_cache)
+        return loader(path, device, short_side, weights_cache)
     except (CheckpointError, WeightsError, ConfigError) as err:
         raise InferenceError(str(err)) from err
-    source = meta.get("mae", meta["features"])  # kind "mae": the MAE's weights serve the features
-    logger.info("loaded segmenter %s (features %s, weights %s)", path,
-                meta["features"].get("kind"), source.get("weights"))
-    return MaskPredictor(features_net, segmenter, device, short_side), meta
 
 
 # The options evaluate and predict share, declared once; each command names them in its own order.

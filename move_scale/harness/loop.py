@@ -90,11 +90,12 @@ class RunContext:
 
 
 def build_loader(cfg: Any, stage: type[Stage], state: TrainState, accelerator: Accelerator):
-    """This rank's training stream, resumed at `state`'s position, with the stage's extra fields."""
+    """This rank's training stream, resumed at `state`'s position, with the stage's extra fields or
+    its own sample transform."""
     return train_loader_from_config(
         cfg.data, seed=cfg.seed, rank=accelerator.process_index, world_size=accelerator.num_processes,
         epoch=state.epoch, skip_batches=state.batches_in_epoch, extra_keys=stage.stream_fields(cfg),
-        pin_memory=accelerator.device.type == "cuda")
+        transform=stage.sample_transform(cfg), pin_memory=accelerator.device.type == "cuda")
 
 
 def total_steps(cfg: Any, loader) -> int:

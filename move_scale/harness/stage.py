@@ -55,6 +55,13 @@ class Stage:
         return ()
 
     @classmethod
+    def sample_transform(cls, cfg: Any):
+        """The stage's own training-sample transform (data/read/transforms.SampleTransform: decode
+        and augment a raw sample, `collate` a batch), or None for the standard crop and flip of
+        `cfg.data` with `stream_fields`."""
+        return None
+
+    @classmethod
     def upgrade_config(cls, tree: dict) -> dict:
         """A stored config tree of an older version, as this version must read it."""
         return tree

@@ -1,11 +1,13 @@
 """Named pretrained weights: resolve a file (explicit path → cache → download), read it, load strictly.
 
-The four networks of MOVE start from public checkpoints, from their own download pages (the
+The networks start from public checkpoints, from their own download pages (the
 facebookresearch/dino README's table; the "visualize" checkpoints of facebookresearch/mae
 `demo/mae_visualize.ipynb`, which the authors' move-seg `segmenter.py MAE_MODELS` names; timm's
 `tf_efficientnet_lite0.in1k` on the Hugging Face hub):
 
     dino_vits8          DINO ViT-S/8, plain state dict in timm `vit_small_patch8_224` names
+    dino_vits8_300ep    DINO ViT-S/8 after 300 epochs, the same layout (SelfMask's backbone)
+    dino_resnet50       DINO ResNet-50, torchvision `resnet50` names without `fc` (the detector's)
     mae_vitl16_gan      MAE ViT-L/16 trained with a GAN loss ({"model": sd}), used by MOVE
     mae_vitl16_mse      MAE ViT-L/16 trained with MSE ({"model": sd}), Table 5 ablation
     efficientnet_lite0  timm `tf_efficientnet_lite0.in1k` (safetensors), the projected D's backbone
@@ -67,6 +69,16 @@ REGISTRY: Mapping[str, WeightSpec] = types.MappingProxyType({
             "mae_vitl16_mse",
             "https://dl.fbaipublicfiles.com/mae/visualize/mae_visualize_vit_large.pth",
             "mae_visualize_vit_large.pth",
+        ),
+        WeightSpec(  # SelfMask's backbone (NoelShin/selfmask); DINO's own "model used for visualizations"
+            "dino_vits8_300ep",
+            "https://dl.fbaipublicfiles.com/dino/dino_deitsmall8_300ep_pretrain/dino_deitsmall8_300ep_pretrain.pth",
+            "dino_deitsmall8_300ep_pretrain.pth",
+        ),
+        WeightSpec(  # the class-agnostic detector's backbone (valeoai/LOST CAD configs)
+            "dino_resnet50",
+            "https://dl.fbaipublicfiles.com/dino/dino_resnet50_pretrain/dino_resnet50_pretrain.pth",
+            "dino_resnet50_pretrain.pth",
         ),
         WeightSpec(
             "efficientnet_lite0",

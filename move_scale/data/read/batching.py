@@ -40,13 +40,14 @@ def _cut(pieces: list[dict], size: int) -> tuple[dict, list[dict]]:
         need -= min(need, n)
     if len(taken) == 1:
         return taken[0], rest
-    batch = {k: torch.cat([t[k] for t in taken]) if k != "key" else sum((t[k] for t in taken), [])
-             for k in taken[0]}
+    batch = {k: torch.cat([t[k] for t in taken]) if isinstance(taken[0][k], torch.Tensor)
+             else sum((list(t[k]) for t in taken), []) for k in taken[0]}  # tensors, or lists (keys, boxes)
     return batch, rest
 
 
 def rebatch(pieces: Iterator[dict], batch_size: int) -> Iterator[dict]:
-    """Cut a stream of pieces (full batches and worker remainders) into batches of batch_size."""
+    """Cut a stream of pieces (full batches and worker remainders) into batches of batch_size.
+    A piece holds tensors of batch size first, or lists of one entry per image; "image" counts."""
     pending, held = [], 0
     for piece in pieces:
         pending.append(piece)

@@ -52,8 +52,8 @@ from move_scale.data.read.tario import SkipTally, iter_shard
 from move_scale.data.read.transforms import (
     EXTRA_FIELDS,
     SampleError,
+    SampleTransform,
     TrainTransform,
-    collate_normalise,
     sample_rng,
 )
 from move_scale.data.read.watch import (
@@ -75,7 +75,7 @@ class TrainStream(IterableDataset):
     samples as full batches and then a remainder, which `rebatch` joins in the main process."""
 
     def __init__(self, shards: list[Shard], *, batch_size: int, batches: int,
-                 transform: TrainTransform, buffer: int, seed: int, epoch: int, rank: int,
+                 transform: SampleTransform, buffer: int, seed: int, epoch: int, rank: int,
                  world_size: int, workers: int, resampled: bool, skip_batches: int,
                  storage_options: dict | None, policy: ReadPolicy, inflight: InFlight,
                  return_keys: bool):
@@ -167,7 +167,7 @@ class TrainStream(IterableDataset):
                 next(samples)
             for size in plan.chunk_sizes(skip, quota, self.batch_size):
                 keys, items = zip(*(next(samples) for _ in range(size)))
-                piece = collate_normalise(list(items))
+                piece = self.transform.collate(list(items))
                 if self.return_keys:
                     piece["key"] = list(keys)
                 yield piece, Report(tally.take(), tally.take_notes())
@@ -280,11 +280,14 @@ def build_train_loader(
     crop_scale: tuple[float, float], crop_ratio: tuple[float, float], hflip: bool, workers: int,
     shuffle_buffer: int, seed: int, rank: int, world_size: int, resampled: bool = False,
     epoch: int = 0, skip_batches: int = 0, extra_keys: Sequence[str] = (),
+    transform: SampleTransform | None = None,
     storage_options: dict | None = None, pin_memory: bool = False, return_keys: bool = False,
     policy: ReadPolicy | None = None, max_lost_share: float | None = 0.01,
     stall_timeout_s: float = 300.0,
 ) -> TrainLoader:
-    """The training loader of one rank (see the module docstring and `data/read/plan.py`)."""
+    """The training loader of one rank (see the module docstring and `data/read/plan.py`).
+    `transform`: the stage's own (transforms.SampleTransform); by default the crop and flip of
+    `TrainTransform` with `extra_keys`."""
     for name, value, low in (("batch_size", batch_size, 1), ("image_size", image_size, 1),
                              ("world_size", world_size, 1), ("workers", workers, 0),
                              ("shuffle_buffer", shuffle_buffer, 1)):
@@ -301,8 +304,8 @@ def build_train_loader(
     policy = policy or ReadPolicy()
     shards = resolve_shards(source, storage_options, policy)
     _check_shards(shards, storage_options, policy, source, max_lost_share)
-    transform = TrainTransform(image_size, tuple(crop_scale), tuple(crop_ratio), hflip,
-                               tuple(extra_keys))
+    transform = transform or TrainTransform(image_size, tuple(crop_scale), tuple(crop_ratio), hflip,
+                                            tuple(extra_keys))
     loader = TrainLoader(
         shards, workers=workers, pin_memory=pin_memory, batch_size=batch_size,
         transform=transform, buffer=shuffle_buffer, seed=seed, epoch=epoch, rank=rank,

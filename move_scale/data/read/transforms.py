@@ -13,6 +13,7 @@ import io
 import json
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -25,6 +26,14 @@ from move_scale.data.read.tario import (
 )
 
 EXTRA_FIELDS = {"mask": "mask.png", "background": "bg.png"}  # batch key -> shard extension
+
+
+class SampleTransform(Protocol):
+    """What the training stream applies to each raw sample, and how it batches the results."""
+
+    def __call__(self, sample: dict, rng: np.random.Generator) -> dict: ...
+
+    def collate(self, items: list[dict]) -> dict: ...
 
 
 class SampleError(ValueError):
@@ -90,7 +99,10 @@ def crop_box(
 class TrainTransform:
     """Sample dict -> {"image": (S,S,3) uint8, "mask": (S,S) uint8 0/1, "background": (S,S,3)}.
 
-    Normalisation happens per batch in `collate_normalise` (one vectorised op, not one per image).
+    Normalisation happens per batch in `collate` (one vectorised op, not one per image). A stage
+    with other needs gives the stream its own transform of the same shape: `__call__(sample, rng)`
+    -> item, `collate(items)` -> batch dict (tensors of batch size first, or lists of one entry
+    per image); it must pickle (it runs in the loader's workers).
     """
 
     image_size: int = 224
@@ -121,6 +133,9 @@ class TrainTransform:
                 array = array[:, ::-1]
             out[name] = foreground(array).astype(np.uint8) if name == "mask" else array
         return out
+
+    def collate(self, items: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
+        return collate_normalise(items)
 
 
 def collate_normalise(items: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
