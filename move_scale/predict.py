@@ -6,13 +6,17 @@ INPUT is a folder of images (searched recursively), one image file, a text file 
 paths (one a line, relative to the list's folder), or shards (manifest.json, a folder holding one,
 .tar, brace pattern or URL). OUTPUT receives:
 
-    masks/<key>.png      soft mask as 8-bit grey (mask·255), the input image's size
+    masks/<key>.png      soft mask as 8-bit grey at the input image's size: the map evaluate
+                         scores (8-bit at the inference size, then PIL bilinear, as the authors'
+                         infer.py and segmentation_eval.py); the bytes of a label shard's mask.png
     boxes.json           per image: the largest box and all boxes (x1, y1 exclusive) with scores
     coco_multi.json      COCO-style detections, all boxes (the paper's "Multi" pseudo-labels)
     coco_largest.json    COCO-style detections, the largest box per image
     overlays/<key>.jpg   with --overlay: the mask tinted red, boxes drawn (largest in yellow)
 
 <key> is the path relative to the input folder without its suffix (the shard key for shards).
+The boxes are those of that map. For a whole sharded dataset on every GPU, as shards, use
+`python -m move_scale.label make`.
 """
 from __future__ import annotations
 

@@ -44,6 +44,9 @@ def splits_into_heads(embed_dim: int, heads: int, heads_key: str) -> str | None:
 class DataConfig:
     train: str = ""  # a manifest, a brace pattern or a list of shards; local path or fsspec URL
     val: str = ""  # evaluation shards (images with masks or boxes)
+    # label shards joined to data.train by shard and key (python -m move_scale.label make): the
+    # pseudo-labels a second stage trains on; "" when the training shards carry their labels
+    labels: str = ""
     image_size: int = at_least(224, 1)
     batch_size: int = at_least(32, 1)  # per process
     workers: int = ruled(4, Range(0), mid_run=True)

@@ -32,3 +32,15 @@ def exit_process(code: int) -> NoReturn:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def rank_and_world() -> tuple[int, int, torch.device]:
+    """(rank, world size, device) of this process: accelerate's process state, which initialises
+    torch.distributed when the process was started by `accelerate launch` or torchrun."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():  # accelerate reports 1 process on CPU torchrun
+        return dist.get_rank(), dist.get_world_size(), state.device
+    return state.process_index, state.num_processes, state.device

@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 LABEL_MASK = "mask.png"
-LABEL_RECORD = "label.json"
+LABEL_RECORD = "label.json"  # also what makes a label shard's group a sample (data/read/tario.py)
 GT_BOXES = "boxes.json"
 BOX_SETS = ("largest", "multi")  # the paper's pseudo-boxes (§4.2): the biggest, or every kept box
 

@@ -17,7 +17,7 @@ from typing import Any, Iterable
 import cv2
 import numpy as np
 
-from move_scale.evaluation.protocol import mask_2d
+from move_scale.evaluation.protocol import as_probability, mask_2d, paper_mask_uint8
 
 
 @dataclass(frozen=True)
@@ -64,6 +64,16 @@ def mask_to_boxes(mask: Any, threshold: float = 0.5, min_area_fraction: float = 
     return boxes
 
 
+def image_labels(mask: Any, size: tuple[int, int], threshold: float = 0.5,
+                 min_area_fraction: float = 0.01) -> tuple[np.ndarray, list[Box]]:
+    """What a segmenter's mask becomes for one image in every command: the 8-bit map at the image's
+    size `size` = (H, W) (the authors' chain, `protocol.paper_mask_uint8`, from the soft mask (h, w)
+    at the inference size) and the boxes of that map (largest first). evaluate scores this map and
+    takes CorLoc's box from it; predict and the labelling job write it."""
+    eight_bit = paper_mask_uint8(mask, size)
+    return eight_bit, mask_to_boxes(as_probability(eight_bit), threshold, min_area_fraction)
+
+
 def largest_box(boxes: list[Box]) -> Box | None:
     """The box with the largest area (ties: more component pixels), None when there is none."""
     return boxes[0] if boxes else None
@@ -80,23 +90,25 @@ def boxes_record(key: str, width: int, height: int, boxes: list[Box]) -> dict:
     }
 
 
-def coco_detections(images: Iterable[tuple[str, int, int, list[Box]]], largest_only: bool = False) -> dict:
+COCO_CATEGORY = {"id": 1, "name": "object", "supercategory": "object"}  # class-agnostic: one category
+
+
+def coco_detections(images: Iterable[tuple[str, int, int, list]], largest_only: bool = False) -> dict:
     """COCO-style JSON for a class-agnostic detector (one category, id 1, "object").
 
-    images: (file_name, width, height, boxes) per image. Every image is listed, also those without
-    boxes. bbox = [x, y, w, h]; area = w·h; score = the component's mean mask value.
+    images: (file_name, width, height, boxes) per image, boxes largest first, each a `Box` or an
+    ([x0, y0, x1, y1], score) pair (a label shard's label.json). Every image is listed, also those
+    without boxes. bbox = [x, y, w, h]; area = w·h; score = the component's mean mask value.
     """
     out_images, annotations = [], []
     for image_id, (file_name, width, height, boxes) in enumerate(images, start=1):
         out_images.append({"id": image_id, "file_name": file_name, "width": width, "height": height})
         kept = boxes[:1] if largest_only else boxes
         for box in kept:
+            (x0, y0, x1, y1), score = (box.xyxy(), box.score) if isinstance(box, Box) else box
             annotations.append({
-                "id": len(annotations) + 1, "image_id": image_id, "category_id": 1,
-                "bbox": box.xywh(), "area": box.area, "score": round(box.score, 6), "iscrowd": 0,
+                "id": len(annotations) + 1, "image_id": image_id, "category_id": COCO_CATEGORY["id"],
+                "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0),
+                "score": round(score, 6), "iscrowd": 0,
             })
-    return {
-        "images": out_images,
-        "annotations": annotations,
-        "categories": [{"id": 1, "name": "object", "supercategory": "object"}],
-    }
+    return {"images": out_images, "annotations": annotations, "categories": [dict(COCO_CATEGORY)]}

@@ -148,32 +148,48 @@ def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return tensor[0, 0].clamp(0, 1).numpy()
 
 
+class Bucketer:
+    """Groups items with equal `key` into batches of up to `batch_size`, item by item.
+
+    `add` returns the batches an item completes: a full bucket at once, and when more than
+    `max_pending` items wait (default 4·batch_size) the fullest bucket early, so memory stays
+    bounded on data with many different sizes; `drain` returns what is left. The batches depend
+    only on the order of the items added. Every item comes out exactly once.
+    """
+
+    def __init__(self, key: Callable[[T], Any], batch_size: int, max_pending: int | None = None):
+        if batch_size < 1:
+            raise ValueError(f"batch size must be >= 1, got {batch_size}")
+        self.key, self.batch_size = key, batch_size
+        self.max_pending = max_pending or 4 * batch_size
+        self.buckets: dict[Any, list[T]] = {}
+        self.pending = 0
+
+    def add(self, item: T) -> list[list[T]]:
+        bucket = self.buckets.setdefault(self.key(item), [])
+        bucket.append(item)
+        self.pending += 1
+        if len(bucket) == self.batch_size:
+            self.pending -= len(bucket)
+            return [self.buckets.pop(self.key(item))]
+        if self.pending > self.max_pending:
+            fullest = max(self.buckets, key=lambda k: len(self.buckets[k]))
+            self.pending -= len(self.buckets[fullest])
+            return [self.buckets.pop(fullest)]
+        return []
+
+    def drain(self) -> list[list[T]]:
+        batches, self.buckets, self.pending = list(self.buckets.values()), {}, 0
+        return batches
+
+
 def bucketed(items: Iterable[T], key: Callable[[T], Any], batch_size: int,
              max_pending: int | None = None) -> Iterator[list[T]]:
-    """Group items with equal `key` into batches of up to `batch_size`.
-
-    A full bucket is released at once; when more than `max_pending` items wait (default
-    4·batch_size), the fullest bucket is released early, so memory stays bounded on data with
-    many different sizes. Every item comes out exactly once.
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch size must be >= 1, got {batch_size}")
-    max_pending = max_pending or 4 * batch_size
-    buckets: dict[Any, list[T]] = {}
-    pending = 0
+    """The batches of a `Bucketer` over `items` (see there)."""
+    bucketer = Bucketer(key, batch_size, max_pending)
     for item in items:
-        bucket = buckets.setdefault(key(item), [])
-        bucket.append(item)
-        pending += 1
-        if len(bucket) == batch_size:
-            pending -= len(bucket)
-            yield buckets.pop(key(item))
-        elif pending > max_pending:
-            fullest = max(buckets, key=lambda k: len(buckets[k]))
-            pending -= len(buckets[fullest])
-            yield buckets.pop(fullest)
-    for bucket in buckets.values():
-        yield bucket
+        yield from bucketer.add(item)
+    yield from bucketer.drain()
 
 
 def _move_predictor(path: Path, device: str | torch.device, short_side: int,

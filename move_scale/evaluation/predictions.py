@@ -16,19 +16,16 @@ from tqdm import tqdm
 
 from move_scale.core.paths import OutputError, check_output_dir, save_or_keep
 from move_scale.data.images import IMAGE_SUFFIXES, list_images
+from move_scale.data.labels import encode_mask
 from move_scale.data.remote import ReadPolicy
-from move_scale.evaluation.boxes import (
-    Box,
-    boxes_record,
-    coco_detections,
-    mask_to_boxes,
-)
+from move_scale.evaluation.boxes import Box, boxes_record, coco_detections, image_labels
 from move_scale.evaluation.inference import (
     SHORT_SIDE,
     InferenceError,
     load_predictor,
     read_image,
 )
+from move_scale.evaluation.protocol import as_probability
 from move_scale.evaluation.sources import looks_like_shards
 
 logger = logging.getLogger("move_scale.predict")
@@ -142,16 +139,18 @@ class OutputWriter:
         self.writing: Path | None = None  # the file `add` writes now (named when that fails)
 
     def add(self, item: InputImage, image: np.ndarray, mask: np.ndarray) -> None:
-        """mask: float (H, W) in [0, 1] at the image's size."""
-        height, width = mask.shape
-        boxes = mask_to_boxes(mask, self.threshold, self.min_area_fraction)
+        """mask: float (h, w) in [0, 1] at the inference size; written as the 8-bit map at the
+        image's size that evaluate scores and label shards hold (`boxes.image_labels`)."""
+        height, width = image.shape[:2]
+        eight_bit, boxes = image_labels(mask, (height, width), self.threshold, self.min_area_fraction)
         self.writing = self.out_dir / "masks" / f"{item.key}.png"
         self.writing.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.round(mask * 255).astype(np.uint8), "L").save(self.writing)
+        self.writing.write_bytes(encode_mask(eight_bit))  # the bytes of a label shard's mask.png
         if self.overlay:
             self.writing = self.out_dir / "overlays" / f"{item.key}.jpg"
             self.writing.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(draw_overlay(image, mask, boxes), "RGB").save(self.writing, quality=90)
+            overlay = draw_overlay(image, as_probability(eight_bit), boxes)
+            Image.fromarray(overlay, "RGB").save(self.writing, quality=90)
         self.records.append(boxes_record(item.key, width, height, boxes))
         self.detections.append((item.file_name, width, height, boxes))
 
@@ -205,7 +204,7 @@ def predict_images(request: PredictRequest) -> dict:
     writer = OutputWriter(out_dir, request.overlay, request.threshold, request.min_box_fraction)
     prepared = (predictor.prepare(item.key, image, payload=(item, image)) for item, image in images)
     with tqdm(total=total, desc="predict", unit="img", disable=not request.progress) as bar:
-        for prepared_image, mask in predictor.predict_stream(prepared, request.batch_size):
+        for prepared_image, mask in predictor.predict_stream(prepared, request.batch_size, resized=True):
             try:
                 writer.add(*prepared_image.payload, mask)  # makes OUTPUT's folders with the first mask
             except OSError as err:  # disk full, a folder in a mask's place: keep the boxes done

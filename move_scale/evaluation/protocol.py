@@ -41,14 +41,26 @@ def eight_bit_mask(mask: Any) -> np.ndarray:
     return (mask_2d(mask) * np.float32(255)).astype(np.uint8)
 
 
-def paper_mask_at(mask: Any, size: tuple[int, int]) -> np.ndarray:
-    """A soft mask (h, w) in [0, 1] as segmentation_eval.py scores it at `size` = (H, W): saved as
-    8-bit (floor), resized with PIL bilinear (antialiased when shrinking), /255. float32 (H, W)."""
+def paper_mask_uint8(mask: Any, size: tuple[int, int]) -> np.ndarray:
+    """A soft mask (h, w) in [0, 1] at the inference size → the 8-bit map at `size` = (H, W):
+    saved as 8-bit (floor), resized with PIL bilinear (antialiased when shrinking). uint8 (H, W).
+    The mask every command leaves: predict's PNG, a label shard's mask.png, what evaluate scores."""
     image = Image.fromarray(eight_bit_mask(mask), "L")
     height, width = size
     if image.size != (width, height):
         image = image.resize((width, height), Image.Resampling.BILINEAR)
-    return np.asarray(image, dtype=np.float32) / np.float32(255)
+    return np.asarray(image)
+
+
+def paper_mask_at(mask: Any, size: tuple[int, int]) -> np.ndarray:
+    """A soft mask (h, w) in [0, 1] as segmentation_eval.py scores it at `size` = (H, W): the map of
+    `paper_mask_uint8`, /255. float32 (H, W)."""
+    return as_probability(paper_mask_uint8(mask, size))
+
+
+def as_probability(mask: np.ndarray) -> np.ndarray:
+    """An 8-bit mask (H, W) → float32 in [0, 1] (value / 255), as segmentation_eval.py reads it."""
+    return np.asarray(mask, dtype=np.float32) / np.float32(255)
 
 
 def check_mask_protocol(protocol: str) -> str:

@@ -13,11 +13,12 @@ from typing import Iterator
 import torch
 from tqdm import tqdm
 
+from move_scale.core.processes import rank_and_world
 from move_scale.data.errors import DataError
 from move_scale.data.ground_truth import GroundTruthError
 from move_scale.data.read.eval_stream import check_delivered
 from move_scale.data.remote import ReadPolicy
-from move_scale.evaluation.boxes import largest_box, mask_to_boxes
+from move_scale.evaluation.boxes import image_labels, largest_box, mask_to_boxes
 from move_scale.evaluation.inference import SHORT_SIDE, load_predictor, resize_mask
 from move_scale.evaluation.metrics import CorLocMeter, SaliencyMeter
 from move_scale.evaluation.protocol import (
@@ -95,12 +96,13 @@ def score(predictor, samples: Iterator[dict], task: str, *, batch_size: int = 1,
         sample = item.payload
         if refine is not None:  # on the image at its own size
             mask = refine(sample["image"], resize_mask(mask, item.original_hw) if paper else mask)
-        if paper:
-            mask = paper_mask_at(mask, sample["mask"].shape if task == "saliency" else item.original_hw)
         if task == "saliency":
+            if paper:
+                mask = paper_mask_at(mask, sample["mask"].shape)
             meter.update([mask], [sample["mask"]])
         else:
-            box = largest_box(mask_to_boxes(mask))
+            boxes = image_labels(mask, item.original_hw)[1] if paper else mask_to_boxes(mask)
+            box = largest_box(boxes)
             meter.update([box.xyxy() if box else None], [lost_gt_boxes(sample["boxes"])])
         bar.update(1)
     bar.close()
@@ -119,7 +121,7 @@ def evaluate_segmenter(request: EvalRequest) -> dict | None:
     """Evaluate as `request` says: print the table, write `out`, log to MLflow when asked; the
     results dict on the main process, None on the others. UserError for bad inputs."""
     check_request(request)
-    rank, world_size, default_device = _distributed()
+    rank, world_size, default_device = rank_and_world()
     device = torch.device(request.device) if request.device else default_device
     # the data first: a wrong --data, missing ground truth or shards fail before any network is built
     source = open_eval_source(request.data, request.gt, rank=rank, world_size=world_size,
@@ -166,18 +168,6 @@ def evaluate_segmenter(request: EvalRequest) -> dict | None:
     if request.mlflow_run_id:
         log_to_mlflow(request.mlflow_run_id, request.tracking_uri, name, metrics)
     return results
-
-
-def _distributed() -> tuple[int, int, torch.device]:
-    """(rank, world_size, device) from accelerate's process state (initialises torch.distributed
-    when launched by accelerate / torchrun)."""
-    from accelerate import PartialState
-
-    state = PartialState()
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():  # accelerate reports 1 process on CPU torchrun
-        return dist.get_rank(), dist.get_world_size(), state.device
-    return state.process_index, state.num_processes, state.device
 
 
 def _sum_over_processes(value: int, device: torch.device) -> int:

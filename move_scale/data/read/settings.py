@@ -37,6 +37,6 @@ def train_loader_from_config(data, *, seed: int, rank: int, world_size: int, epo
         crop_scale=data.crop_scale, crop_ratio=data.crop_ratio, hflip=data.hflip,
         workers=data.workers, shuffle_buffer=data.shuffle_buffer, seed=seed, rank=rank,
         world_size=world_size, resampled=data.resampled, epoch=epoch, skip_batches=skip_batches,
-        extra_keys=extra_keys, transform=transform, pin_memory=pin_memory,
+        extra_keys=extra_keys, transform=transform, labels=data.labels or None, pin_memory=pin_memory,
         storage_options=storage_options(data.train, data), policy=read_policy(data),
         max_lost_share=data.max_lost_share, stall_timeout_s=data.stall_timeout_s)

@@ -41,6 +41,7 @@ from move_scale.data.errors import DataError
 from move_scale.data.read import plan
 from move_scale.data.read.batching import identity, rebatch, shuffled
 from move_scale.data.read.eval_stream import EvalLoader
+from move_scale.data.read.join import LabelJoin
 from move_scale.data.read.ledger import LossLedger, Report
 from move_scale.data.read.shardlist import (
     Shard,
@@ -78,8 +79,9 @@ class TrainStream(IterableDataset):
                  transform: SampleTransform, buffer: int, seed: int, epoch: int, rank: int,
                  world_size: int, workers: int, resampled: bool, skip_batches: int,
                  storage_options: dict | None, policy: ReadPolicy, inflight: InFlight,
-                 return_keys: bool):
+                 return_keys: bool, labels: LabelJoin | None = None):
         self.shards, self.batch_size, self.transform = shards, batch_size, transform
+        self.labels = labels
         self.buffer, self.seed, self.epoch, self.rank = buffer, seed, epoch, rank
         self.workers, self.resampled, self.storage_options = workers, resampled, storage_options
         self.policy, self.inflight, self.return_keys = policy, inflight, return_keys
@@ -98,8 +100,11 @@ class TrainStream(IterableDataset):
 
     def _read(self, worker: int, piece: plan.Piece, tally: SkipTally) -> Iterator[dict]:
         self.inflight.reading(worker, piece.shard)
-        for sample in iter_shard(self.shards[piece.shard].url, self.storage_options, self.policy,
-                                 tally, start=piece.start, stop=piece.stop):
+        samples = iter_shard(self.shards[piece.shard].url, self.storage_options, self.policy,
+                             tally, start=piece.start, stop=piece.stop)
+        if self.labels is not None:  # data.labels: each sample with its label members (join.py)
+            samples = self.labels.joined(samples, piece.shard, tally)
+        for sample in samples:
             self.inflight.read_one(worker)
             yield sample
 
@@ -280,14 +285,14 @@ def build_train_loader(
     crop_scale: tuple[float, float], crop_ratio: tuple[float, float], hflip: bool, workers: int,
     shuffle_buffer: int, seed: int, rank: int, world_size: int, resampled: bool = False,
     epoch: int = 0, skip_batches: int = 0, extra_keys: Sequence[str] = (),
-    transform: SampleTransform | None = None,
+    transform: SampleTransform | None = None, labels: str | None = None,
     storage_options: dict | None = None, pin_memory: bool = False, return_keys: bool = False,
     policy: ReadPolicy | None = None, max_lost_share: float | None = 0.01,
     stall_timeout_s: float = 300.0,
 ) -> TrainLoader:
     """The training loader of one rank (see the module docstring and `data/read/plan.py`).
     `transform`: the stage's own (transforms.SampleTransform); by default the crop and flip of
-    `TrainTransform` with `extra_keys`."""
+    `TrainTransform` with `extra_keys`. `labels`: a label set joined to the shards (join.py)."""
     for name, value, low in (("batch_size", batch_size, 1), ("image_size", image_size, 1),
                              ("world_size", world_size, 1), ("workers", workers, 0),
                              ("shuffle_buffer", shuffle_buffer, 1)):
@@ -304,6 +309,7 @@ def build_train_loader(
     policy = policy or ReadPolicy()
     shards = resolve_shards(source, storage_options, policy)
     _check_shards(shards, storage_options, policy, source, max_lost_share)
+    joined = LabelJoin.open(labels, shards, source, storage_options, policy) if labels else None
     transform = transform or TrainTransform(image_size, tuple(crop_scale), tuple(crop_ratio), hflip,
                                             tuple(extra_keys))
     loader = TrainLoader(
@@ -311,7 +317,7 @@ def build_train_loader(
         transform=transform, buffer=shuffle_buffer, seed=seed, epoch=epoch, rank=rank,
         world_size=world_size, resampled=resampled, skip_batches=skip_batches,
         storage_options=storage_options, policy=policy, return_keys=return_keys,
-        max_lost_share=max_lost_share, stall_timeout_s=stall_timeout_s,
+        max_lost_share=max_lost_share, stall_timeout_s=stall_timeout_s, labels=joined,
     )
     log.info("rank %d/%d: %d shards, %d batches of %d per epoch%s", rank, world_size, len(shards),
              len(loader), batch_size, " (resampled)" if resampled else "")

@@ -5,8 +5,8 @@ members that share a key (the WebDataset convention: `abc.jpg`, `abc.mask.png` -
 Members are grouped into samples by `webdataset` itself (`group_by_keys`, `base_plus_ext`), so a
 shard means here exactly what it means to WebDataset (lower-cased extensions, `__*__` metadata
 members skipped, a duplicate member is an error). A group counts as a sample when it has an image
-member (`IMAGE_EXTS`); a sidecar-only group (`abc.json` alone) is passed over, not counted and not
-lost. `group_members` and `has_image` are that rule, the only one: the readers here,
+member (`IMAGE_EXTS`), or the labels of one (`label.json`, the samples of a label shard); a
+sidecar-only group (`abc.json` alone) is passed over, not counted and not lost. `group_members` and `has_image` are that rule, the only one: the readers here,
 `count_tar_samples` (shards no manifest lists) and `move-shard index` (`index.py`) all count by it,
 so a manifest's per-shard `samples` is what the readers yield. The members come from `tarfile` through a
 `RetryingFile`, so a stall or a dropped connection inside the retry window resumes the read where
@@ -41,6 +41,7 @@ from typing import Iterable, Iterator
 from webdataset.tariterators import base_plus_ext, group_by_keys
 
 from move_scale.data.errors import DataError
+from move_scale.data.labels import LABEL_RECORD
 from move_scale.data.remote import ReadPolicy, RetryingFile
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,7 @@ class SkipTally:
 
 _META = re.compile(r"__[^/]*__($|/)")  # webdataset's `skip_meta`: members such as __info__.json
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # the members a sample's image may be (lower-cased)
+LABEL_EXT = LABEL_RECORD  # a label shard's sample (data/labels.py): its labels, without the image
 
 
 def member_key(name: str) -> tuple[str, str] | None:
@@ -103,8 +105,9 @@ def member_key(name: str) -> tuple[str, str] | None:
 
 
 def has_image(exts) -> bool:
-    """Whether a group with these extensions (or a sample dict) counts as a sample."""
-    return any(ext in exts for ext in IMAGE_EXTS)
+    """Whether a group with these extensions (or a sample dict) counts as a sample: it has an image
+    member, or it is the label of one (a label shard's `label.json`, data/labels.py)."""
+    return any(ext in exts for ext in IMAGE_EXTS) or LABEL_EXT in exts
 
 
 def image_first(exts: Iterable[str]) -> list[str]:
