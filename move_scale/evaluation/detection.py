@@ -173,7 +173,8 @@ def report(request: DetectEvalRequest, source_name: str, results: list[ImageResu
     """The metrics of `results`: table, JSON, detections file, MLflow."""
     meter = CorLocMeter()
     for result in results:
-        lost_corloc_hit(result.boxes[0] if len(result.boxes) else None, result.gt_boxes, meter)
+        best = result.boxes[int(np.argmax(result.scores))] if len(result.boxes) else None  # the most confident
+        lost_corloc_hit(best, result.gt_boxes, meter)
     ap, detections = ap_metrics(results, request.gt)
     metrics = {**meter.compute(), **ap}
     name = request.name or source_name

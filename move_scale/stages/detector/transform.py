@@ -70,7 +70,8 @@ class DetectionTransform:
         except (LabelError, ValueError, KeyError, TypeError) as err:  # no label member, bad JSON or boxes
             reason, detail = ((err.reason, err.detail) if isinstance(err, LabelError)
                               else ("bad boxes", f"{type(err).__name__}: {err}"))
-            raise SampleError(reason, f"sample {sample.get('__key__')!r}: {detail}") from err
+            key = repr(sample.get("__key__"))
+            raise SampleError(reason, detail if key in detail else f"sample {key}: {detail}") from err
         if len(boxes) == 0:
             raise SampleError("no box", f"sample {sample.get('__key__')!r} has no {self.boxes!r} box with an "
                                         f"area inside its {image.width}x{image.height} image")
