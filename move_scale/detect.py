@@ -1,7 +1,8 @@
 """Evaluate a detector export (CorLoc, class-agnostic AP/AR; paper Tables 3 and 4), or detect boxes in any images.
 
     python -m move_scale.detect evaluate --checkpoint runs/detector_voc07/detector.pt --data VOCdevkit/VOC2007
-    python -m move_scale.detect evaluate --checkpoint det.pt --data train2014 --gt coco20k.json --subset coco_20k_filenames.txt
+    python -m move_scale.detect evaluate --checkpoint det.pt --data train2014 --gt coco20k.json \
+        --subset coco_20k_filenames.txt
     python -m move_scale.detect evaluate --checkpoint det.pt --data val2017 --gt instances_val2017.json
     python -m move_scale.detect evaluate --checkpoint det.pt --data shards/voc07-test/manifest.json
     python -m move_scale.detect predict --checkpoint det.pt photos/ out/

@@ -1,6 +1,6 @@
 """Train the class-agnostic detector on pseudo-boxes (LOST's CAD recipe, paper §4.2), on one process or many.
 
-    python -m move_scale.train_detector --config configs/detector_voc07.yaml data.train=shards/voc07-labels/manifest.json
+    python -m move_scale.train_detector --config configs/detector_voc07.yaml data.train=shards/voc07/manifest.json
     accelerate launch --config_file launch/one_node_8gpu.yaml -m move_scale.train_detector --config detector_coco20k
 
 The config (stages/detector/config.py) holds the network (`model`: ResNet-50 C4 on DINO weights,
@@ -23,7 +23,8 @@ from move_scale.stages.detector.stage import DetectorStage
 EXAMPLES = """\
 examples:
   python -m move_scale.train_detector --config detector_voc07 data.train=shards/voc07/manifest.json input.boxes=largest
-  accelerate launch --config_file launch/one_node_8gpu.yaml -m move_scale.train_detector --config detector_coco20k data.batch_size=2
+  accelerate launch --config_file launch/one_node_8gpu.yaml -m move_scale.train_detector \
+      --config detector_coco20k data.batch_size=2
   python -m move_scale.train_detector --config detector_synthetic --threads 2
   python -m move_scale.detect evaluate --checkpoint runs/detector_voc07/detector.pt --data /data/VOC2007
 

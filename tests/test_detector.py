@@ -130,7 +130,8 @@ def test_losses_are_l1_and_normalised_as_detectron2():
     rpn_deltas = torch.tensor([[0.05, 0.0, 0.0, -0.05]] + [[5.0] * 4] * 3)
     rpn = model.rpn.losses(objectness, rpn_deltas, anchors_labels, [torch.zeros(4, 4)], [torch.Generator()])
     batch = model.rpn.fg_bg_sampler.batch_size_per_image
-    bce = torch.nn.functional.binary_cross_entropy_with_logits(objectness[:3, 0], anchors_labels[0][:3], reduction="sum")
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(objectness[:3, 0], anchors_labels[0][:3],
+                                                               reduction="sum")
     assert rpn["loss_rpn_cls"].item() == pytest.approx(bce.item() / batch)
     assert rpn["loss_rpn_loc"].item() == pytest.approx(0.1 / batch)
 

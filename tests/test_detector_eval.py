@@ -3,8 +3,8 @@ scores a detector (valeoai/LOST `main_corloc_evaluation.py --type_pred detectron
 class-agnostic AP / AR as pycocotools gives them with useCats 0 (NVlabs/FreeSOLO
 `tools/eval_cocoapi.py`), and the `detect` command end to end on a real export."""
 import json
-import xml.etree.ElementTree as ElementTree
 from pathlib import Path
+from xml.etree import ElementTree
 
 import numpy as np
 import pytest
@@ -188,7 +188,7 @@ def export_and_shards(tmp_path_factory):
 
 
 def test_detect_evaluate_and_predict_from_shards_and_folders(export_and_shards, tmp_path, capsys):
-    root, export, shards = export_and_shards
+    _, export, shards = export_and_shards
     out = tmp_path / "eval.json"
     assert detect.main(["evaluate", "--checkpoint", str(export), "--data", str(shards), "--out", str(out),
                         "--no-progress", "--device", "cpu"]) == 0

@@ -17,7 +17,7 @@ import contextlib
 import copy
 import io
 import logging
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 

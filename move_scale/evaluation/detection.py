@@ -27,11 +27,20 @@ from move_scale.core.paths import check_output_file
 from move_scale.data.ground_truth import GroundTruthError
 from move_scale.data.read.eval_stream import check_delivered
 from move_scale.data.remote import ReadPolicy
-from move_scale.evaluation.coco_ap import class_agnostic_ap, coco_ground_truth, detection_entries
+from move_scale.evaluation.coco_ap import (
+    class_agnostic_ap,
+    coco_ground_truth,
+    detection_entries,
+)
 from move_scale.evaluation.detection_inference import load_detector_predictor
 from move_scale.evaluation.metrics import CorLocMeter
 from move_scale.evaluation.protocol import lost_gt_boxes
-from move_scale.evaluation.results import check_request, format_table, log_to_mlflow, write_results
+from move_scale.evaluation.results import (
+    check_request,
+    format_table,
+    log_to_mlflow,
+    write_results,
+)
 from move_scale.evaluation.sources import open_eval_source
 
 logger = logging.getLogger("move_scale.evaluate")

@@ -14,7 +14,11 @@ import torch
 
 from move_scale.config import files
 from move_scale.config.tree import ConfigError, to_dict
-from move_scale.harness.checkpoint import CHECKPOINT_FORMAT, CheckpointError, atomic_torch_save
+from move_scale.harness.checkpoint import (
+    CHECKPOINT_FORMAT,
+    CheckpointError,
+    atomic_torch_save,
+)
 from move_scale.models.weights import WeightsError, load_strict
 from move_scale.stages.detector.config import DetectorModelConfig
 from move_scale.stages.detector.model import Detector, build_detector

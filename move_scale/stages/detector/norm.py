@@ -13,7 +13,7 @@ SyncBatchNorm; `momentum = None` makes them the cumulative average of the batche
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -35,7 +35,8 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
         if self.track_running_stats:
             self._update_running_stats(mean.detach(), var.detach(), count)
         scale = torch.rsqrt(var + self.eps) * self.weight  # (C,)
-        return (x - mean[None, :, None, None]) * scale[None, :, None, None] + self.bias[None, :, None, None]
+        shift = self.bias - mean * scale
+        return x * scale[None, :, None, None] + shift[None, :, None, None]
 
     def _global_statistics(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
         """(mean (C,), biased variance (C,), count) over (N, H, W) of every process's x."""
@@ -46,7 +47,8 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
         count = x.new_full((1,), x.numel() // channels, dtype=torch.float32)
         own = torch.zeros(world, 1, dtype=torch.float32, device=x.device)
         own[rank] = 1.0
-        rows = all_reduce(own * torch.cat([count, mean, var])[None])  # (W, 1 + 2C): every process's row (an all-gather that autograd follows)
+        # (W, 1 + 2C): every process's row, an all-gather that autograd follows
+        rows = all_reduce(own * torch.cat([count, mean, var])[None])
         counts, means, variances = rows[:, :1], rows[:, 1:1 + channels], rows[:, 1 + channels:]
         total = counts.sum()
         global_mean = (counts * means).sum(0) / total

@@ -18,7 +18,11 @@ import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from move_scale.stages.detector.norm import NORM_COPIES, frozen_copy, replace_batch_norms
+from move_scale.stages.detector.norm import (
+    NORM_COPIES,
+    frozen_copy,
+    replace_batch_norms,
+)
 
 BLOCK_TYPES = {"bottleneck": Bottleneck, "basic": BasicBlock}
 STAGES = ("layer1", "layer2", "layer3", "layer4")  # detectron2's res2, res3, res4, res5

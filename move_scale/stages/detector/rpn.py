@@ -21,14 +21,18 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
-from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead, concat_box_prediction_layers
+from torchvision.models.detection.rpn import (
+    RegionProposalNetwork,
+    RPNHead,
+    concat_box_prediction_layers,
+)
 
 
 class DetectronAnchors(AnchorGenerator):
     """Cell anchors [-w/2, -h/2, w/2, h/2] with h/w = aspect ratio and area = size², unrounded."""
 
     def generate_anchors(self, scales, aspect_ratios, dtype: torch.dtype = torch.float32,
-                         device: torch.device = torch.device("cpu")) -> Tensor:
+                         device: torch.device | None = None) -> Tensor:
         sizes = torch.as_tensor(scales, dtype=torch.float64)
         ratios = torch.as_tensor(aspect_ratios, dtype=torch.float64)
         widths = (sizes[None, :] / torch.sqrt(ratios)[:, None]).reshape(-1)  # (R·S,)

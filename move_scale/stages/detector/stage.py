@@ -22,7 +22,13 @@ import torch
 from torch import nn
 
 from move_scale.harness.stage import Stage
-from move_scale.harness.steps import autocast_context, backward, check_finite, effective_precision, to_floats
+from move_scale.harness.steps import (
+    autocast_context,
+    backward,
+    check_finite,
+    effective_precision,
+    to_floats,
+)
 from move_scale.models.weights import RANDOM, REGISTRY, WeightsError
 from move_scale.stages.detector.config import DetectorConfig
 from move_scale.stages.detector.export import save_detector
