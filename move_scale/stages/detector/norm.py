@@ -53,7 +53,7 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
         total = counts.sum()
         global_mean = (counts * means).sum(0) / total
         global_var = (counts * (variances + (means - global_mean) ** 2)).sum(0) / total
-        return global_mean.to(x.dtype), global_var.to(x.dtype), float(total)
+        return global_mean.to(x.dtype), global_var.to(x.dtype), float(total.detach())
 
     @torch.no_grad()
     def _update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, count: float) -> None:
