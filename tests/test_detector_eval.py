@@ -188,13 +188,20 @@ def export_and_shards(tmp_path_factory):
 
 
 def test_detect_evaluate_and_predict_from_shards_and_folders(export_and_shards, tmp_path, capsys):
+    from mlflow.tracking import MlflowClient
+
     _, export, shards = export_and_shards
-    out = tmp_path / "eval.json"
+    out, uri = tmp_path / "eval.json", "sqlite:///" + str(tmp_path / "mlflow.db")
+    client = MlflowClient(tracking_uri=uri)
+    run_id = client.create_run(client.create_experiment("detect")).info.run_id
     assert detect.main(["evaluate", "--checkpoint", str(export), "--data", str(shards), "--out", str(out),
-                        "--no-progress", "--device", "cpu"]) == 0
+                        "--no-progress", "--device", "cpu", "--mlflow-run-id", run_id, "--tracking-uri", uri,
+                        "--name", "synth"]) == 0
     results = json.loads(out.read_text())
     assert results["metrics"]["images"] == 6 and set(results["metrics"]) >= {"corloc", "ap", "ap50", "ar100"}
     assert results["min_size"] == 64 and "corloc" in capsys.readouterr().out
+    logged = client.get_run(run_id).data.metrics
+    assert logged["eval/synth/corloc"] == pytest.approx(results["metrics"]["corloc"]) and "eval/synth/ap50" in logged
     images = tmp_path / "photos"
     images.mkdir()
     for index in range(3):
