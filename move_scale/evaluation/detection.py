@@ -113,7 +113,7 @@ def detect_all(predictor, samples, batch_size: int, progress: bool, total: int |
 
 def ap_metrics(results: list[ImageResult], gt: str | None) -> tuple[dict[str, float], list[dict]]:
     """(AP/AR metrics, COCO detections) of `results`: against the COCO file `gt` (its image ids),
-    else against the boxes read (ids 1..N in key order)."""
+    else against the boxes read (ids 1..N in the order read)."""
     coco_file = gt is not None and Path(gt).suffix == ".json"
     if coco_file:
         dataset = json.loads(Path(gt).expanduser().read_text())
