@@ -13,6 +13,7 @@ from move_scale.config.files import (
     resolve_config_path,
 )
 from move_scale.config.tree import ConfigError, flatten
+from move_scale.stages.detector.config import DetectorConfig
 from move_scale.stages.mae.config import MaeConfig
 from move_scale.stages.move.build import DISCRIMINATOR_BUILDERS, FEATURE_BUILDERS
 from move_scale.stages.move.config import (
@@ -26,7 +27,7 @@ from move_scale.stages.move.config import (
 CONFIGS = CONFIG_DIR
 
 
-SCHEMAS = {"move": Config, "mae": MaeConfig}  # each stage's config schema, by the YAML's `stage`
+SCHEMAS = {"move": Config, "mae": MaeConfig, "detector": DetectorConfig}  # each stage's config schema, by the YAML's `stage`
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.rglob("*.yaml")), ids=lambda p: p.name)

@@ -1,4 +1,4 @@
-"""The paper's evaluation and mask inference; `evaluate` and `predict` are thin commands over it.
+"""The paper's evaluation, mask and box inference; `evaluate`, `predict` and `detect` are thin commands over it.
 
     evaluate_segmenter(EvalRequest(checkpoint=..., data=..., task="saliency"))   # scoring.py
     predict_images(PredictRequest(checkpoint=..., input=..., output=...))        # predictions.py
@@ -13,9 +13,15 @@
     boxes.py           masks → boxes (single-object discovery, pseudo-labels)
     bilateral.py       the optional bilateral-solver refinement
     results.py         evaluate's input checks, table, eval.json and MLflow logging
+    detection.py       DetectEvalRequest, evaluate_detector: the detector's CorLoc (LOST's rule on
+                       the most confident box) and class-agnostic AP/AR (paper Tables 3, 4)
+    detection_inference.py   detector export → boxes at the images' own sizes (detectron2's test resize)
+    detection_predict.py     DetectPredictRequest, predict_boxes: boxes for any images
+    coco_ap.py         pycocotools COCOeval with useCats 0 (FreeSOLO's protocol)
 
 The ground truth (masks, VOC XML, COCO JSON) is read by `move_scale/data/ground_truth.py`, which
-move-shard shares; the segmenter export is MOVE's (`stages/move/segmenter_file.py`).
+move-shard shares; the segmenter export is MOVE's (`stages/move/segmenter_file.py`), the detector
+export the detector stage's (`stages/detector/export.py`).
 
 May import: core, config, data, kernels, models, harness (tracking, checkpoint errors), stages.
 """
