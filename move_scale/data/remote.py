@@ -136,6 +136,10 @@ def is_transient(err: BaseException) -> bool:
         return False
     if isinstance(err, (TimeoutError, ConnectionError)):
         return True
+    if isinstance(err, IndexError) and isinstance(err.__context__, OSError):
+        # s3fs's S3File._fetch_range reads `args[0]` of the OSError it caught: a timeout raised
+        # without arguments comes out as this IndexError. Judge the failure it was handling.
+        return is_transient(err.__context__)
     if _client_error_transient(err) or _client_error_transient(err.__cause__):
         return True
     module = type(err).__module__
