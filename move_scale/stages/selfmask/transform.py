@@ -49,6 +49,11 @@ def binary_mask(soft: np.ndarray, size: int, threshold: float) -> np.ndarray:
     return (np.asarray(resized, dtype=np.float32) / 255 > threshold).astype(np.uint8)
 
 
+def blur_kernel(side: int) -> int:
+    """base_dataset.py's Gaussian kernel: 10 % of the side, odd: int(0.1·side // 2 · 2 + 1)."""
+    return int(0.1 * side // 2 * 2 + 1)
+
+
 def jitter_factors(rng: np.random.Generator, strength: tuple[float, float, float, float]) -> list[tuple[int, float]]:
     """torchvision ColorJitter's draw: a random order of the four adjustments, each factor uniform
     in [max(0, 1 − b), 1 + b] (hue: [−h, h]); adjustments of strength 0 are left out."""
@@ -129,7 +134,7 @@ class SelfMaskTransform:
             image = image.convert("L").convert("RGB")
         pixels = np.asarray(image)
         if rng.random() < self.blur_p:
-            kernel = int(0.1 * min(image.size) // 2 * 2 + 1)
+            kernel = blur_kernel(min(image.size))
             sigma = rng.uniform(*self.blur_sigma)
             pixels = cv2.GaussianBlur(pixels, (kernel, kernel), sigma)
         return np.ascontiguousarray(pixels)
