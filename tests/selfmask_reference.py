@@ -14,18 +14,24 @@ import torch.nn.functional as F
 
 
 def attention(query, key, value, module):
-    """nn.MultiheadAttention's computation by hand on (S, C) tensors of one image, with `module`'s
-    weights: packed in-projection, per-head softmax(q kᵀ / √d) v, out-projection."""
-    dim = query.shape[-1]
-    heads = module.num_heads
+    """nn.MultiheadAttention's computation by hand, sequence first: query (Sq, B, C), key and value
+    (Sk, B, C) (or (S, C) for one image), with `module`'s weights: packed in-projection, per-head
+    softmax(q kᵀ / √d) v, out-projection."""
+    single = query.ndim == 2
+    if single:
+        query, key, value = query[:, None], key[:, None], value[:, None]
+    dim, heads = query.shape[-1], module.num_heads
     w_q, w_k, w_v = module.in_proj_weight.split(dim)
     b_q, b_k, b_v = module.in_proj_bias.split(dim)
-    q = (query @ w_q.T + b_q).reshape(-1, heads, dim // heads).transpose(0, 1)  # (h, Sq, d)
-    k = (key @ w_k.T + b_k).reshape(-1, heads, dim // heads).transpose(0, 1)
-    v = (value @ w_v.T + b_v).reshape(-1, heads, dim // heads).transpose(0, 1)
-    weights = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(dim // heads), dim=-1)
-    out = (weights @ v).transpose(0, 1).reshape(-1, dim)
-    return out @ module.out_proj.weight.T + module.out_proj.bias
+
+    def split(x, w, b):  # (S, B, C) → (B, h, S, d)
+        return (x @ w.T + b).reshape(x.shape[0], x.shape[1], heads, dim // heads).permute(1, 2, 0, 3)
+
+    q, k, v = split(query, w_q, b_q), split(key, w_k, b_k), split(value, w_v, b_v)
+    weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(dim // heads), dim=-1)
+    out = (weights @ v).permute(2, 0, 1, 3).reshape(query.shape[0], query.shape[1], dim)  # (Sq, B, C)
+    out = out @ module.out_proj.weight.T + module.out_proj.bias
+    return out[:, 0] if single else out
 
 
 def layer_norm(x, module):
@@ -97,6 +103,29 @@ def criterion(masks, objectness, targets, descending=True, rank_weight=1.0):
             rank_total = rank_total + upper[upper < 0].abs().sum()
     batch = len(masks)
     return (dice_total + rank_weight * rank_total) / batch, dice_total / batch, rank_total / batch
+
+
+def forward_published(net, images):
+    """MaskFormer.forward as published, batched: the encoder on the batch, the decoder on
+    sequence-first tensors (tokens (N, B, C), queries (Q, B, C)), every layer's normalised output,
+    the objectness MLP layer by layer → masks (B, L, Q, 2h, 2w), objectness (B, L, Q)."""
+    batch, _, height, width = images.shape
+    patch = net.backbone.patch_size
+    h, w = height // patch, width // patch
+    tokens = net.backbone(images)  # (B, N, C)
+    memory = tokens.permute(1, 0, 2)  # (N, B, C)
+    query_pos = net.queries[:, None].repeat(1, batch, 1)  # (Q, B, C)
+    tgt = torch.zeros_like(query_pos)
+    intermediate = []
+    for layer in net.decoder.layers:
+        tgt = decoder_layer(tgt, memory, query_pos, layer)
+        intermediate.append(layer_norm(tgt, net.decoder.norm))
+    queries = torch.stack(intermediate).permute(2, 0, 1, 3)  # (B, L, Q, C)
+    features = F.interpolate(tokens.permute(0, 2, 1).reshape(batch, -1, h, w), scale_factor=2,
+                             mode="bilinear", align_corners=False)  # (B, C, 2h, 2w)
+    masks = torch.sigmoid(torch.einsum("bdqn,bnhw->bdqhw", queries, features))
+    scores = torch.stack([mlp(per_layer, net.objectness) for per_layer in queries.permute(1, 0, 2, 3)])
+    return masks, torch.sigmoid(scores).permute(1, 0, 2, 3)[..., 0]
 
 
 def pad_to_patch(image, patch):

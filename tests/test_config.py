@@ -14,6 +14,7 @@ from move_scale.config.files import (
 )
 from move_scale.config.tree import ConfigError, flatten
 from move_scale.stages.mae.config import MaeConfig
+from move_scale.stages.selfmask.config import SelfMaskConfig
 from move_scale.stages.move.build import DISCRIMINATOR_BUILDERS, FEATURE_BUILDERS
 from move_scale.stages.move.config import (
     DISC_KINDS,
@@ -26,7 +27,7 @@ from move_scale.stages.move.config import (
 CONFIGS = CONFIG_DIR
 
 
-SCHEMAS = {"move": Config, "mae": MaeConfig}  # each stage's config schema, by the YAML's `stage`
+SCHEMAS = {"move": Config, "mae": MaeConfig, "selfmask": SelfMaskConfig}  # each stage's config schema, by the YAML's `stage`
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.rglob("*.yaml")), ids=lambda p: p.name)

@@ -5,7 +5,7 @@ import copy
 import numpy as np
 import pytest
 import torch
-from selfmask_reference import PublishedPoly, criterion, evaluator_mask, forward
+from selfmask_reference import PublishedPoly, criterion, evaluator_mask, forward, forward_published
 
 from move_scale.models.backbone import DinoViT
 from move_scale.models.positions import resize_positions
@@ -34,10 +34,13 @@ def test_masks_objectness_and_every_layer_match_the_published_forward():
     with torch.no_grad():
         masks, objectness = net(images)
         ref_masks, ref_objectness = forward(net, images)
+        batched_masks, batched_objectness = forward_published(net, images)
         last_masks, last_objectness = net(images, all_layers=False)
     assert masks.shape == (2, 3, 5, 8, 10) and objectness.shape == (2, 3, 5)  # stride 4, every layer
     torch.testing.assert_close(masks, ref_masks, rtol=0, atol=2e-6)
     torch.testing.assert_close(objectness, ref_objectness, rtol=0, atol=2e-6)
+    torch.testing.assert_close(batched_masks, ref_masks, rtol=0, atol=2e-6)
+    torch.testing.assert_close(batched_objectness, ref_objectness, rtol=0, atol=2e-6)
     torch.testing.assert_close(last_masks, masks[:, -1]) and torch.testing.assert_close(last_objectness, objectness[:, -1])
     # the layers differ (each refines the last), and the queries are not interchangeable
     assert (masks[:, 0] - masks[:, -1]).abs().max() > 1e-3
