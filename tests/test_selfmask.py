@@ -5,7 +5,13 @@ import copy
 import numpy as np
 import pytest
 import torch
-from selfmask_reference import PublishedPoly, criterion, evaluator_mask, forward, forward_published
+from selfmask_reference import (
+    PublishedPoly,
+    criterion,
+    evaluator_mask,
+    forward,
+    forward_published,
+)
 
 from move_scale.models.backbone import DinoViT
 from move_scale.models.positions import resize_positions

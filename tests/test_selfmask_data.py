@@ -9,7 +9,11 @@ from PIL import Image
 
 from move_scale.data.labels import encode_mask
 from move_scale.data.read.transforms import SampleError, sample_rng
-from move_scale.stages.selfmask.transform import SelfMaskTransform, blur_kernel, jitter_factors
+from move_scale.stages.selfmask.transform import (
+    SelfMaskTransform,
+    blur_kernel,
+    jitter_factors,
+)
 
 PLAIN = dict(color_jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, hflip=0.0)  # geometry only
 

@@ -82,15 +82,19 @@ def straight(shards, tmp_path_factory) -> Path:
 @pytest.mark.slow
 def test_two_processes_step_as_one_process_with_both_batches(shards, straight, tmp_path):
     one = tmp_path / "one"
-    assert train_selfmask.main([*RUN, "--threads", "1", f"data.train={shards}", f"run_dir={one}",
+    assert train_selfmask.main(["--threads", "1", *RUN, f"data.train={shards}", f"run_dir={one}",
                                 "data.batch_size=8"]) == 0  # one process, the two batches of 4 together
     a, b = _weights(straight), _weights(one)
+    start = torch.load(straight / "ckpt-00000002.pt", weights_only=True)["selfmask"]
     assert a.keys() == b.keys()
-    moved = max((a[k] - torch.load(straight / "ckpt-00000002.pt", weights_only=True)["selfmask"][k]).abs().max()
-                for k in a)
-    assert moved > 1e-3  # the runs trained
-    worst = max((a[k] - b[k]).abs().max().item() for k in a)
-    assert worst < 1e-5, f"2 processes and 1 differ by {worst}"
+    # Gradients agree to float rounding (the sums run in another order); AdamW divides each by its
+    # own root mean square, which magnifies rounding where a gradient is near zero (dead ReLUs,
+    # the first layer's self-attention on zero queries), so the weights are compared against how
+    # far training moved them.
+    moved = torch.cat([(a[k] - start[k]).flatten() for k in a]).norm()
+    apart = torch.cat([(a[k] - b[k]).flatten() for k in a]).norm()
+    print(f"training moved the weights by {moved:.3e} (L2); 2 processes and 1 end {apart:.3e} apart")
+    assert moved > 1e-2 and apart < 1e-2 * moved  # a rank without the other's gradients: ~moved apart
 
 
 @pytest.mark.slow
@@ -115,7 +119,7 @@ def test_a_sigkilled_two_process_run_resumed_ends_as_the_undisturbed_one(shards,
 
 @pytest.mark.slow
 def test_a_small_selfmask_learns_synthetic_scenes_from_their_masks(tmp_path):
-    data = write_synthetic(tmp_path / "synth", train=2000, val=64, size=64, seed=0, samples_per_shard=500)
+    data = write_synthetic(tmp_path / "synth", train=2000, val=100, size=32, seed=0, samples_per_shard=500)
     run_dir = tmp_path / "run"
     started = time.monotonic()
     assert train_selfmask.main(["--config", "configs/selfmask_synthetic.yaml", "--threads", "1",

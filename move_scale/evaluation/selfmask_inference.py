@@ -26,7 +26,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 from move_scale.data.images import IMAGENET_MEAN, IMAGENET_STD
-from move_scale.evaluation.prepared import InferenceError, PreparedImage, bucketed, resize_mask
+from move_scale.evaluation.prepared import (
+    InferenceError,
+    PreparedImage,
+    bucketed,
+    resize_mask,
+)
 from move_scale.stages.selfmask.network import SelfMaskNet
 from move_scale.stages.selfmask.objective import chosen_query
 from move_scale.stages.selfmask.segmenter_file import load_selfmask
