@@ -146,16 +146,20 @@ def evaluator_mask(net, image):
 
 
 class PublishedPoly:
-    """utils/lr_scheduler.py Poly (no warm-up) as a counter: `factors(n)` → the factor of each of
-    the first n optimizer steps (the first from the scheduler's construction, then one per step)."""
+    """utils/lr_scheduler.py Poly as a counter: `factors(n)` → the factor of each of the first n
+    optimizer steps (the first from the scheduler's construction, then one per step)."""
 
-    def __init__(self, epochs: int, per_epoch: int, power: float = 0.9):
+    def __init__(self, epochs: int, per_epoch: int, power: float = 0.9, warmup_iters: int = 0):
         self.per_epoch, self.total, self.power = per_epoch, epochs * per_epoch, power
+        self.warmup = warmup_iters
         self.cur = 0
 
     def _next(self) -> float:
         t = self.cur
-        factor = (1 - t / self.total) ** self.power
+        if 0 < self.warmup and t < self.warmup:
+            factor = 1.0 * t / self.warmup
+        else:
+            factor = (1 - t / self.total) ** self.power
         self.cur %= self.per_epoch
         self.cur += 1
         return factor

@@ -154,6 +154,9 @@ def test_poly_restarting_each_epoch_follows_the_published_scheduler_and_never_de
     ours = [poly_factor(s, per_epoch * epochs, 0.9, per_epoch) for s in range(per_epoch * epochs)]
     assert ours == pytest.approx(published, rel=1e-12)
     assert min(ours) == pytest.approx((1 - 5 / 15) ** 0.9)  # never below: restarts every epoch
+    warm = PublishedPoly(epochs, per_epoch, warmup_iters=3).factors(per_epoch * epochs)
+    assert [poly_factor(s, 15, 0.9, per_epoch, 3) for s in range(15)] == pytest.approx(warm, rel=1e-12)
+    assert warm[:3] == [0, 1 / 3, 2 / 3] and warm[5] == pytest.approx((1 - 5 / 15) ** 0.9)  # n, then 1, 2: warm again
     over_run = [poly_factor(s, 15, 0.9, None) for s in range(15)]
     assert over_run[0] == 1 and over_run[-1] == pytest.approx((1 / 15) ** 0.9)
     assert all(a > b for a, b in zip(over_run, over_run[1:]))

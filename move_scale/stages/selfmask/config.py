@@ -130,6 +130,8 @@ class OptimConfig:
     weight_decay: float = at_least(0.01, 0.0)
     poly_power: float = at_least(0.9, 0.0)
     poly_restart: str = one_of("epoch", POLY_RESTARTS)
+    # share of the run with a linear warm-up from 0 (main.py lr_warmup_duration, 0 in the recipe)
+    warmup_fraction: float = between(0.0, 0.0, 1.0, high_open=True)
 
 
 @dataclass(frozen=True)

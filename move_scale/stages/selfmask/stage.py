@@ -42,13 +42,17 @@ GALLERY_COLUMNS = ("input", "pseudo-mask", "chosen query", "best-dice query")  #
 REMEDY = "a lower optim.lr or with train.precision=fp32"  # for NonFiniteLossError
 
 
-def poly_factor(step: int, total: int, power: float, epoch_steps: int | None) -> float:
-    """(1 − t/total)^power. `epoch_steps` None: t = step (one decay over the run). Else the
-    published counter (NoelShin/selfmask `utils/lr_scheduler.py Poly`), which restarts every epoch:
-    t = step in the first epoch, then n, 1, 2, ..., n − 1 in each later one (n = epoch_steps)."""
+def poly_factor(step: int, total: int, power: float, epoch_steps: int | None, warmup: int = 0) -> float:
+    """The published Poly schedule (NoelShin/selfmask `utils/lr_scheduler.py`) at `step`:
+    t / warmup while t < warmup, then (1 − t/total)^power. `epoch_steps` None: t = step (one
+    decay over the run). Else the published counter, which restarts every epoch: t = step in the
+    first epoch, then n, 1, 2, ..., n − 1 in each later one (n = epoch_steps); a warm-up then
+    starts every epoch again, as published."""
     t = step
     if epoch_steps is not None:
         t = step % epoch_steps or (epoch_steps if step else 0)
+    if 0 < warmup and t < warmup:
+        return t / warmup
     return max(0.0, 1.0 - t / max(total, 1)) ** power
 
 
@@ -128,7 +132,8 @@ class SelfMaskStage(Stage):
         epoch_steps = None
         if cfg.optim.poly_restart == "epoch":  # config.py: only with train.epochs deciding the length
             epoch_steps = max(1, self.total_steps // cfg.train.epochs)
-        return cfg.optim.lr * poly_factor(step, self.total_steps, cfg.optim.poly_power, epoch_steps)
+        warmup = int(self.total_steps * cfg.optim.warmup_fraction)
+        return cfg.optim.lr * poly_factor(step, self.total_steps, cfg.optim.poly_power, epoch_steps, warmup)
 
     def step(self, batch: dict, step: int) -> tuple[str, dict[str, float]]:
         for group in self.optimizer.param_groups:
