@@ -23,11 +23,13 @@ from move_scale.stages.move.config import (
     config_from_dict,
     load_config,
 )
+from move_scale.stages.selfmask.config import SelfMaskConfig
 
 CONFIGS = CONFIG_DIR
 
 
-SCHEMAS = {"move": Config, "mae": MaeConfig, "detector": DetectorConfig}  # each stage's config schema, by the YAML's `stage`
+SCHEMAS = {"move": Config, "mae": MaeConfig, "detector": DetectorConfig,  # each stage's config schema,
+           "selfmask": SelfMaskConfig}  # by the YAML's `stage`
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.rglob("*.yaml")), ids=lambda p: p.name)

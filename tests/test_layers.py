@@ -72,7 +72,8 @@ def test_every_module_belongs_to_a_layer_and_the_top_level_holds_only_commands()
     top = sorted(name for name in MODULES if name.count(".") == 1 and _layer(name)[0] == COMMANDS)
     assert top == ["move_scale.demo", "move_scale.detect", "move_scale.evaluate", "move_scale.export",
                    "move_scale.label", "move_scale.launch", "move_scale.predict", "move_scale.pretrain_mae",
-                   "move_scale.shard", "move_scale.train", "move_scale.train_detector"]
+                   "move_scale.shard", "move_scale.train", "move_scale.train_detector",
+                   "move_scale.train_selfmask"]
 
 
 def test_no_module_imports_from_a_higher_layer_and_no_stage_from_another():

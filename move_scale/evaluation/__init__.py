@@ -7,7 +7,10 @@
     sources.py         what evaluate scores: image folders with ground truth, VOC roots, shards
     predictions.py     PredictRequest, predict_images: masks, boxes and overlays for any images
     inference.py       segmenter export → masks at the paper's scale (the authors' `infer.py`);
-                       the options evaluate and predict share
+                       the registry of export formats (PREDICTORS); the options evaluate and
+                       predict share
+    selfmask_inference.py   a SelfMask export → masks as SelfMask's evaluator makes them
+    prepared.py        what every predictor shares: PreparedImage, batching, resize_mask
     protocol.py        the published evaluation chain step for step; LOST's CorLoc rules
     metrics.py         saliency Acc / IoU / maxFβ and CorLoc
     boxes.py           masks → boxes (single-object discovery, pseudo-labels)
@@ -20,8 +23,9 @@
     coco_ap.py         pycocotools COCOeval with useCats 0 (FreeSOLO's protocol)
 
 The ground truth (masks, VOC XML, COCO JSON) is read by `move_scale/data/ground_truth.py`, which
-move-shard shares; the segmenter export is MOVE's (`stages/move/segmenter_file.py`), the detector
-export the detector stage's (`stages/detector/export.py`).
+move-shard shares; the segmenter exports are the stages' (`stages/move/segmenter_file.py`,
+`stages/selfmask/segmenter_file.py`), the detector export the detector stage's
+(`stages/detector/export.py`).
 
 May import: core, config, data, kernels, models, harness (tracking, checkpoint errors), stages.
 """

@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, TypeVar
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -24,34 +23,21 @@ from PIL import Image
 from move_scale.config.cli_args import device as torch_device
 from move_scale.config.cli_args import number
 from move_scale.config.rules import Range
-from move_scale.core.errors import UserError
 from move_scale.data.images import IMAGENET_MEAN, IMAGENET_STD
+from move_scale.evaluation.prepared import (  # noqa: F401 (the names predictors and commands import from here)
+    InferenceError,
+    PreparedImage,
+    bucketed,
+    resize_mask,
+)
+from move_scale.evaluation.selfmask_inference import selfmask_predictor
 from move_scale.stages.move.segmenter_file import EXPORT_FORMAT as MOVE_EXPORT
 from move_scale.stages.move.segmenter_file import load_segmenter
+from move_scale.stages.selfmask.segmenter_file import EXPORT_FORMAT as SELFMASK_EXPORT
 
 logger = logging.getLogger(__name__)
 
-T = TypeVar("T")
 SHORT_SIDE = 448  # the shorter side infer.py resizes to (torchvision `Resize(448)`)
-
-
-class InferenceError(UserError, ValueError):
-    """A checkpoint or input that inference cannot use; the message says what to do."""
-
-
-@dataclass
-class PreparedImage:
-    """One image ready for the network, plus what is needed to map the mask back."""
-
-    key: str
-    tensor: torch.Tensor  # (3, Hp, Wp) ImageNet-normalised, reflect-padded
-    resized_hw: tuple[int, int]  # (h, w) after the resize, before padding
-    original_hw: tuple[int, int]  # (H, W) of the input image
-    payload: Any = None  # whatever the caller carries along (ground truth, paths, the image)
-
-    @property
-    def padded_hw(self) -> tuple[int, int]:
-        return tuple(self.tensor.shape[-2:])
 
 
 def resized_hw(height: int, width: int, short_side: int) -> tuple[int, int]:
@@ -140,58 +126,6 @@ class MaskPredictor:
             yield from zip(batch, predict(batch))
 
 
-def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """A float mask (h, w) → (H, W) with torch bilinear (align_corners=False, no antialiasing)."""
-    tensor = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None, None]
-    if tuple(tensor.shape[-2:]) != tuple(size):
-        tensor = F.interpolate(tensor, size=tuple(size), mode="bilinear", align_corners=False)
-    return tensor[0, 0].clamp(0, 1).numpy()
-
-
-class Bucketer:
-    """Groups items with equal `key` into batches of up to `batch_size`, item by item.
-
-    `add` returns the batches an item completes: a full bucket at once, and when more than
-    `max_pending` items wait (default 4·batch_size) the fullest bucket early, so memory stays
-    bounded on data with many different sizes; `drain` returns what is left. The batches depend
-    only on the order of the items added. Every item comes out exactly once.
-    """
-
-    def __init__(self, key: Callable[[T], Any], batch_size: int, max_pending: int | None = None):
-        if batch_size < 1:
-            raise ValueError(f"batch size must be >= 1, got {batch_size}")
-        self.key, self.batch_size = key, batch_size
-        self.max_pending = max_pending or 4 * batch_size
-        self.buckets: dict[Any, list[T]] = {}
-        self.pending = 0
-
-    def add(self, item: T) -> list[list[T]]:
-        bucket = self.buckets.setdefault(self.key(item), [])
-        bucket.append(item)
-        self.pending += 1
-        if len(bucket) == self.batch_size:
-            self.pending -= len(bucket)
-            return [self.buckets.pop(self.key(item))]
-        if self.pending > self.max_pending:
-            fullest = max(self.buckets, key=lambda k: len(self.buckets[k]))
-            self.pending -= len(self.buckets[fullest])
-            return [self.buckets.pop(fullest)]
-        return []
-
-    def drain(self) -> list[list[T]]:
-        batches, self.buckets, self.pending = list(self.buckets.values()), {}, 0
-        return batches
-
-
-def bucketed(items: Iterable[T], key: Callable[[T], Any], batch_size: int,
-             max_pending: int | None = None) -> Iterator[list[T]]:
-    """The batches of a `Bucketer` over `items` (see there)."""
-    bucketer = Bucketer(key, batch_size, max_pending)
-    for item in items:
-        yield from bucketer.add(item)
-    yield from bucketer.drain()
-
-
 def _move_predictor(path: Path, device: str | torch.device, short_side: int,
                     weights_cache: str | None) -> tuple[MaskPredictor, dict]:
     """MOVE's export (stages/move/segmenter_file.py): frozen features + segmenter head."""
@@ -206,7 +140,10 @@ def _move_predictor(path: Path, device: str | torch.device, short_side: int,
 # weights_cache) -> (predictor, meta). A predictor has `prepare(key, image, payload)` and
 # `predict_stream(items, batch_size, resized)` as MaskPredictor; a stage whose export is a
 # segmenter adds its format here.
-PREDICTORS: dict[str, Callable[..., tuple[Any, dict]]] = {MOVE_EXPORT: _move_predictor}
+PREDICTORS: dict[str, Callable[..., tuple[Any, dict]]] = {
+    MOVE_EXPORT: _move_predictor,
+    SELFMASK_EXPORT: selfmask_predictor,  # evaluation/selfmask_inference.py
+}
 
 
 def export_format(path: Path) -> str | None:
@@ -240,7 +177,8 @@ def load_predictor(checkpoint: str | Path, device: str | torch.device, short_sid
 # The options evaluate and predict share, declared once; each command names them in its own order.
 _INFERENCE_OPTIONS = {
     "--checkpoint": dict(required=True,
-                         help="segmenter export: run_dir/segmenter.pt, or `move-export` of a checkpoint"),
+                         help="segmenter export: run_dir/segmenter.pt (MOVE), or `move-export` of a "
+                              "checkpoint, or run_dir/selfmask.pt (SelfMask)"),
     "--short-side": dict(type=number(int, Range(1)), help=f"inference shorter side ({SHORT_SIDE})"),
     "--batch-size": dict(type=number(int, Range(1)), help="images per forward (same padded size)"),
     "--device": dict(type=torch_device, help="torch device (default: cuda when available)"),

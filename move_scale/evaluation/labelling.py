@@ -56,7 +56,8 @@ from move_scale.data.storage import OutputDir
 from move_scale.data.write.prepare import Encoded
 from move_scale.data.write.tars import PROGRESS_DIR, ShardTar
 from move_scale.evaluation.boxes import boxes_record, image_labels
-from move_scale.evaluation.inference import SHORT_SIDE, Bucketer, load_predictor
+from move_scale.evaluation.inference import SHORT_SIDE, load_predictor
+from move_scale.evaluation.prepared import Bucketer
 
 log = logging.getLogger("move_scale.label")
 PROVENANCE = f"{PROGRESS_DIR}/labels.json"

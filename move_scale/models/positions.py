@@ -7,6 +7,9 @@ antialiasing, with scale factors ((h + 0.1)/S, (w + 0.1)/S). PyTorch maps output
 coordinates with the given factor, not with the size ratio h/S, so the result differs from
 resampling to the size (timm's `resample_abs_pos_embed`, which also antialiases when shrinking);
 the +0.1 only makes floor(S·factor) land on h.
+
+`resize_positions` is SelfMask's rule instead (NoelShin/selfmask `networks/vision_transformer.py
+interpolate_pos_encoding`): the same bicubic resampling, but to the target size, not by a factor.
 """
 from __future__ import annotations
 
@@ -38,4 +41,18 @@ def interpolate_positions(table: torch.Tensor, grid: tuple[int, int]) -> torch.T
     if tuple(patches.shape[-2:]) != (height, width):  # a bug, not user input
         raise RuntimeError(f"position interpolation gave {tuple(patches.shape[-2:])}, expected {grid}")
     patches = patches.permute(0, 2, 3, 1).reshape(1, height * width, dim)
+    return torch.cat([table[:, :1], patches], dim=1)
+
+
+def resize_positions(table: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """(1, 1 + S², C) → (1, 1 + h·w, C), the S×S grid resampled bicubically *to the size* (h, w)
+    (align_corners=False, no antialiasing): SelfMask's rule. The table itself when h = w = S."""
+    side = table_side(table)
+    height, width = grid
+    if (height, width) == (side, side):
+        return table
+    dim = table.shape[-1]
+    patches = table[:, 1:].reshape(1, side, side, dim).permute(0, 3, 1, 2)  # (1, C, S, S)
+    patches = F.interpolate(patches, size=(height, width), mode="bicubic", align_corners=False)
+    patches = patches.permute(0, 2, 3, 1).reshape(1, height * width, dim)  # (1, h·w, C)
     return torch.cat([table[:, :1], patches], dim=1)
