@@ -3,7 +3,9 @@ synthetic scenes (their ground-truth masks as pseudo-labels), once with `objecti
 (the paper's intent) and once with `published` (criterion.py's sort), then scored on held-out
 scenes. One table: the IoU of the query inference takes (highest objectness; what `move-evaluate`
 reports), of the best and the worst query of each image, how often the chosen query is the best
-one, and the rank correlation between objectness and IoU over the queries of an image.
+one, the rank correlation between objectness and IoU over the queries of an image, and how far
+apart the objectness of an image's queries is (the ranking hinge has no margin: equal objectness
+satisfies it in either direction).
 
     python benchmarks/selfmask_ranking.py                       # configs/selfmask_synthetic.yaml, CPU
     python benchmarks/selfmask_ranking.py --steps 600 train.max_steps=600
@@ -32,7 +34,7 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 def per_query(export: Path, size: int, count: int, seed: int) -> dict[str, float]:
     """Per-query IoUs of the last layer on `count` held-out scenes."""
     net, _ = load_selfmask(export)
-    chosen, best, worst, hits, correlations = [], [], [], [], []
+    chosen, best, worst, hits, correlations, spreads = [], [], [], [], [], []
     for scene in generate(count, size, seed, "val"):
         pixels = torch.from_numpy(scene.image).permute(2, 0, 1).float() / 255
         pixels = (pixels - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
@@ -47,11 +49,13 @@ def per_query(export: Path, size: int, count: int, seed: int) -> dict[str, float
         best.append(ious.max())
         worst.append(ious.min())
         hits.append(ious[pick] >= ious.max() - 1e-9)
+        spreads.append(float(np.ptp(scores)))
         ranks = lambda v: np.argsort(np.argsort(v))  # noqa: E731
         if np.ptp(ious) > 0:
             correlations.append(np.corrcoef(ranks(scores), ranks(ious))[0, 1])
     return {"chosen": float(np.mean(chosen)), "best": float(np.mean(best)), "worst": float(np.mean(worst)),
-            "chosen is best": float(np.mean(hits)), "spearman": float(np.mean(correlations))}
+            "chosen is best": float(np.mean(hits)), "spearman": float(np.mean(correlations)),
+            "spread": float(np.mean(spreads))}
 
 
 def main(argv=None) -> None:
@@ -85,11 +89,12 @@ def main(argv=None) -> None:
     print(f"# SelfMask ranking direction, {datetime.date.today()}, cpu, {args.config} "
           f"{' '.join(args.overrides)}; {args.train} training scenes, {args.val} held-out scenes of {size}px")
     print("| objective.ranking | train s | move-evaluate IoU | chosen query IoU | best query IoU | "
-          "worst query IoU | chosen is the best | Spearman(objectness, IoU) |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+          "worst query IoU | chosen is the best | Spearman(objectness, IoU) | objectness max − min |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for ranking, seconds, iou, stats in rows:
         print(f"| {ranking} | {seconds:.0f} | {iou:.3f} | {stats['chosen']:.3f} | {stats['best']:.3f} | "
-              f"{stats['worst']:.3f} | {100 * stats['chosen is best']:.0f} % | {stats['spearman']:+.2f} |")
+              f"{stats['worst']:.3f} | {100 * stats['chosen is best']:.0f} % | {stats['spearman']:+.2f} | "
+              f"{stats['spread']:.4f} |")
 
 
 if __name__ == "__main__":

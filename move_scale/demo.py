@@ -10,9 +10,17 @@ Four steps, each skipped when its output is already there (so a second run only 
   3. MOVE with the paper's objective, the MAE as inpainter and as feature extractor (paper Table 5,
      "MAE feature extractor"), a trainable conv discriminator    (`python -m move_scale.train`)
   4. saliency metrics on the held-out scenes                     (`python -m move_scale.evaluate`)
-Nothing is downloaded. The MAE run (OUT/mae, leaving OUT/mae/mae.pth) and the MOVE run (OUT/move)
-are MLflow runs under their folder's mlruns/; the evaluation is logged into MOVE's too. At this scale the segmenter does not yet find the objects (README, "What to
-expect"): the demo shows every step working, not the paper's results.
+With --second-stage, the paper's second stage follows on MOVE's predictions (paper Table 1,
+"SelfMask on MOVE"), its IoU printed beside MOVE's:
+  5. MOVE's masks for the training scenes, as label shards with the images (`move-label make`)
+  6. a small SelfMask from scratch on them (configs/selfmask_synthetic.yaml, at the scenes' size,
+     patch 4)                                                    (`python -m move_scale.train_selfmask`)
+  7. saliency metrics of SelfMask on the same held-out scenes    (`python -m move_scale.evaluate`)
+Nothing is downloaded. The MAE run (OUT/mae, leaving OUT/mae/mae.pth), the MOVE run (OUT/move) and
+the SelfMask run (OUT/selfmask) are MLflow runs under their folder's mlruns/; each evaluation is
+logged into its run too. At this scale MOVE does not yet find the objects (README, "What to
+expect"), so neither does a SelfMask trained on its masks: the demo shows every step working, not
+the paper's results.
 """
 from __future__ import annotations
 
@@ -23,21 +31,26 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from move_scale import train
+from move_scale import train, train_selfmask
 from move_scale.config import files
 from move_scale.config.tree import ConfigError, to_dict
 from move_scale.core.errors import UserError, report
 from move_scale.core.paths import check_output_dir
 from move_scale.data.write.synthetic import write_synthetic
+from move_scale.evaluation.labelling import LabelRequest, label_dataset
 from move_scale.evaluation.scoring import EvalRequest, evaluate_segmenter
 from move_scale.harness import command
 from move_scale.harness.checkpoint import latest_mlflow_run_id
 from move_scale.stages.mae.config import MaeConfig
 from move_scale.stages.mae.stage import MaeStage
 from move_scale.stages.move.config import Config, load_config
+from move_scale.stages.selfmask.config import load_config as load_selfmask_config
 
 log = logging.getLogger("move_scale.demo")
-DEFAULT_CONFIG = "demo"  # the bundled move_scale/configs/demo.yaml
+DEFAULT_CONFIG = "demo"  # the bundled configs/demo.yaml
+SELFMASK_CONFIG = "selfmask_synthetic"  # the bundled configs/selfmask_synthetic.yaml
+EMPTY_MASKS_ALLOWED = 0.5  # the demo's MOVE leaves some scenes without foreground: skipped, counted
+SELFMASK_PATCH = 4  # the config's patch 2 is for 32-px scenes; the demo's are 64 px: the same 16x16 tokens
 
 
 @dataclass(frozen=True)
@@ -72,6 +85,7 @@ class PipelineResult:
     run_dir: Path  # the MOVE run
     overrides: list[str]  # what MOVE training got after its --config
     config: Config  # the resolved MOVE config
+    manifests: dict  # the scenes' manifests: train, val
 
 
 def _size_override(settings: PipelineSettings) -> list[str]:
@@ -182,7 +196,59 @@ def run_pipeline(settings: PipelineSettings) -> PipelineResult:
         short_side=cfg.data.image_size, out=str(out / "eval.json"), progress=False, device="cpu",
         mlflow_run_id=run_id, tracking_uri=_tracking_uri(run_dir) if run_id else None))
     seconds["eval"] = time.perf_counter() - start
-    return PipelineResult(results["metrics"], seconds, mae, run_dir, overrides, cfg)
+    return PipelineResult(results["metrics"], seconds, mae, run_dir, overrides, cfg, manifests)
+
+
+@dataclass
+class SecondStageResult:
+    metrics: dict  # evaluate's, for SelfMask on the held-out scenes
+    seconds: dict[str, float]  # labels, selfmask, eval
+    run_dir: Path  # the SelfMask run
+
+
+def selfmask_overrides(out: Path, image_size: int, steps: int, fresh: bool) -> list[str]:
+    """SelfMask's config overrides: the label shards under OUT, the scenes' size, the demo's steps."""
+    return [f"data.train={out / 'labels' / 'manifest.json'}", f"data.image_size={image_size}",
+            f"model.backbone.patch_size={SELFMASK_PATCH}", f"run_dir={out / 'selfmask'}",
+            f"train.max_steps={steps}", f"train.log_every={max(1, min(100, steps // 4))}",
+            f"train.gallery_every={steps}", "train.ckpt_every_steps=0",
+            f"data.max_lost_share={EMPTY_MASKS_ALLOWED}",
+            "train.resume=never" if fresh else "train.resume=auto"]
+
+
+def run_second_stage(out: Path, first: PipelineResult, steps: int, fresh: bool) -> SecondStageResult:
+    """Steps 5-7: MOVE's masks for the training scenes → SelfMask trained on them → its metrics."""
+    seconds = {}
+    export, labels, run_dir = first.run_dir / "segmenter.pt", out / "labels", out / "selfmask"
+    overrides = selfmask_overrides(out, first.config.data.image_size, steps, fresh)
+
+    start = _step(f"second stage 1/3: MOVE's masks for the training scenes -> {labels}")
+    if (labels / "manifest.json").exists() and not fresh:
+        log.info("kept %s (--fresh to label again)", labels)
+    else:
+        label_dataset(LabelRequest(checkpoint=str(export), data=str(first.manifests["train"]), out=str(labels),
+                                   with_images=True, short_side=first.config.data.image_size, workers=0,
+                                   device="cpu", progress=False))
+    seconds["labels"] = time.perf_counter() - start
+
+    selfmask = run_dir / "selfmask.pt"
+    start = _step(f"second stage 2/3: SelfMask on MOVE's masks ({steps} steps) -> {run_dir}")
+    if selfmask.exists() and not fresh:
+        log.info("kept %s (--fresh to train again)", selfmask)
+    else:
+        code = train_selfmask.main(["--config", SELFMASK_CONFIG, *overrides])
+        if code != 0:
+            raise StepFailed(code)
+    seconds["selfmask"] = time.perf_counter() - start
+
+    start = _step("second stage 3/3: SelfMask's evaluation on the held-out scenes")
+    run_id = latest_mlflow_run_id(run_dir)
+    results = evaluate_segmenter(EvalRequest(
+        checkpoint=str(selfmask), data=str(first.manifests["val"]), task="saliency", name="synthetic-val",
+        short_side=first.config.data.image_size, out=str(out / "eval_selfmask.json"), progress=False,
+        device="cpu", mlflow_run_id=run_id, tracking_uri=_tracking_uri(run_dir)))
+    seconds["eval"] = time.perf_counter() - start
+    return SecondStageResult(results["metrics"], seconds, run_dir)
 
 
 def _tracking_uri(run_dir: Path) -> str:
@@ -202,7 +268,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--val", type=int, default=100, help="held-out scenes (default 100)")
     parser.add_argument("--mae-steps", type=int, default=200, help="MAE pretraining steps (200)")
     parser.add_argument("--mae-batch-size", type=int, default=64, help="MAE pretraining batch, at most --train (64)")
-    parser.add_argument("--fresh", action="store_true", help="retrain MOVE even if a run exists")
+    parser.add_argument("--fresh", action="store_true",
+                        help="retrain MOVE (and relabel, retrain SelfMask) even if a run exists")
+    parser.add_argument("--second-stage", action="store_true",
+                        help="then label the training scenes with MOVE, train SelfMask on them, evaluate it")
+    parser.add_argument("--selfmask-steps", type=int, default=1500, help="SelfMask training steps (1500)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="MOVE config overrides")
     return parser
 
@@ -218,17 +288,34 @@ def settings_from_args(args: argparse.Namespace) -> PipelineSettings:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = settings_from_args(args)
     try:
-        result = run_pipeline(settings_from_args(args))
+        if args.second_stage:  # bad SelfMask settings fail before any work
+            if args.selfmask_steps < 1:
+                raise ConfigError(f"--selfmask-steps {args.selfmask_steps}: at least 1")
+            size = load_config(settings.config, [*_size_override(settings), *settings.overrides]).data.image_size
+            second_cfg = load_selfmask_config(SELFMASK_CONFIG, selfmask_overrides(
+                Path(args.out), size, args.selfmask_steps, args.fresh))
+            if args.train < second_cfg.data.batch_size:
+                raise ConfigError(f"--train {args.train}: SelfMask needs a batch of training scenes "
+                                  f"(data.batch_size={second_cfg.data.batch_size} in {SELFMASK_CONFIG})")
+        result = run_pipeline(settings)
+        second = (run_second_stage(Path(args.out), result, args.selfmask_steps, args.fresh)
+                  if args.second_stage else None)
     except UserError as err:
         return report(err)
     except StepFailed as failed:  # the step printed its own error
         return failed.code
-    total = sum(result.seconds.values())
-    phases = ", ".join(f"{k} {v / 60:.1f} min" for k, v in result.seconds.items())
+    seconds = {**result.seconds, **({f"2nd {k}": v for k, v in second.seconds.items()} if second else {})}
+    phases = ", ".join(f"{k} {v / 60:.1f} min" for k, v in seconds.items())
     print(f"\nMOVE demo: IoU {result.metrics['iou']:.3f} on held-out synthetic scenes "
-          f"({phases}; total {total / 60:.1f} min)")
+          f"({phases}; total {sum(seconds.values()) / 60:.1f} min)")
+    if second:
+        print(f"SelfMask on MOVE's masks: IoU {second.metrics['iou']:.3f} on the same scenes "
+              f"(MOVE {result.metrics['iou']:.3f})")
     print(f"curves and mask galleries: mlflow ui --backend-store-uri {_tracking_uri(result.run_dir)}")
+    if second:
+        print(f"SelfMask's run: mlflow ui --backend-store-uri {_tracking_uri(second.run_dir)}")
     return 0
 
 

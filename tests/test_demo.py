@@ -75,6 +75,35 @@ def test_a_second_run_keeps_data_and_mae_and_fresh_retrains_only_move(demo_run):
     assert mae.stat().st_mtime_ns == mae_time and export.stat().st_mtime_ns > export_time
 
 
+@pytest.mark.slow
+def test_the_second_stage_labels_with_move_trains_selfmask_and_reports_both(demo_run):
+    from mlflow.tracking import MlflowClient
+
+    out, _ = demo_run
+    done = _demo("--out", str(out), *SMALL, "--second-stage", "--selfmask-steps", "3")
+    assert done.returncode == 0, done.stderr[-4000:]
+    labels = json.loads((out / "labels" / "manifest.json").read_text())
+    assert labels["totals"]["samples"] == 24 and labels["keys"] == ["label.json", "mask.png", "png"]
+    assert labels["options"]["labels"]["segmenter"] == str(out / "move" / "segmenter.pt")  # MOVE's masks
+    move_iou = json.loads((out / "eval.json").read_text())["metrics"]["iou"]
+    report = json.loads((out / "eval_selfmask.json").read_text())
+    assert report["metrics"]["images"] == 6
+    assert (f"SelfMask on MOVE's masks: IoU {report['metrics']['iou']:.3f} on the same scenes "
+            f"(MOVE {move_iou:.3f})") in done.stdout
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'selfmask' / 'mlruns' / 'mlflow.db'}")
+    run, = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.info.status == "FINISHED" and run.data.params["data.train"] == str(out / "labels" / "manifest.json")
+    assert run.data.metrics["eval/synthetic-val/iou"] == pytest.approx(report["metrics"]["iou"])
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss/total")][-1] == 3
+
+
+def test_a_second_stage_without_a_batch_of_scenes_fails_before_any_work(tmp_path):
+    done = _demo("--out", str(tmp_path / "demo"), "--train", "8", "data.batch_size=4", "--second-stage")
+    assert done.returncode == 2
+    assert "--train 8" in done.stderr and "data.batch_size=16" in done.stderr
+    assert not (tmp_path / "demo").exists()
+
+
 def test_a_bad_override_fails_before_any_work(tmp_path):
     done = _demo("--out", str(tmp_path / "demo"), "objective.theta_min=2")
     assert done.returncode == 2

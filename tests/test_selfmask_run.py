@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from move_scale import evaluate, predict, train_selfmask
+from move_scale import evaluate, label, predict, train_selfmask
 from move_scale.data.write.prepare import Sample
 from move_scale.data.write.synthetic import generate, write_synthetic
 from move_scale.data.write.write import write_samples
@@ -71,6 +71,13 @@ def test_a_run_leaves_curves_galleries_and_an_export_that_evaluate_and_predict_r
                          "--device", "cpu"]) == 0
     assert Image.open(tmp_path / "pred" / "masks" / "a.png").size == (30, 45)
     assert json.loads((tmp_path / "pred" / "boxes.json").read_text())["images"][0]["key"] == "a"
+
+    labels = tmp_path / "labels"  # the labelling job takes it as it takes MOVE's
+    assert label.main(["make", "--checkpoint", str(export), "--data", str(synth["val"]), "--out", str(labels),
+                       "--workers", "0", "--no-progress", "--device", "cpu"]) == 0
+    made = json.loads((labels / "manifest.json").read_text())
+    assert made["totals"]["samples"] == 3 and made["keys"] == ["label.json", "mask.png"]
+    assert made["options"]["labels"]["segmenter"] == str(export)
 
 
 def test_evaluate_scores_the_chosen_mask_at_the_image_size(synth, tmp_path):

@@ -88,9 +88,9 @@ class LossLedger:
         raise DataError(
             f"{self.where}, epoch {self.epoch}: {self.lost} of its {self.expected} samples lost "
             f"({self.share:.1%}, more than data.max_lost_share={self.max_share:g}): "
-            f"{dict(self.epoch_counts)}{example}; check the shards with `move-shard verify "
-            "MANIFEST` and restore or re-shard them, or raise data.max_lost_share to train on "
-            "what is left")
+            f"{dict(self.epoch_counts)}{example}; damaged shards: check them with `move-shard "
+            "verify MANIFEST` and restore or re-shard them; samples the stage cannot use: fix the "
+            "data, or raise data.max_lost_share to train on what is left")
 
     def shards_lost(self, limit: int = 3) -> str:
         """The shards lost over the run, for an error line: "reason: detail" of the first `limit`."""
