@@ -7,8 +7,9 @@ the backward and one AdamW step, in fp32 (the published trainer's precision). "o
 code (network.SelfMaskNet, objective.selfmask_loss: batched over images, layers and queries);
 "published" is tests/selfmask_reference.py: the forward as maskformer.py batches it (sequence-first
 decoder with attention written out) and criterion.py's loss, a Python loop over images and layers.
-Both start from the same random weights and see the same images and masks; timing is wall clock
-after --warmup steps, the median of --steps steps; peak memory is the process RSS high-water mark.
+Both start from the same random weights and see the same images and masks; their steps alternate;
+timing is wall clock after --warmup steps, the median of --steps steps; peak memory is the process
+RSS high-water mark.
 
     python benchmarks/selfmask_step.py                         # 224 px, batch 8, CPU
     python benchmarks/selfmask_step.py --device cuda --steps 20
@@ -58,21 +59,23 @@ def published(net, images, targets):
     return criterion(masks, objectness, targets, descending=False)[0]
 
 
-def time_steps(step, net, images, targets, warmup: int, steps: int, device: torch.device) -> tuple[float, float]:
-    """(median seconds per step, last loss)."""
-    optimizer = torch.optim.AdamW(net.parameters(), lr=6e-6, weight_decay=0.01)
-    times, loss = [], None
+def time_steps(variants, images, targets, warmup: int, steps: int, device: torch.device) -> list[float]:
+    """Median seconds per step of each (step, net) in `variants`, their steps interleaved (one of
+    each in turn) so that a slower or faster stretch of the machine touches them all alike."""
+    optimizers = [torch.optim.AdamW(net.parameters(), lr=6e-6, weight_decay=0.01) for _, net in variants]
+    times = [[] for _ in variants]
     for i in range(warmup + steps):
-        start = time.perf_counter()
-        loss = step(net, images, targets)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times), float(loss.detach())
+        for (step, net), optimizer, spent in zip(variants, optimizers, times):
+            start = time.perf_counter()
+            loss = step(net, images, targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if i >= warmup:
+                spent.append(time.perf_counter() - start)
+    return [statistics.median(spent) for spent in times]
 
 
 def main(argv=None) -> None:
@@ -89,10 +92,9 @@ def main(argv=None) -> None:
     targets = (torch.rand(args.batch, args.size, args.size, generator=gen) > 0.7).float().to(device)
     with torch.no_grad():  # the two procedures compute the same loss
         same = (ours(net, images, targets) - published(reference_net, images, targets)).abs().item()
-    rows = []
-    for name, step, model in (("ours (batched)", ours, net), ("published (eager reference)", published, reference_net)):
-        seconds, loss = time_steps(step, model, images, targets, args.warmup, args.steps, device)
-        rows.append((name, seconds, args.batch / seconds, loss))
+    names = ("ours (batched)", "published (eager reference)")
+    medians = time_steps([(ours, net), (published, reference_net)], images, targets, args.warmup, args.steps, device)
+    rows = [(name, seconds, args.batch / seconds) for name, seconds in zip(names, medians)]
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(f"# SelfMask training step, {datetime.date.today()}, {device} "
           f"({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads), "
@@ -103,7 +105,7 @@ def main(argv=None) -> None:
     print("| step | ms / step | images / s | vs published |")
     print("| --- | --- | --- | --- |")
     base = rows[1][1]
-    for name, seconds, rate, _ in rows:
+    for name, seconds, rate in rows:
         print(f"| {name} | {seconds * 1000:.0f} | {rate:.2f} | {base / seconds:.2f}x |")
 
 

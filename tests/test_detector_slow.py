@@ -25,6 +25,7 @@ import torch
 import torch.multiprocessing as mp
 from detectorutil import scenes, write_box_shards, write_label_shards
 from motoproc import free_port
+from proctree import descendants
 
 from move_scale import train_detector
 from move_scale.evaluation.detection import DetectEvalRequest, evaluate_detector
@@ -125,18 +126,6 @@ def _launch(run_dir: Path, shards: Path, log: Path) -> subprocess.Popen:
         return subprocess.Popen(cmd, env=_env(), stdout=out, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
 
 
-def _descendants(pid: int) -> list[int]:
-    parents = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, IndexError):
-            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-    found, frontier = [], [pid]
-    while frontier:
-        children = [child for child, parent in parents.items() if parent in frontier]
-        found += children
-        frontier = children
-    return found
-
 
 def _weights(path: Path) -> dict:
     return load_checkpoint(path).stage_state["detector"]
@@ -161,7 +150,7 @@ def test_two_processes_train_as_one_and_a_sigkilled_run_resumes_to_the_same_weig
     target, deadline = killed / "ckpt-00000004.pt", time.monotonic() + 300
     while not target.exists() and launcher.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
-    for pid in [launcher.pid, *_descendants(launcher.pid)]:  # as a lost node: nobody saves anything
+    for pid in [launcher.pid, *descendants(launcher.pid)]:  # as a lost node: nobody saves anything
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     launcher.wait()

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from motoproc import free_port
+from proctree import children
 
 from move_scale.data.write.synthetic import write_synthetic
 
@@ -75,17 +76,6 @@ def _wait(agents: list[subprocess.Popen], logs: Path, timeout: float = 420) -> N
     assert [a.returncode for a in agents] == [0, 0], "\n".join(t[-3000:] for t in texts)
 
 
-def _children(pid: int) -> list[int]:
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            found.append(int(stat.parent.name))
-    return found
-
 
 def _trainable(path: Path) -> dict[str, torch.Tensor]:
     state = torch.load(path, map_location="cpu", weights_only=True)
@@ -127,7 +117,7 @@ def test_a_killed_worker_is_restarted_and_ends_as_if_undisturbed(setup, undistur
     while not target.exists() and all(a.poll() is None for a in agents) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert target.exists(), (logs / "node0.log").read_text()[-3000:]
-    workers = _children(agents[1].pid)
+    workers = children(agents[1].pid)
     assert len(workers) == 1
     os.kill(workers[0], signal.SIGKILL)  # node 1 loses its process mid-run
     _wait(agents, logs)
@@ -168,7 +158,7 @@ def test_sigterm_to_the_launcher_checkpoints_and_exits_143(setup, tmp_path, conf
         seen.append(line)
         if " step 2/" in line or time.monotonic() > deadline:
             break
-    workers = _children(launcher.pid)
+    workers = children(launcher.pid)
     assert workers, "".join(seen)[-3000:]
     launcher.send_signal(signal.SIGTERM)  # to the launcher's PID only, as a scheduler may
     try:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from motoproc import free_port
+from proctree import descendants
 
 from move_scale import pretrain_mae
 from move_scale.data.write.synthetic import write_synthetic
@@ -195,19 +196,6 @@ def _env() -> dict:
 STEPS = 40
 
 
-def _descendants(pid: int) -> list[int]:
-    """Every process below `pid` (torchrun's workers start sessions of their own)."""
-    parents = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, IndexError):
-            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-    found, frontier = [], [pid]
-    while frontier:
-        children = [child for child, parent in parents.items() if parent in frontier]
-        found += children
-        frontier = children
-    return found
-
 
 def _launch(run_dir: Path, shards: str, *extra: str, launcher: str = "accelerate.commands.launch",
             log: Path | None = None) -> subprocess.Popen:
@@ -245,7 +233,7 @@ def test_two_processes_sigkilled_mid_run_and_started_again_end_as_an_undisturbed
     target, deadline = killed / "ckpt-00000004.pt", time.monotonic() + 300
     while not target.exists() and launcher.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
-    for pid in [launcher.pid, *_descendants(launcher.pid)]:  # the launcher, its agent, both workers
+    for pid in [launcher.pid, *descendants(launcher.pid)]:  # the launcher, its agent, both workers
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)  # as a lost node: no process gets to save anything
     launcher.wait()

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from motoproc import free_port
+from proctree import descendants
 
 from move_scale import train_selfmask
 from move_scale.data.write.synthetic import write_synthetic
@@ -34,19 +35,6 @@ def _env() -> dict:
     env.pop("MLFLOW_TRACKING_URI", None)
     return env
 
-
-def _descendants(pid: int) -> list[int]:
-    """Every process below `pid` (the launcher's agent and workers)."""
-    parents = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, IndexError):
-            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-    found, frontier = [], [pid]
-    while frontier:
-        children = [child for child, parent in parents.items() if parent in frontier]
-        found += children
-        frontier = children
-    return found
 
 
 def _launch(run_dir: Path, shards: str, log: Path | None = None) -> subprocess.Popen:
@@ -104,7 +92,7 @@ def test_a_sigkilled_two_process_run_resumed_ends_as_the_undisturbed_one(shards,
     target, deadline = killed / "ckpt-00000004.pt", time.monotonic() + 300
     while not target.exists() and launcher.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
-    for pid in [launcher.pid, *_descendants(launcher.pid)]:  # as a lost node: nobody saves anything
+    for pid in [launcher.pid, *descendants(launcher.pid)]:  # as a lost node: nobody saves anything
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     launcher.wait()
@@ -119,7 +107,7 @@ def test_a_sigkilled_two_process_run_resumed_ends_as_the_undisturbed_one(shards,
 
 @pytest.mark.slow
 def test_a_small_selfmask_learns_synthetic_scenes_from_their_masks(tmp_path):
-    data = write_synthetic(tmp_path / "synth", train=2000, val=100, size=32, seed=0, samples_per_shard=500)
+    data = write_synthetic(tmp_path / "synth", train=2000, val=200, size=32, seed=0, samples_per_shard=500)
     run_dir = tmp_path / "run"
     started = time.monotonic()
     assert train_selfmask.main(["--config", "configs/selfmask_synthetic.yaml", "--threads", "1",

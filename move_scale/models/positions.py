@@ -14,6 +14,7 @@ interpolate_pos_encoding`): the same bicubic resampling, but to the target size,
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -28,31 +29,32 @@ def table_side(table: torch.Tensor) -> int:
     return side
 
 
-def interpolate_positions(table: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """(1, 1 + S², C) → (1, 1 + h·w, C) for an h×w token grid; the table itself when h = w = S."""
+def _resampled(table: torch.Tensor, grid: tuple[int, int],
+               resample: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """(1, 1 + S², C) → (1, 1 + h·w, C): the patch rows as an S×S image through `resample`
+    ((1, C, S, S) → (1, C, h, w)), the class row kept; the table itself when h = w = S."""
     side = table_side(table)
     height, width = grid
     if (height, width) == (side, side):
         return table
     dim = table.shape[-1]
-    patches = table[:, 1:].reshape(1, side, side, dim).permute(0, 3, 1, 2)  # (1, C, S, S)
-    patches = F.interpolate(patches, scale_factor=((height + 0.1) / side, (width + 0.1) / side),
-                            mode="bicubic", align_corners=False)  # (1, C, h, w)
+    patches = resample(table[:, 1:].reshape(1, side, side, dim).permute(0, 3, 1, 2))  # (1, C, h, w)
     if tuple(patches.shape[-2:]) != (height, width):  # a bug, not user input
         raise RuntimeError(f"position interpolation gave {tuple(patches.shape[-2:])}, expected {grid}")
-    patches = patches.permute(0, 2, 3, 1).reshape(1, height * width, dim)
+    patches = patches.permute(0, 2, 3, 1).reshape(1, height * width, dim)  # (1, h·w, C)
     return torch.cat([table[:, :1], patches], dim=1)
+
+
+def interpolate_positions(table: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """(1, 1 + S², C) → (1, 1 + h·w, C) for an h×w token grid by DINO's rule (bicubic by the scale
+    factor (h + 0.1)/S, (w + 0.1)/S); the table itself when h = w = S."""
+    side, (height, width) = table_side(table), grid
+    return _resampled(table, grid, lambda patches: F.interpolate(
+        patches, scale_factor=((height + 0.1) / side, (width + 0.1) / side), mode="bicubic", align_corners=False))
 
 
 def resize_positions(table: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     """(1, 1 + S², C) → (1, 1 + h·w, C), the S×S grid resampled bicubically *to the size* (h, w)
     (align_corners=False, no antialiasing): SelfMask's rule. The table itself when h = w = S."""
-    side = table_side(table)
-    height, width = grid
-    if (height, width) == (side, side):
-        return table
-    dim = table.shape[-1]
-    patches = table[:, 1:].reshape(1, side, side, dim).permute(0, 3, 1, 2)  # (1, C, S, S)
-    patches = F.interpolate(patches, size=(height, width), mode="bicubic", align_corners=False)
-    patches = patches.permute(0, 2, 3, 1).reshape(1, height * width, dim)  # (1, h·w, C)
-    return torch.cat([table[:, :1], patches], dim=1)
+    return _resampled(table, grid, lambda patches: F.interpolate(
+        patches, size=tuple(grid), mode="bicubic", align_corners=False))
