@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -86,6 +87,7 @@ class PipelineResult:
     overrides: list[str]  # what MOVE training got after its --config
     config: Config  # the resolved MOVE config
     manifests: dict  # the scenes' manifests: train, val
+    move_trained: bool  # MOVE was trained by this run (not kept from an earlier one)
 
 
 def _size_override(settings: PipelineSettings) -> list[str]:
@@ -181,7 +183,8 @@ def run_pipeline(settings: PipelineSettings) -> PipelineResult:
 
     export = run_dir / "segmenter.pt"
     start = _step(f"3/4 MOVE training -> {run_dir}")
-    if settings.keep_move and export.exists():
+    trained = not (settings.keep_move and export.exists())
+    if not trained:
         log.info("kept %s (--fresh to train again)", export)
     else:
         code = train.main(["--config", settings.config, *overrides])
@@ -196,7 +199,7 @@ def run_pipeline(settings: PipelineSettings) -> PipelineResult:
         short_side=cfg.data.image_size, out=str(out / "eval.json"), progress=False, device="cpu",
         mlflow_run_id=run_id, tracking_uri=_tracking_uri(run_dir) if run_id else None))
     seconds["eval"] = time.perf_counter() - start
-    return PipelineResult(results["metrics"], seconds, mae, run_dir, overrides, cfg, manifests)
+    return PipelineResult(results["metrics"], seconds, mae, run_dir, overrides, cfg, manifests, trained)
 
 
 @dataclass
@@ -217,15 +220,18 @@ def selfmask_overrides(out: Path, image_size: int, steps: int, fresh: bool) -> l
 
 
 def run_second_stage(out: Path, first: PipelineResult, steps: int, fresh: bool) -> SecondStageResult:
-    """Steps 5-7: MOVE's masks for the training scenes → SelfMask trained on them → its metrics."""
+    """Steps 5-7: MOVE's masks for the training scenes → SelfMask trained on them → its metrics.
+    Labels and SelfMask are kept from an earlier run unless `fresh` or MOVE was trained anew."""
     seconds = {}
     export, labels, run_dir = first.run_dir / "segmenter.pt", out / "labels", out / "selfmask"
+    fresh = fresh or first.move_trained  # labels of another MOVE export would be refused
     overrides = selfmask_overrides(out, first.config.data.image_size, steps, fresh)
 
     start = _step(f"second stage 1/3: MOVE's masks for the training scenes -> {labels}")
     if (labels / "manifest.json").exists() and not fresh:
         log.info("kept %s (--fresh to label again)", labels)
     else:
+        shutil.rmtree(labels, ignore_errors=True)
         label_dataset(LabelRequest(checkpoint=str(export), data=str(first.manifests["train"]), out=str(labels),
                                    with_images=True, short_side=first.config.data.image_size, workers=0,
                                    device="cpu", progress=False))

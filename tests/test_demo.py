@@ -96,6 +96,12 @@ def test_the_second_stage_labels_with_move_trains_selfmask_and_reports_both(demo
     assert run.data.metrics["eval/synthetic-val/iou"] == pytest.approx(report["metrics"]["iou"])
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss/total")][-1] == 3
 
+    selfmask = out / "selfmask" / "selfmask.pt"
+    made = selfmask.stat().st_mtime_ns
+    again = _demo("--out", str(out), *SMALL, "--second-stage", "--selfmask-steps", "3")
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert f"kept {out / 'labels'}" in again.stderr and selfmask.stat().st_mtime_ns == made
+
 
 def test_a_second_stage_without_a_batch_of_scenes_fails_before_any_work(tmp_path):
     done = _demo("--out", str(tmp_path / "demo"), "--train", "8", "data.batch_size=4", "--second-stage")
