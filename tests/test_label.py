@@ -324,3 +324,26 @@ def test_shards_on_s3_through_a_paused_store_give_the_same_bytes_or_one_line(wor
     assert "Traceback" not in done.stderr and time.monotonic() - started < 120
     assert {k: v for k, v in _tar_bytes(tmp_path / "paused").items() if k != "manifest.json"} == \
         {k: v for k, v in _tar_bytes(reference).items() if k != "manifest.json"}
+
+
+def test_selfmask_trains_on_image_shards_joined_with_moves_label_shards(world, tmp_path, monkeypatch):
+    """README recipe 6: data.train = the image shards, data.labels = MOVE's label shards; the
+    SelfMask stage reads the label's mask.png beside each image (the random MOVE's masks stay under
+    0.5, so any pixel above 0 is foreground here)."""
+    from mlflow.tracking import MlflowClient
+
+    from move_scale import train_selfmask
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    root, data, export = world
+    labels = tmp_path / "labels"
+    _label(world, labels)
+    run_dir = tmp_path / "selfmask"
+    assert train_selfmask.main(["--config", "configs/selfmask_debug.yaml", "--threads", "1", f"data.train={data}",
+                                f"data.labels={labels / 'manifest.json'}", f"run_dir={run_dir}",
+                                "labels.threshold=0", "train.max_steps=3", "train.gallery_every=0"]) == 0
+    assert (run_dir / "selfmask.pt").exists()
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlruns' / 'mlflow.db'}")
+    run, = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.info.status == "FINISHED" and run.data.params["data.labels"] == str(labels / "manifest.json")
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss/dice")][-1] == 3
