@@ -222,6 +222,15 @@ def load_weights(module: nn.Module, weights: str, cache_dir: str | os.PathLike, 
     return True
 
 
+def check_weight_file(key: str, weights: str, give: str = "") -> None:
+    """Before any work: `weights` (the setting `key`) given as a path must name a file; 'random'
+    and registered names pass (they are found or downloaded when the network is built). `give`
+    replaces the default advice on what to give instead."""
+    if weights != RANDOM and weights not in REGISTRY and not Path(weights).expanduser().is_file():
+        give = give or f"the path of a weight file, a weight name ({', '.join(REGISTRY)}) or {RANDOM!r}"
+        raise WeightsError(f"{key} = {weights!r}: no such file; give {give}")
+
+
 @dataclass(frozen=True)
 class WeightsRef:
     """'random', a registered weight name, or a file path (a path is checked when it is loaded:

@@ -29,7 +29,7 @@ from move_scale.harness.steps import (
     effective_precision,
     to_floats,
 )
-from move_scale.models.weights import RANDOM, REGISTRY, WeightsError
+from move_scale.models.weights import RANDOM, REGISTRY, check_weight_file
 from move_scale.stages.detector.config import DetectorConfig
 from move_scale.stages.detector.export import save_detector
 from move_scale.stages.detector.gallery import save_detection_gallery
@@ -59,11 +59,9 @@ class DetectorStage(Stage):
 
     @classmethod
     def check(cls, cfg: DetectorConfig) -> None:
-        weights = cfg.model.backbone.weights
-        if weights != RANDOM and weights not in REGISTRY and not Path(weights).expanduser().is_file():
-            raise WeightsError(f"model.backbone.weights = {weights!r}: no such file; give a weight name "
-                               f"({', '.join(REGISTRY)}; LOST's is dino_resnet50), a weight file in "
-                               f"torchvision's resnet layout, or {RANDOM!r}")
+        check_weight_file("model.backbone.weights", cfg.model.backbone.weights,
+                          f"a weight name ({', '.join(REGISTRY)}; LOST's is dino_resnet50), a weight file in "
+                          f"torchvision's resnet layout, or {RANDOM!r}")
 
     @classmethod
     def sample_transform(cls, cfg: DetectorConfig) -> DetectionTransform:

@@ -32,7 +32,7 @@ from move_scale.harness.steps import (
 )
 from move_scale.models.build import build_mae
 from move_scale.models.mae import MAE
-from move_scale.models.weights import RANDOM, REGISTRY, WeightsError
+from move_scale.models.weights import RANDOM, REGISTRY, check_weight_file
 from move_scale.stages.mae.config import MaeConfig
 
 GALLERY_COLUMNS = ("input", "visible to the encoder", "reconstruction", "reconstruction in the masked patches")
@@ -87,10 +87,8 @@ class MaeStage(Stage):
 
     @classmethod
     def check(cls, cfg: MaeConfig) -> None:
-        weights = cfg.model.mae.weights
-        if weights != RANDOM and weights not in REGISTRY and not Path(weights).expanduser().is_file():
-            raise WeightsError(f"model.mae.weights = {weights!r}: no such file; give {RANDOM!r} to start "
-                               f"from scratch, a weight name ({', '.join(REGISTRY)}) or a weight file")
+        check_weight_file("model.mae.weights", cfg.model.mae.weights,
+                          f"{RANDOM!r} to start from scratch, a weight name ({', '.join(REGISTRY)}) or a weight file")
 
     @classmethod
     def build(cls, cfg: MaeConfig, device: torch.device, rank: int, total_steps: int) -> MaeStage:

@@ -17,7 +17,7 @@ import torch
 from move_scale.harness.resume import apply_optimizer_settings
 from move_scale.harness.stage import Stage
 from move_scale.harness.steps import effective_precision
-from move_scale.models.weights import RANDOM, REGISTRY, WeightsError
+from move_scale.models.weights import check_weight_file
 from move_scale.stages.move.config import Config
 from move_scale.stages.move.engine import disc_step, make_adamw, seg_step
 from move_scale.stages.move.gallery import save_objective_gallery
@@ -36,9 +36,8 @@ def check_weight_files(cfg: Config) -> None:
     for key, weights, used in (("model.features.weights", model.features.weights, model.features.kind == "dino"),
                                ("model.mae.weights", model.mae.weights, True),
                                ("model.disc.weights", model.disc.weights, model.disc.kind == "projected")):
-        if used and weights != RANDOM and weights not in REGISTRY and not Path(weights).expanduser().is_file():
-            raise WeightsError(f"{key} = {weights!r}: no such file; give the path of a weight file, "
-                               f"a weight name ({', '.join(REGISTRY)}) or {RANDOM!r}")
+        if used:
+            check_weight_file(key, weights)
 
 
 class MoveStage(Stage):

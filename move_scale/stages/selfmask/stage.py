@@ -31,7 +31,7 @@ from move_scale.harness.steps import (
     effective_precision,
     to_floats,
 )
-from move_scale.models.weights import RANDOM, REGISTRY, WeightsError
+from move_scale.models.weights import check_weight_file
 from move_scale.stages.selfmask.config import SelfMaskConfig
 from move_scale.stages.selfmask.network import SelfMaskNet, build_network
 from move_scale.stages.selfmask.objective import chosen_query, selfmask_loss
@@ -95,10 +95,7 @@ class SelfMaskStage(Stage):
 
     @classmethod
     def check(cls, cfg: SelfMaskConfig) -> None:
-        weights = cfg.model.backbone.weights
-        if weights != RANDOM and weights not in REGISTRY and not Path(weights).expanduser().is_file():
-            raise WeightsError(f"model.backbone.weights = {weights!r}: no such file; give the path of "
-                               f"a weight file, a weight name ({', '.join(REGISTRY)}) or {RANDOM!r}")
+        check_weight_file("model.backbone.weights", cfg.model.backbone.weights)
 
     @classmethod
     def sample_transform(cls, cfg: SelfMaskConfig) -> SelfMaskTransform:
