@@ -3,6 +3,10 @@ lose (the launcher, its agent, the workers, whatever session each started)."""
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 
@@ -28,3 +32,15 @@ def descendants(pid: int) -> list[int]:
         frontier = [child for child, parent in tree.items() if parent in frontier]
         found += frontier
     return found
+
+
+def kill_tree_once(launcher: subprocess.Popen, path: Path, limit_s: float = 300) -> None:
+    """As a lost node: once `path` exists (or the launcher has ended, or `limit_s` has passed),
+    SIGKILL the launcher and every process below it, so nobody saves anything; then reap it."""
+    deadline = time.monotonic() + limit_s
+    while not path.exists() and launcher.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    for pid in [launcher.pid, *descendants(launcher.pid)]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    launcher.wait()

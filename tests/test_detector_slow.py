@@ -11,10 +11,8 @@
   process of 8 within rounding; killed by SIGKILL mid-run and started again, they end with the
   weights of an undisturbed run.
 """
-import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -25,7 +23,7 @@ import torch
 import torch.multiprocessing as mp
 from detectorutil import scenes, write_box_shards, write_label_shards
 from motoproc import free_port
-from proctree import descendants
+from proctree import kill_tree_once
 
 from move_scale import train_detector
 from move_scale.evaluation.detection import DetectEvalRequest, evaluate_detector
@@ -147,13 +145,7 @@ def test_two_processes_train_as_one_and_a_sigkilled_run_resumes_to_the_same_weig
 
     killed, log = tmp_path / "killed", tmp_path / "killed.log"
     launcher = _launch(killed, eight_scenes, log)
-    target, deadline = killed / "ckpt-00000004.pt", time.monotonic() + 300
-    while not target.exists() and launcher.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    for pid in [launcher.pid, *descendants(launcher.pid)]:  # as a lost node: nobody saves anything
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    launcher.wait()
+    kill_tree_once(launcher, killed / "ckpt-00000004.pt")  # as a lost node, once step 4 is saved
     done = sorted(int(p.stem.split("-")[1]) for p in killed.glob("ckpt-*.pt"))
     assert done and done[-1] < STEPS and not (killed / "detector.pt").exists(), f"killed too late: {done}"
     resumed = _launch(killed, eight_scenes, tmp_path / "resumed.log")

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from motoproc import free_port
-from proctree import descendants
+from proctree import kill_tree_once
 
 from move_scale import pretrain_mae
 from move_scale.data.write.synthetic import write_synthetic
@@ -230,13 +230,8 @@ def test_two_processes_sigkilled_mid_run_and_started_again_end_as_an_undisturbed
 
     killed, log = tmp_path / "killed", tmp_path / "killed.log"
     launcher = _launch(killed, shards_2proc, log=log)
-    target, deadline = killed / "ckpt-00000004.pt", time.monotonic() + 300
-    while not target.exists() and launcher.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    for pid in [launcher.pid, *descendants(launcher.pid)]:  # the launcher, its agent, both workers
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)  # as a lost node: no process gets to save anything
-    launcher.wait()
+    target = killed / "ckpt-00000004.pt"
+    kill_tree_once(launcher, target)  # as a lost node, once step 4 is saved
     assert target.exists(), log.read_text()[-3000:]
     done = sorted(int(p.stem.split("-")[1]) for p in killed.glob("ckpt-*.pt"))
     assert done[-1] < STEPS and not (killed / "mae.pth").exists(), f"the kill came too late: {done}"

@@ -1,9 +1,7 @@
 """SelfMask with real processes and real learning (slow): two processes under `accelerate launch`
 step as one process with their batches together, a SIGKILLed run resumed ends with the weights of
 an undisturbed one, and a small SelfMask learns synthetic scenes from their ground-truth masks."""
-import contextlib
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -12,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from motoproc import free_port
-from proctree import descendants
+from proctree import kill_tree_once
 
 from move_scale import train_selfmask
 from move_scale.data.write.synthetic import write_synthetic
@@ -89,13 +87,8 @@ def test_two_processes_step_as_one_process_with_both_batches(shards, straight, t
 def test_a_sigkilled_two_process_run_resumed_ends_as_the_undisturbed_one(shards, straight, tmp_path):
     killed, log = tmp_path / "killed", tmp_path / "killed.log"
     launcher = _launch(killed, shards, log=log)
-    target, deadline = killed / "ckpt-00000004.pt", time.monotonic() + 300
-    while not target.exists() and launcher.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    for pid in [launcher.pid, *descendants(launcher.pid)]:  # as a lost node: nobody saves anything
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    launcher.wait()
+    target = killed / "ckpt-00000004.pt"
+    kill_tree_once(launcher, target)  # as a lost node, once step 4 is saved
     assert target.exists(), log.read_text()[-3000:]
     done = sorted(int(p.stem.split("-")[1]) for p in killed.glob("ckpt-*.pt"))
     assert done[-1] < STEPS and not (killed / "selfmask.pt").exists(), f"the kill came too late: {done}"
